@@ -1,0 +1,42 @@
+"""Run store: immutable per-epoch HDF5 files plus a SQLAlchemy catalog.
+
+    store = RunStore("bnn-data")                     # or RunStore(dir, db_url="postgresql+psycopg://...")
+    run = store.create_run("demo", config={...})
+    store.write_epoch(run.id, snapshot)              # crash-safe; the catalog row comes last
+    log = load_distribution_log(run.id, data_dir="bnn-data")   # the seed's distribution_log
+
+Public names:
+    RunStore, RunReader, load_distribution_log  -- write / read runs
+    RunInfo, EpochInfo, RunStatus               -- plain records and the run life cycle
+    SCHEMA_VERSION, write_epoch_file, read_epoch_file, EpochFile, EpochHeader, validate_snapshot
+        -- the epoch file format on its own (no catalog), e.g. for uploads
+"""
+
+from __future__ import annotations
+
+from ._records import EpochInfo, RunInfo, RunStatus
+from .hdf5 import (
+    SCHEMA_VERSION,
+    EpochFile,
+    EpochHeader,
+    read_epoch_file,
+    validate_snapshot,
+    write_epoch_file,
+)
+from .reader import RunReader, load_distribution_log
+from .runstore import RunStore
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "EpochFile",
+    "EpochHeader",
+    "EpochInfo",
+    "RunInfo",
+    "RunReader",
+    "RunStatus",
+    "RunStore",
+    "load_distribution_log",
+    "read_epoch_file",
+    "validate_snapshot",
+    "write_epoch_file",
+]

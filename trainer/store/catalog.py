@@ -1,0 +1,433 @@
+"""The run catalog: SQLAlchemy 2 ORM and :class:`Catalog`, its database operations.
+
+Tables ``runs`` and ``epochs`` (schema in ``migrations/versions``, applied at open). ORM
+rows never leave this module: callers get :class:`RunInfo` and :class:`EpochInfo`. Every
+database call goes through one session scope that commits or rolls back and turns
+SQLAlchemy errors into ``BnnError(STORAGE)``. Files are :class:`~trainer.store.RunStore`'s.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, Self
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    delete,
+    func,
+    select,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from trainer.errors import BnnError, ErrorCode
+
+from . import _paths as paths
+from ._records import (
+    TRANSITIONS,
+    EpochInfo,
+    RunInfo,
+    RunStatus,
+    check_tags,
+    decode_json,
+    encode_json,
+    stale_after_default,
+    utcnow,
+)
+from .migrations import make_engine, normalize_url, session_scope, upgrade_to_head
+
+__all__ = ["Base", "Catalog", "EpochRow", "RunRow"]
+
+
+# ----------------------------------------------------------------------------- ORM
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in and out (SQLite stores naive UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class RunRow(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    config: Mapped[Any] = mapped_column(JSONType)
+    tags: Mapped[Any] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    host: Mapped[str] = mapped_column(String(256))
+    error: Mapped[str | None] = mapped_column(Text)
+    summary: Mapped[Any] = mapped_column(JSONType)
+
+    def info(self) -> RunInfo:
+        return RunInfo(
+            id=self.id,
+            name=self.name,
+            status=RunStatus(self.status),
+            config=decode_json(self.config),
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            heartbeat_at=self.heartbeat_at,
+            finished_at=self.finished_at,
+            host=self.host,
+            error=self.error,
+            tags=list(self.tags),
+            summary=decode_json(self.summary),
+        )
+
+
+class EpochRow(Base):
+    __tablename__ = "epochs"
+
+    run_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
+    metrics: Mapped[Any] = mapped_column(JSONType)
+    file: Mapped[str] = mapped_column(String(512))
+    size: Mapped[int] = mapped_column(BigInteger)
+    checksum: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    def info(self) -> EpochInfo:
+        return EpochInfo(
+            run_id=self.run_id,
+            epoch=self.epoch,
+            metrics=decode_json(self.metrics),
+            file=self.file,
+            size=self.size,
+            checksum=self.checksum,
+            created_at=self.created_at,
+        )
+
+
+# ----------------------------------------------------------------------------- catalog
+class Catalog:
+    """Runs and epoch rows in one database (SQLite file or PostgreSQL URL), migrated at open.
+
+    ``stale_after_s``: a RUNNING run without a heartbeat for this long is reaped to
+    INTERRUPTED by :meth:`get_run` / :meth:`list_runs` (default ``$BNN_STALE_AFTER_S`` or
+    60 s; ``0`` turns automatic reaping off).
+    """
+
+    def __init__(self, db_url: str, *, stale_after_s: float | None = None) -> None:
+        self.stale_after_s = (
+            stale_after_default() if stale_after_s is None else float(stale_after_s)
+        )
+        if not self.stale_after_s >= 0:
+            raise BnnError.invalid(f"stale_after_s must be >= 0 seconds, got {stale_after_s!r}")
+        try:
+            self.url = normalize_url(db_url).render_as_string(hide_password=True)
+        except (SQLAlchemyError, ValueError) as exc:
+            raise BnnError(ErrorCode.STORAGE, f"bad catalog URL: {exc}") from exc
+        try:
+            self._engine = make_engine(db_url)
+        except (SQLAlchemyError, ImportError, ValueError) as exc:
+            raise BnnError(
+                ErrorCode.STORAGE, f"cannot use catalog {self.url}: {exc}", catalog=self.url
+            ) from exc
+        try:
+            upgrade_to_head(self._engine)
+        except (SQLAlchemyError, OSError) as exc:
+            self._engine.dispose()
+            orig = getattr(exc, "orig", None) or exc
+            raise BnnError(
+                ErrorCode.STORAGE, f"cannot open catalog {self.url}: {orig}", catalog=self.url
+            ) from exc
+        self._read = sessionmaker(self._engine, expire_on_commit=False)
+        self._write = sessionmaker(
+            self._engine.execution_options(sqlite_begin="IMMEDIATE"), expire_on_commit=False
+        )
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _session(self, write: bool = False) -> Any:
+        return session_scope(self._write if write else self._read, self.url)
+
+    @staticmethod
+    def _row(session: Session, run_id: str, lock: bool = False) -> RunRow:
+        query = select(RunRow).where(RunRow.id == paths.validate_run_id(run_id))
+        row = session.scalars(query.with_for_update() if lock else query).first()
+        if row is None:
+            raise BnnError.not_found(f"unknown run {run_id!r}", run_id=run_id)
+        return row
+
+    # -- runs
+    def create_run(
+        self,
+        name: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        tags: Iterable[str] = (),
+        status: RunStatus | str = RunStatus.RUNNING,
+        *,
+        run_id: str | None = None,
+    ) -> RunInfo:
+        """Register a new run (QUEUED or RUNNING); id: 12 hex chars unless ``run_id`` is given."""
+        status = RunStatus.parse(status)
+        if not status.active:
+            raise BnnError.invalid(f"a new run must be queued or running, got {status.value!r}")
+        if run_id is not None and not (
+            isinstance(run_id, str) and paths.RUN_ID_PATTERN.match(run_id)
+        ):
+            raise BnnError.invalid(f"bad run id {run_id!r}: use 1-64 letters, digits, '_' or '-'")
+        if name is not None and (not isinstance(name, str) or len(name) > 256):
+            raise BnnError.invalid(
+                f"run name must be a string of at most 256 characters, got {name!r}"
+            )
+        run_id = run_id or uuid.uuid4().hex[:12]
+        now = utcnow()
+        row = RunRow(
+            id=run_id,
+            name=name or run_id,
+            status=status.value,
+            config=encode_json(dict(config or {}), "config"),
+            tags=check_tags(tags),
+            created_at=now,
+            updated_at=now,
+            heartbeat_at=now if status is RunStatus.RUNNING else None,
+            finished_at=None,
+            host=socket.gethostname(),
+            error=None,
+            summary={},
+        )
+        try:
+            with self._session(write=True) as s:
+                s.add(row)
+                s.flush()
+                return row.info()
+        except BnnError as exc:
+            if isinstance(exc.__cause__, IntegrityError):
+                raise BnnError(
+                    ErrorCode.CONFLICT, f"run {run_id!r} already exists", run_id=run_id
+                ) from exc
+            raise
+
+    def get_run(self, run_id: str) -> RunInfo:
+        """The run (after reaping stale runs); NOT_FOUND naming the id."""
+        self._auto_reap()
+        with self._session() as s:
+            return self._row(s, run_id).info()
+
+    def list_runs(
+        self, status: RunStatus | str | None = None, limit: int | None = None
+    ) -> list[RunInfo]:
+        """Runs, newest first, optionally only those with ``status``."""
+        self._auto_reap()
+        query = select(RunRow).order_by(RunRow.created_at.desc(), RunRow.id.desc())
+        if status is not None:
+            query = query.where(RunRow.status == RunStatus.parse(status).value)
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+                raise BnnError.invalid(f"limit must be an integer >= 0, got {limit!r}")
+            query = query.limit(limit)
+        with self._session() as s:
+            return [row.info() for row in s.scalars(query)]
+
+    def set_status(self, run_id: str, status: RunStatus | str, error: str | None = None) -> RunInfo:
+        """Move a run to ``status``; CONFLICT where ``TRANSITIONS`` forbids it (from COMPLETED)."""
+        status = RunStatus.parse(status)
+        with self._session(write=True) as s:
+            row = self._row(s, run_id, lock=True)
+            current = RunStatus(row.status)
+            if status is not current and status not in TRANSITIONS[current]:
+                raise BnnError(
+                    ErrorCode.CONFLICT,
+                    f"run {run_id!r} is {current.value}; cannot become {status.value}",
+                    run_id=run_id,
+                    status=current.value,
+                )
+            now = utcnow()
+            if status is not current or error is not None:
+                row.status, row.updated_at = status.value, now
+                row.error = error if error is not None else (None if status.active else row.error)
+                row.finished_at = (
+                    None if status.active else (row.finished_at if status is current else now)
+                )
+                if status is RunStatus.RUNNING:
+                    row.heartbeat_at = now
+            return row.info()
+
+    def heartbeat(self, run_id: str) -> None:
+        """Record that the trainer lives; revives an INTERRUPTED run, CONFLICT on a terminal one."""
+        with self._session(write=True) as s:
+            row = self._row(s, run_id, lock=True)
+            status = RunStatus(row.status)
+            if status.terminal:
+                raise BnnError(
+                    ErrorCode.CONFLICT,
+                    f"run {run_id!r} is {status.value}",
+                    run_id=run_id,
+                    status=status.value,
+                )
+            row.heartbeat_at = utcnow()
+            if status is RunStatus.INTERRUPTED:
+                row.status, row.error, row.finished_at, row.updated_at = (
+                    RunStatus.RUNNING.value,
+                    None,
+                    None,
+                    row.heartbeat_at,
+                )
+
+    def reap_stale(self, stale_after_s: float | None = None) -> list[str]:
+        """RUNNING runs silent for ``stale_after_s`` become INTERRUPTED; returns their ids."""
+        cutoff = utcnow() - timedelta(
+            seconds=self.stale_after_s if stale_after_s is None else stale_after_s
+        )
+        last = func.coalesce(RunRow.heartbeat_at, RunRow.updated_at)
+        stale = select(RunRow).where(RunRow.status == RunStatus.RUNNING.value, last < cutoff)
+        with self._session() as s:  # cheap check first: no write lock when nothing is stale
+            if s.scalars(stale.limit(1)).first() is None:
+                return []
+        reaped: list[str] = []
+        with self._session(write=True) as s:
+            now = utcnow()
+            for row in s.scalars(stale.with_for_update()):
+                seen = row.heartbeat_at or row.updated_at
+                row.status, row.updated_at, row.finished_at = RunStatus.INTERRUPTED.value, now, now
+                row.error = f"no heartbeat since {seen.isoformat()}"
+                reaped.append(row.id)
+        return reaped
+
+    def _auto_reap(self) -> None:
+        if self.stale_after_s > 0:
+            self.reap_stale()
+
+    def set_summary(self, run_id: str, summary: Mapping[str, Any]) -> RunInfo:
+        """Merge ``summary`` (JSON values; NaN/Inf allowed) into the run's summary."""
+        with self._session(write=True) as s:
+            row = self._row(s, run_id, lock=True)
+            row.summary = {**row.summary, **encode_json(dict(summary), "summary")}
+            row.updated_at = utcnow()
+            return row.info()
+
+    def delete_run(self, run_id: str) -> None:
+        """Remove the run's catalog row; its epoch rows go with it (ON DELETE CASCADE)."""
+        with self._session(write=True) as s:
+            self._row(s, run_id, lock=True)
+            s.execute(delete(RunRow).where(RunRow.id == run_id))
+
+    # -- epochs
+    def list_epochs(self, run_id: str) -> list[EpochInfo]:
+        """Committed epochs of a run, ascending."""
+        with self._session() as s:
+            self._row(s, run_id)
+            rows = s.scalars(
+                select(EpochRow).where(EpochRow.run_id == run_id).order_by(EpochRow.epoch)
+            )
+            return [row.info() for row in rows]
+
+    def get_epoch(self, run_id: str, epoch: int) -> EpochInfo:
+        """One committed epoch; NOT_FOUND with ``details["epochs"]`` = the captured epochs."""
+        epoch = paths.validate_epoch(epoch)
+        with self._session() as s:
+            self._row(s, run_id)
+            row = s.get(EpochRow, (run_id, epoch))
+            if row is not None:
+                return row.info()
+            epochs = list(
+                s.scalars(
+                    select(EpochRow.epoch).where(EpochRow.run_id == run_id).order_by(EpochRow.epoch)
+                )
+            )
+        raise BnnError.not_found(
+            f"run {run_id!r} has no epoch {epoch!r}; captured epochs: {epochs}",
+            run_id=run_id,
+            epoch=epoch,
+            epochs=epochs,
+        )
+
+    def find_epoch(self, run_id: str, epoch: int, checksum: str) -> EpochInfo | None:
+        """The committed epoch if its checksum is ``checksum``; None if absent; else CONFLICT."""
+        with self._session() as s:
+            row = s.get(EpochRow, (run_id, epoch))
+            if row is None:
+                return None
+            if row.checksum != checksum:
+                raise BnnError(
+                    ErrorCode.CONFLICT,
+                    f"run {run_id!r} already has epoch {epoch} with other content "
+                    f"(sha256 {row.checksum[:12]}..., new {checksum[:12]}...)",
+                    run_id=run_id,
+                    epoch=epoch,
+                )
+            return row.info()
+
+    def add_epoch(
+        self,
+        run_id: str,
+        epoch: int,
+        metrics: Mapping[str, float],
+        file: str,
+        size: int,
+        checksum: str,
+    ) -> EpochInfo:
+        """Commit an epoch row (the file must already be in place); bumps the run's heartbeat.
+
+        Committing the same checksum again returns the existing row; another one is CONFLICT.
+        """
+        try:
+            with self._session(write=True) as s:
+                run = self._row(s, run_id, lock=True)
+                now = utcnow()
+                row = EpochRow(
+                    run_id=run_id,
+                    epoch=epoch,
+                    metrics=encode_json(dict(metrics), "metrics"),
+                    file=file,
+                    size=size,
+                    checksum=checksum,
+                    created_at=now,
+                )
+                s.add(row)
+                run.updated_at = now
+                if run.status == RunStatus.RUNNING.value:
+                    run.heartbeat_at = now
+                s.flush()
+                return row.info()
+        except BnnError as exc:  # committed concurrently by another writer
+            if isinstance(exc.__cause__, IntegrityError) and (
+                found := self.find_epoch(run_id, epoch, checksum)
+            ):
+                return found
+            raise

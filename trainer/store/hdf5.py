@@ -1,0 +1,356 @@
+"""The epoch file: one immutable HDF5 file per captured epoch (schema version 1).
+
+Layout (any HDF5 tool can read it)::
+
+    /                     attrs: schema_version=1, run_id, epoch, grad_level,
+                                 layers (JSON list: the model's layer order)
+    /params/<layer>       attrs: type ("BayesLinear" | "BayesConv2d" | "")
+        /<posterior|prior>/<weight|bias>/<mu|sigma>     float; prior arrays shape (1,)
+    /gradients/<layer>    (absent when no gradient statistics were captured)
+        /<weight|bias>/<mu|rho>/<mean_abs|max_abs|nonfinite>   param shape or () per grad_level
+        /step_norm                                    (steps,) float
+        /prior/<weight|bias>/<mu|rho>                 (steps,) float, learnable priors only
+    /metrics              attrs: one float64 per metric (NaN/Inf kept), in insertion order
+
+Arrays of at least :data:`COMPRESS_MIN_SIZE` elements are chunked with gzip+shuffle;
+smaller ones are stored plainly. :func:`write_epoch_file` writes a complete file at a
+path; crash safety (temp name, fsync, rename) is the caller's (see ``RunStore.write_epoch``).
+:class:`EpochFile` reads one file lazily: a slice of one layer reads only that slice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from trainer.errors import BnnError, ErrorCode
+from trainer.snapshot import EpochSnapshot, GradLevel, LayerLog
+
+from ._paths import fsync_file
+from ._schema import (
+    DISTS,
+    PARAMS,
+    STATS,
+    check_gradients,
+    check_name,
+    check_params,
+    clean_metrics,
+    validate_snapshot,
+)
+
+__all__ = [
+    "COMPRESS_MIN_SIZE",
+    "DISTS",
+    "PARAMS",
+    "SCHEMA_VERSION",
+    "STATS",
+    "EpochFile",
+    "EpochHeader",
+    "read_epoch_file",
+    "validate_snapshot",
+    "write_epoch_file",
+]
+
+SCHEMA_VERSION = 1
+COMPRESS_MIN_SIZE = 1024
+# HDF5 lists names alphabetically; read back in the seed's order (posterior before prior, ...)
+_ORDER = ("posterior", "weight", "bias", "mu", "rho", "sigma", "mean_abs", "max_abs", "nonfinite")
+_KEY_RANK = {key: i for i, key in enumerate((*_ORDER, "step_norm", "prior"))}
+
+
+@dataclass(frozen=True)
+class EpochHeader:
+    """What the root of an epoch file says, read without touching any array."""
+
+    schema_version: int
+    run_id: str
+    epoch: int
+    layers: list[str]
+    layer_types: dict[str, str]
+    grad_level: GradLevel
+    metrics: dict[str, float]
+    has_gradients: bool
+
+
+# ----------------------------------------------------------------------------- write
+def _put(group: h5py.Group, name: str, arr: np.ndarray) -> None:
+    if arr.ndim >= 1 and arr.size >= COMPRESS_MIN_SIZE:
+        group.create_dataset(
+            name, data=arr, chunks=True, compression="gzip", compression_opts=4, shuffle=True
+        )
+    else:
+        group.create_dataset(name, data=arr)
+
+
+def _put_tree(group: h5py.Group, tree: Mapping[str, Any]) -> None:
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            _put_tree(group.create_group(key), value)
+        else:
+            _put(group, key, value)
+
+
+def write_epoch_file(path: str | Path, snap: EpochSnapshot, *, run_id: str = "") -> None:
+    """Write ``snap`` as a complete epoch file at ``path`` (overwriting it) and fsync it.
+
+    Raises INVALID_ARGUMENT for a bad snapshot and STORAGE when the file cannot be written.
+    """
+    snap = validate_snapshot(snap)
+    path = Path(path)
+    try:
+        with h5py.File(path, "w", locking=False) as f:
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["run_id"] = run_id
+            f.attrs["epoch"] = snap.epoch
+            f.attrs["grad_level"] = GradLevel(snap.grad_level).value
+            f.attrs["layers"] = json.dumps(list(snap.params))
+            params = f.create_group("params")
+            for layer, log in snap.params.items():
+                group = params.create_group(layer)
+                group.attrs["type"] = snap.layer_types.get(layer, "")
+                _put_tree(group, log)
+            if snap.gradients is not None:
+                _put_tree(f.create_group("gradients"), snap.gradients)
+            metrics = f.create_group("metrics", track_order=True)
+            for key, value in snap.metrics.items():
+                metrics.attrs[key] = np.float64(value)
+        fsync_file(path)
+    except OSError as exc:
+        raise BnnError(
+            ErrorCode.STORAGE, f"cannot write epoch file {str(path)!r}: {exc}", path=str(path)
+        ) from exc
+
+
+# ----------------------------------------------------------------------------- read
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class EpochFile:
+    """One epoch file opened read-only; every failure is CORRUPT naming the file.
+
+    Use as a context manager. ``header`` is read at open; arrays only when asked.
+    """
+
+    def __init__(self, path: str | Path, name: str | None = None) -> None:
+        self.path = Path(path)
+        self.name = name or str(path)
+        try:
+            self._f = h5py.File(self.path, "r", locking=False)
+        except (OSError, ValueError) as exc:
+            raise self._corrupt(f"cannot be opened as HDF5 ({exc})") from exc
+        try:
+            self.header = self._read_header()
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _corrupt(self, reason: str) -> BnnError:
+        return BnnError(
+            ErrorCode.CORRUPT, f"epoch file {self.name} is corrupt: {reason}", file=self.name
+        )
+
+    def __enter__(self) -> EpochFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def _child(self, group: h5py.Group, name: str) -> Any:
+        """Follow hard links only (never into another file); None when absent."""
+        if not isinstance(group, h5py.Group) or name not in group:
+            return None
+        if not isinstance(group.get(name, getlink=True), h5py.HardLink):
+            raise self._corrupt(f"{group.name}/{name} is a link, not an object")
+        return group[name]
+
+    def _node(self, *names: str) -> Any:
+        node: Any = self._f
+        for name in names:
+            node = self._child(node, name)
+        return node
+
+    def _read_header(self) -> EpochHeader:
+        try:
+            attrs = self._f.attrs
+            version = attrs.get("schema_version")
+            if version is None or not np.issubdtype(np.asarray(version).dtype, np.integer):
+                raise self._corrupt("no integer schema_version attribute")
+            if int(version) != SCHEMA_VERSION:
+                raise self._corrupt(
+                    f"schema_version {int(version)} is not supported (this library reads 1)"
+                )
+            layers = json.loads(_text(attrs["layers"]))
+            if not isinstance(layers, list) or len(set(layers)) != len(layers):
+                raise self._corrupt(f"layers attribute {layers!r} is not a list of unique names")
+            for layer in layers:
+                check_name(layer, "layer", self._corrupt)
+            params = self._node("params")
+            if not isinstance(params, h5py.Group) or set(params) != set(layers):
+                raise self._corrupt(f"/params groups do not match the layers attribute {layers}")
+            types = {layer: _text(params[layer].attrs.get("type", "")) for layer in layers}
+            metrics_group = self._node("metrics")
+            metrics = {} if metrics_group is None else dict(metrics_group.attrs)
+            epoch = attrs["epoch"]
+            if not np.issubdtype(np.asarray(epoch).dtype, np.integer) or int(epoch) < 0:
+                raise self._corrupt(f"epoch attribute {epoch!r} is not an integer >= 0")
+            return EpochHeader(
+                int(version),
+                _text(attrs.get("run_id", "")),
+                int(epoch),
+                layers,
+                types,
+                GradLevel(_text(attrs["grad_level"])),
+                clean_metrics(metrics, self._corrupt),
+                self._node("gradients") is not None,
+            )
+        except BnnError:
+            raise
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise self._corrupt(f"bad root attributes ({exc})") from exc
+
+    def _layer(self, layer: str) -> h5py.Group:
+        if layer not in self.header.layers:
+            raise BnnError.not_found(
+                f"unknown layer {layer!r}; layers are {self.header.layers}",
+                layer=layer,
+                layers=self.header.layers,
+            )
+        return self._node("params", layer)
+
+    def _read_tree(self, node: Any) -> Any:
+        if isinstance(node, h5py.Group):
+            keys = sorted(node, key=lambda k: _KEY_RANK.get(k, len(_KEY_RANK)))
+            return {key: self._read_tree(self._child(node, key)) for key in keys}
+        if not isinstance(node, h5py.Dataset) or node.external or node.is_virtual:
+            raise self._corrupt(
+                f"{getattr(node, 'name', node)} is not a dataset stored in the file"
+            )
+        return np.asarray(node[()])
+
+    def _guard(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except BnnError:
+            raise
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise self._corrupt(str(exc)) from exc
+
+    def params(self, layers: Iterable[str] | None = None) -> dict[str, LayerLog]:
+        """``{layer: {"posterior"|"prior": {"weight"|"bias": {"mu"|"sigma": arr}}}}`` in order."""
+        names = self.header.layers if layers is None else list(layers)
+        groups = {layer: self._layer(layer) for layer in names}
+        order = [layer for layer in self.header.layers if layer in groups]
+        out = self._guard(lambda: {layer: self._read_tree(groups[layer]) for layer in order})
+        check_params(out, self._corrupt)
+        return out
+
+    def gradients(self, layer: str) -> dict[str, Any]:
+        """Gradient statistics of one layer (snapshot structure); NOT_FOUND if none captured."""
+        self._layer(layer)
+        node = self._node("gradients", layer)
+        if node is None:
+            raise BnnError.not_found(
+                f"epoch {self.header.epoch} has no gradient statistics for layer {layer!r} "
+                f"(grad_level {self.header.grad_level.value!r})",
+                layer=layer,
+            )
+        return self._guard(lambda: self._read_tree(node))
+
+    def array(
+        self,
+        layer: str,
+        dist: str = "posterior",
+        param: str = "weight",
+        stat: str = "mu",
+        index: Any = None,
+    ) -> np.ndarray:
+        """One array, or only ``index`` (int/slice/tuple) of it: reads just that part."""
+        for value, allowed, what in (
+            (dist, DISTS, "dist"),
+            (param, PARAMS, "param"),
+            (stat, STATS, "stat"),
+        ):
+            if value not in allowed:
+                raise BnnError.invalid(f"{what} must be one of {list(allowed)}, got {value!r}")
+        group = self._layer(layer)
+        ds = self._guard(lambda: self._node("params", layer, dist, param, stat))
+        if ds is None and self._node("params", layer, "posterior", param) is None:
+            raise BnnError.not_found(f"layer {layer!r} has no {param}", layer=layer, param=param)
+        if not isinstance(ds, h5py.Dataset) or ds.external or ds.is_virtual or ds.dtype.kind != "f":
+            raise self._corrupt(
+                f"{group.name}/{dist}/{param}/{stat} is missing or not a float dataset"
+            )
+        if index is None:
+            return self._guard(lambda: np.asarray(ds[()]))
+        try:
+            return np.asarray(ds[index])
+        except (ValueError, TypeError, IndexError) as exc:
+            raise BnnError.invalid(
+                f"bad index {index!r} for {layer}/{dist}/{param}/{stat} of shape {ds.shape}: {exc}"
+            ) from exc
+        except OSError as exc:
+            raise self._corrupt(str(exc)) from exc
+
+    def validate(self) -> None:
+        """Full schema check from metadata (names, shapes, dtypes, links); reads no array data."""
+
+        def tree(node: Any) -> Any:
+            if isinstance(node, h5py.Group):
+                return {key: tree(self._child(node, key)) for key in node}
+            return node
+
+        extra = set(self._f) - {"params", "gradients", "metrics"}
+        if extra:
+            raise self._corrupt(f"unexpected root objects {sorted(extra)}")
+        params = self._guard(lambda: tree(self._node("params")))
+        shapes = check_params(params, self._corrupt)
+        if self.header.has_gradients:
+            check_gradients(
+                self._guard(lambda: tree(self._node("gradients"))),
+                shapes,
+                self.header.grad_level,
+                self._corrupt,
+            )
+
+    def snapshot(
+        self, layers: Iterable[str] | None = None, gradients: bool = True
+    ) -> EpochSnapshot:
+        """The whole epoch (or some layers) as an :class:`EpochSnapshot`."""
+        params = self.params(layers)
+        grads: dict[str, Any] | None = None
+        if gradients and self.header.has_gradients:
+            node = self._node("gradients")
+            grads = {layer: self.gradients(layer) for layer in params if layer in node}
+        h = self.header
+        return EpochSnapshot(
+            h.epoch,
+            params,
+            dict(h.metrics),
+            grads,
+            h.grad_level,
+            {k: v for k, v in h.layer_types.items() if k in params},
+        )
+
+
+def read_epoch_file(
+    path: str | Path,
+    *,
+    layers: Iterable[str] | None = None,
+    gradients: bool = True,
+    validate: bool = True,
+) -> EpochSnapshot:
+    """Read an epoch file into an :class:`EpochSnapshot`; CORRUPT naming the file if it is bad."""
+    with EpochFile(path) as ef:
+        if validate:
+            ef.validate()
+        return ef.snapshot(layers, gradients)

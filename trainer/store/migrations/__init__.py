@@ -1,0 +1,124 @@
+"""Catalog database plumbing: engines (SQLite pragmas), the session scope, Alembic upgrade.
+
+:func:`upgrade_to_head` runs at every store open. It is cheap when the database is already
+at head (one SELECT), and safe when several processes open a new database at once: the
+upgrade runs inside one transaction holding a database-wide lock (``BEGIN IMMEDIATE`` on
+SQLite, ``pg_advisory_xact_lock`` on PostgreSQL), so the second process waits and then
+finds the schema at head.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from trainer.errors import BnnError, ErrorCode
+
+__all__ = [
+    "SQLITE_BUSY_TIMEOUT_MS",
+    "alembic_config",
+    "make_engine",
+    "normalize_url",
+    "upgrade_to_head",
+]
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+_PG_LOCK_KEY = 0x626E6E5F6D6967  # "bnn_mig": one advisory lock for all bnn catalogs on a server
+HERE = Path(__file__).resolve().parent
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Parse a database URL; plain ``postgresql://`` / ``postgres://`` use psycopg 3."""
+    u = make_url(url)
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    return u
+
+
+def make_engine(url: str | URL) -> Engine:
+    """An engine; for SQLite with WAL, a busy timeout and foreign keys on every connection.
+
+    SQLite transactions are begun explicitly (``BEGIN`` or, with the execution option
+    ``sqlite_begin="IMMEDIATE"``, a write transaction that takes the lock up front, so a
+    writer waits for another instead of failing with "database is locked").
+    """
+    u = normalize_url(url)
+    dumps = lambda obj: json.dumps(obj, allow_nan=False)  # noqa: E731 - NaN is encoded before this
+    if u.get_backend_name() != "sqlite":
+        return create_engine(u, json_serializer=dumps, pool_pre_ping=True)
+    engine = create_engine(
+        u, json_serializer=dumps, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see _on_begin)
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {'IMMEDIATE' if mode == 'IMMEDIATE' else 'DEFERRED'}")
+
+    return engine
+
+
+def alembic_config() -> Config:
+    """An Alembic config pointing at this package (no ini file needed)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(HERE).replace("%", "%%"))
+    return cfg
+
+
+def upgrade_to_head(engine: Engine) -> None:
+    """Bring the catalog schema to the newest revision (a no-op when it is already there)."""
+    cfg = alembic_config()
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    with engine.connect() as conn:
+        if MigrationContext.configure(conn).get_current_revision() == head:
+            return
+    with engine.connect() as conn:
+        conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+        with conn.begin():
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_LOCK_KEY})")
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+
+@contextmanager
+def session_scope(maker: Any, where: str) -> Iterator[Session]:
+    """Commit on success, roll back on error; database errors become BnnError(STORAGE)."""
+    session: Session = maker()
+    try:
+        yield session
+        session.commit()
+    except BnnError:
+        with suppress(SQLAlchemyError):
+            session.rollback()
+        raise
+    except SQLAlchemyError as exc:
+        with suppress(SQLAlchemyError):
+            session.rollback()
+        orig = getattr(exc, "orig", None) or exc
+        raise BnnError(
+            ErrorCode.STORAGE, f"catalog {where}: {type(orig).__name__}: {orig}", catalog=where
+        ) from exc
+    finally:
+        session.close()

@@ -1,0 +1,1 @@
+"""Alembic revision scripts of the run catalog (a package so that wheels include them)."""
