@@ -1,0 +1,202 @@
+"""Capture of posterior/prior parameters and gradient statistics during training.
+
+``get_all_distribution_params`` is the seed's function: one epoch of its
+``distribution_log``. :class:`GradientRecorder` accumulates, over one epoch's steps,
+per element of every posterior parameter (``mu`` and ``rho``) the mean and max of |g|
+and the count of non-finite values, the per-step gradient norm of each layer, and the
+per-step gradients of learnable prior parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from trainer.layers import BayesianLayer, bayesian_layers
+from trainer.snapshot import GradLevel, LayerLog
+
+__all__ = ["GradientRecorder", "get_all_distribution_params", "is_capture_epoch"]
+
+_KINDS = ("weight", "bias")
+
+
+def is_capture_epoch(epoch: int, step_size: int, *, last_epoch: int | None = None) -> bool:
+    """Epochs 0, N, 2N, ... are captured, and the last epoch always."""
+    if step_size < 1:
+        raise ValueError(f"step_size must be >= 1, got {step_size}")
+    return epoch % step_size == 0 or (last_epoch is not None and epoch == last_epoch)
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy().copy()
+
+
+def _layer_log(layer: BayesianLayer) -> LayerLog:
+    log: LayerLog = {"posterior": {}, "prior": {}}
+    with torch.no_grad():
+        log["posterior"]["weight"] = {"mu": _np(layer.weight_mu), "sigma": _np(layer.weight_sigma)}
+        wp = layer.weight_prior
+        log["prior"]["weight"] = {"mu": _np(wp.mu.reshape(1)), "sigma": _np(wp.sigma.reshape(1))}
+        if layer.bias_mu is not None and layer.bias_prior is not None:
+            bias_sigma = layer.bias_sigma
+            assert bias_sigma is not None
+            log["posterior"]["bias"] = {"mu": _np(layer.bias_mu), "sigma": _np(bias_sigma)}
+            bp = layer.bias_prior
+            log["prior"]["bias"] = {"mu": _np(bp.mu.reshape(1)), "sigma": _np(bp.sigma.reshape(1))}
+    return log
+
+
+def get_all_distribution_params(
+    model: nn.Module, epoch: int, step_size: int = 1, *, force: bool = False
+) -> dict[str, LayerLog] | None:
+    """One epoch of the seed's ``distribution_log`` for every Bayesian layer, or ``None``.
+
+    Returns ``{layer: {"posterior"|"prior": {"weight"|"bias": {"mu", "sigma"}}}}`` with numpy
+    arrays (posterior: the parameter's shape; shared prior: shape (1,)) when
+    ``epoch % step_size == 0`` or ``force``; ``None`` on other epochs.
+    """
+    if not force and not is_capture_epoch(epoch, step_size):
+        return None
+    return {name: _layer_log(layer) for name, layer in bayesian_layers(model)}
+
+
+class _ParamStats:
+    """Running |g| statistics of one posterior parameter tensor."""
+
+    def __init__(self, param: nn.Parameter, level: GradLevel) -> None:
+        self.param = param
+        self.level = level
+        shape = param.shape if level is GradLevel.ELEMENT else ()
+        kw: dict[str, Any] = {"device": param.device, "dtype": torch.float32}
+        self.sum_abs = torch.zeros(shape, **kw)
+        self.max_abs = torch.zeros(shape, **kw)
+        self.nonfinite = torch.zeros(shape, device=param.device, dtype=torch.int64)
+        self.finite_steps = torch.zeros(shape, **kw)
+        self.steps = 0
+        self._buf: Tensor | None = None
+
+    def record(self, grad: Tensor, finite: bool) -> None:
+        self.steps += 1
+        if self.level is GradLevel.ELEMENT:
+            if self._buf is None:
+                self._buf = torch.empty_like(grad, dtype=torch.float32)
+            a = torch.abs(grad, out=self._buf)
+            if not finite:
+                ok = torch.isfinite(grad)
+                self.nonfinite += ~ok
+                a = torch.where(ok, a, torch.zeros((), device=a.device))
+                self.finite_steps += ok
+            else:
+                self.finite_steps += 1.0
+            self.sum_abs += a
+            torch.maximum(self.max_abs, a, out=self.max_abs)
+            return
+        a = grad.abs()
+        if not finite:
+            ok = torch.isfinite(grad)
+            self.nonfinite += (~ok).sum()
+            a = a[ok]
+        self.finite_steps += a.numel()
+        if a.numel():
+            self.sum_abs += a.sum(dtype=torch.float32)
+            self.max_abs.copy_(torch.maximum(self.max_abs, a.max()))
+
+    def result(self) -> dict[str, np.ndarray]:
+        mean = self.sum_abs / self.finite_steps.clamp_min(1.0)
+        return {
+            "mean_abs": _np(mean),
+            "max_abs": _np(self.max_abs),
+            "nonfinite": self.nonfinite.to("cpu").numpy().copy(),
+        }
+
+
+class GradientRecorder:
+    """Accumulates gradient statistics over one epoch; call :meth:`record_step` after backward.
+
+    Statistics are taken of the raw gradients, before clipping, so exploding gradients stay
+    visible. ``level`` ``none`` records nothing, ``layer`` keeps one number per statistic per
+    parameter tensor, ``element`` one per element (as large as the parameters themselves).
+    """
+
+    def __init__(self, model: nn.Module, level: GradLevel | str = GradLevel.ELEMENT) -> None:
+        self.level = GradLevel(level)
+        self.layers = bayesian_layers(model)
+        self._stats: dict[str, dict[str, dict[str, _ParamStats]]] = {}
+        self._norms: dict[str, list[Tensor]] = {}
+        self._prior: dict[str, dict[str, dict[str, list[float]]]] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new epoch."""
+        self._stats, self._norms, self._prior = {}, {}, {}
+        if self.level is GradLevel.NONE:
+            return
+        for name, layer in self.layers:
+            per_kind: dict[str, dict[str, _ParamStats]] = {}
+            for kind in _KINDS:
+                mu, rho = getattr(layer, f"{kind}_mu"), getattr(layer, f"{kind}_rho")
+                if mu is not None and rho is not None:
+                    per_kind[kind] = {
+                        "mu": _ParamStats(mu, self.level),
+                        "rho": _ParamStats(rho, self.level),
+                    }
+            self._stats[name] = per_kind
+            self._norms[name] = []
+            prior_grads: dict[str, dict[str, list[float]]] = {}
+            for kind in _KINDS:
+                prior = getattr(layer, f"{kind}_prior", None)
+                if prior is not None and any(p.requires_grad for p in prior.parameters()):
+                    prior_grads[kind] = {
+                        n: [] for n, p in prior.named_parameters() if p.requires_grad
+                    }
+            self._prior[name] = prior_grads
+
+    @torch.no_grad()
+    def record_step(self) -> None:
+        """Record the gradients currently in ``.grad`` (one optimisation step)."""
+        if self.level is GradLevel.NONE:
+            return
+        for name, layer in self.layers:
+            sq = torch.zeros((), dtype=torch.float64)
+            for per_param in self._stats[name].values():
+                for stats in per_param.values():
+                    grad = stats.param.grad
+                    if grad is None:
+                        continue
+                    norm_sq = torch.linalg.vector_norm(grad).double().square()
+                    finite = bool(torch.isfinite(norm_sq))
+                    stats.record(grad, finite)
+                    sq = sq + norm_sq.cpu()
+            self._norms[name].append(sq.sqrt())
+            for kind, grads in self._prior[name].items():
+                prior = getattr(layer, f"{kind}_prior")
+                for pname, series in grads.items():
+                    g = getattr(prior, pname).grad
+                    series.append(
+                        0.0 if g is None else float(g.reshape(-1)[0])
+                    )  # None: no gradient flowed
+
+    def result(self) -> dict[str, dict[str, Any]] | None:
+        """The epoch's statistics in the :class:`~trainer.snapshot.EpochSnapshot` layout."""
+        if self.level is GradLevel.NONE:
+            return None
+        out: dict[str, dict[str, Any]] = {}
+        for name, per_kind in self._stats.items():
+            entry: dict[str, Any] = {
+                kind: {p: s.result() for p, s in per_param.items()}
+                for kind, per_param in per_kind.items()
+            }
+            norms = self._norms[name]
+            entry["step_norm"] = (
+                torch.stack(norms).numpy().astype(np.float64) if norms else np.zeros(0, np.float64)
+            )
+            if self._prior[name]:
+                entry["prior"] = {
+                    kind: {p: np.asarray(series, np.float64) for p, series in grads.items()}
+                    for kind, grads in self._prior[name].items()
+                }
+            out[name] = entry
+        return out

@@ -1,0 +1,195 @@
+"""The training configuration: one validated object for the CLI, the API and the trainer.
+
+Every field has a default, so ``TrainConfig(dataset="regression", prior="learnable",
+epochs=5)`` is a complete configuration. Validation errors name the bad value.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trainer.errors import BnnError
+from trainer.models import Activation
+from trainer.priors import EBSchedule, LearnMode, PriorKind, PriorSpec
+from trainer.snapshot import GradLevel
+
+__all__ = [
+    "DATASET_DEFAULTS",
+    "Dataset",
+    "LRSchedule",
+    "ModelKind",
+    "Optimizer",
+    "TrainConfig",
+    "parse_config",
+]
+
+
+class Dataset(StrEnum):
+    """Datasets the trainer knows. ``regression`` is the seed's 1-D synthetic task."""
+
+    REGRESSION = "regression"
+    MNIST = "mnist"
+    FASHION_MNIST = "fashion_mnist"
+    KMNIST = "kmnist"
+
+
+class ModelKind(StrEnum):
+    MLP = "mlp"
+    CNN = "cnn"
+
+
+class Optimizer(StrEnum):
+    SGD = "sgd"  # with momentum
+    ADAM = "adam"
+    ADAMW = "adamw"
+
+
+class LRSchedule(StrEnum):
+    NONE = "none"
+    COSINE = "cosine"
+    STEP = "step"  # x0.1 at 50% and 75% of the epochs
+
+
+# Hidden widths and batch size used when a configuration leaves them out.
+DATASET_DEFAULTS: dict[Dataset, dict[str, Any]] = {
+    Dataset.REGRESSION: {"widths": [10], "batch_size": 64},
+    Dataset.MNIST: {"widths": [400, 400], "batch_size": 128},
+    Dataset.FASHION_MNIST: {"widths": [400, 400], "batch_size": 128},
+    Dataset.KMNIST: {"widths": [400, 400], "batch_size": 128},
+}
+
+
+class TrainConfig(BaseModel):
+    """Everything that defines a training run. Stored with the run in the catalog."""
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True)
+
+    dataset: Dataset = Dataset.REGRESSION
+    model: ModelKind = ModelKind.MLP
+    widths: list[int] | None = Field(
+        default=None, description="hidden layer widths; None: the dataset's default"
+    )
+    activation: str = "relu"
+    # prior
+    prior: PriorKind = PriorKind.LEARNABLE
+    prior_mode: LearnMode = LearnMode.GRADIENT
+    prior_mu0: float = 0.0
+    prior_sigma0: float = Field(default=1.0, gt=0)
+    eb_every: EBSchedule = EBSchedule.STEP
+    hyper_alpha: float = Field(default=3.0, gt=0)
+    hyper_beta: float | None = Field(default=None, gt=0)
+    # posterior
+    posterior_sigma_init: float = Field(default=0.05, gt=0)
+    local_reparam: bool = False
+    # optimisation
+    optimizer: Optimizer = Optimizer.ADAM
+    lr: float = Field(default=1e-3, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    lr_schedule: LRSchedule = LRSchedule.NONE
+    epochs: int = Field(default=20, ge=1)
+    batch_size: int | None = Field(default=None, ge=1)
+    mc_samples: int = Field(default=1, ge=1, description="posterior samples per training step")
+    eval_samples: int = Field(default=10, ge=1, description="posterior samples for evaluation")
+    kl_weight: float = Field(default=1.0, ge=0)
+    kl_anneal_epochs: int = Field(default=0, ge=0, description="linear KL warm-up length")
+    grad_clip: float | None = Field(default=None, gt=0, description="max gradient norm")
+    seed: int = 0
+    device: str = "auto"
+    # data size (None: the whole split)
+    n_train: int | None = Field(default=None, ge=1)
+    n_test: int | None = Field(default=None, ge=1)
+    # capture
+    capture_every: int = Field(default=1, ge=1, description="capture every N epochs (and the last)")
+    grad_capture: GradLevel = GradLevel.ELEMENT
+    # bookkeeping
+    name: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+    @field_validator("widths")
+    @classmethod
+    def _check_widths(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None:
+            bad = [w for w in value if w < 1]
+            if bad:
+                raise ValueError(f"widths must be positive integers, got {bad[0]} in {value}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value not in ("auto", "cpu") and not value.startswith("cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {value!r}")
+        return value
+
+    @field_validator("activation")
+    @classmethod
+    def _check_activation(cls, value: str) -> str:
+        allowed = tuple(a.value for a in Activation)
+        if value not in allowed:
+            raise ValueError(f"activation must be one of {allowed}, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> TrainConfig:
+        defaults = DATASET_DEFAULTS[self.dataset]
+        if self.widths is None:
+            self.widths = list(defaults["widths"])
+        if self.batch_size is None:
+            self.batch_size = int(defaults["batch_size"])
+        if self.model is ModelKind.CNN and self.dataset is Dataset.REGRESSION:
+            raise ValueError("model 'cnn' needs an image dataset, not 'regression'")
+        return self
+
+    @property
+    def hidden(self) -> list[int]:
+        """The hidden widths (always set after validation)."""
+        assert self.widths is not None
+        return self.widths
+
+    @property
+    def batch(self) -> int:
+        assert self.batch_size is not None
+        return self.batch_size
+
+    @property
+    def is_classification(self) -> bool:
+        return self.dataset is not Dataset.REGRESSION
+
+    def prior_spec(self) -> PriorSpec:
+        """The :class:`PriorSpec` every Bayesian layer of the model gets."""
+        kwargs: dict[str, Any] = {
+            "kind": self.prior,
+            "mode": self.prior_mode,
+            "mu0": self.prior_mu0,
+            "sigma0": self.prior_sigma0,
+            "eb_every": self.eb_every,
+            "hyper_alpha": self.hyper_alpha,
+        }
+        if self.hyper_beta is not None:
+            kwargs["hyper_beta"] = self.hyper_beta
+        return PriorSpec(**kwargs)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def parse_config(data: dict[str, Any] | TrainConfig | None = None, **overrides: Any) -> TrainConfig:
+    """Validate a configuration; raise :class:`BnnError` (invalid_argument) naming bad fields."""
+    if isinstance(data, TrainConfig):
+        data = data.model_dump()
+    merged = {**(data or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return TrainConfig.model_validate(merged)
+    except ValidationError as exc:
+        fields = {}
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "config"
+            given = err.get("input")
+            msg = err["msg"].removeprefix("Value error, ")
+            fields[loc] = f"{msg} (got {given!r})" if "got" not in msg else msg
+        text = "; ".join(f"{k}: {v}" for k, v in fields.items())
+        raise BnnError.invalid(f"invalid training configuration: {text}", fields=fields) from None

@@ -1,0 +1,378 @@
+"""The ELBO training loop.
+
+Each step minimises ``loss = NLL + kl_weight_t * (KL + prior_penalty) / N_train`` (the one
+formula, see :mod:`trainer.layers`), with NLL averaged over the batch and over
+``mc_samples`` posterior samples. ``kl_weight_t`` ramps linearly from 0 to ``kl_weight``
+over ``kl_anneal_epochs``. Every ``capture_every`` epochs (and at the last epoch) the
+trainer captures the seed's distribution parameters, the gradient statistics and the
+metrics, and hands them to a run sink (a local :class:`~trainer.store.RunStore`).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from contextlib import nullcontext, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from trainer.capture import GradientRecorder, get_all_distribution_params, is_capture_epoch
+from trainer.config import LRSchedule, ModelKind, Optimizer, TrainConfig, parse_config
+from trainer.data import DataSplits, batches, load_dataset, num_batches
+from trainer.errors import BnnError
+from trainer.layers import (
+    bayesian_layers,
+    empirical_bayes_step,
+    kl_by_layer,
+    model_kl,
+    positive,
+    prior_penalty,
+)
+from trainer.metrics import expected_calibration_error, gaussian_nll, predictive_gaussian
+from trainer.models import mlp, small_cnn
+from trainer.priors import EBSchedule, LearnMode, PriorKind
+from trainer.snapshot import EpochSnapshot, GradLevel
+
+__all__ = ["RunSink", "TrainResult", "Trainer", "build_model", "train"]
+
+
+class RunSink(Protocol):
+    """Where a trainer reports: a local store, or (later) the service over HTTP."""
+
+    def create_run(self, name: str | None, config: dict[str, Any], tags: Any = ...) -> Any: ...
+    def write_epoch(self, run_id: str, snap: EpochSnapshot) -> Any: ...
+    def heartbeat(self, run_id: str) -> None: ...
+    def set_status(self, run_id: str, status: Any, error: str | None = None) -> Any: ...
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the run id (when stored), the model and the metric history."""
+
+    run_id: str | None
+    model: nn.Module
+    history: list[dict[str, float]] = field(default_factory=list)
+    captured_epochs: list[int] = field(default_factory=list)
+    noise_sigma: float | None = None
+
+
+def build_model(config: TrainConfig, data: DataSplits) -> nn.Module:
+    """The Bayesian network a configuration describes, sized for the data."""
+    prior = config.prior_spec()
+    if config.model is ModelKind.CNN:
+        return small_cnn(
+            in_channels=1,
+            num_classes=data.num_outputs,
+            prior=prior,
+            posterior_sigma_init=config.posterior_sigma_init,
+        )
+    in_features = int(math.prod(data.input_shape))
+    return mlp(
+        in_features,
+        config.hidden,
+        data.num_outputs,
+        prior,
+        activation=config.activation,
+        local_reparam=config.local_reparam,
+        posterior_sigma_init=config.posterior_sigma_init,
+    )
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BnnError.invalid(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+class _Heartbeat:
+    """Calls ``sink.heartbeat(run_id)`` every ``interval`` seconds on a daemon thread."""
+
+    def __init__(self, sink: RunSink, run_id: str, interval: float) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._beat, args=(sink, run_id, interval), daemon=True
+        )
+
+    def _beat(self, sink: RunSink, run_id: str, interval: float) -> None:
+        while not self._stop.wait(interval):
+            with suppress(Exception):  # a missed beat is harmless; the next one retries
+                sink.heartbeat(run_id)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class Trainer:
+    """Trains one configuration; :meth:`fit` runs every epoch and reports to the sink."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        sink: RunSink | None = None,
+        data: DataSplits | None = None,
+        data_root: str | Path | None = None,
+        progress: bool = True,
+        heartbeat_interval: float = 5.0,
+        on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.sink = sink
+        self.progress = progress
+        self.heartbeat_interval = heartbeat_interval
+        self.on_epoch = on_epoch
+        self.device = _resolve_device(config.device)
+        torch.manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.data = data or load_dataset(
+            config.dataset.value,
+            flatten=config.model is ModelKind.MLP,
+            n_train=config.n_train,
+            n_test=config.n_test,
+            seed=config.seed,
+            root=data_root,
+        )
+        self.model = build_model(config, self.data).to(self.device)
+        self.noise_rho: nn.Parameter | None = None
+        params = list(self.model.parameters())
+        if not self.data.classification:
+            # homoscedastic Gaussian likelihood with a learned noise sigma (initially 0.5)
+            init = torch.log(torch.expm1(torch.tensor([0.5])))
+            self.noise_rho = nn.Parameter(init.to(self.device))
+            params.append(self.noise_rho)
+        self.optimizer = self._make_optimizer(params)
+        self.scheduler = self._make_scheduler()
+        self.recorder = GradientRecorder(self.model, config.grad_capture)
+        self.eb_mode = (
+            config.prior is PriorKind.LEARNABLE and config.prior_mode is LearnMode.EMPIRICAL_BAYES
+        )
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        c = self.config
+        trainable = [p for p in params if p.requires_grad]
+        if c.optimizer is Optimizer.SGD:
+            return torch.optim.SGD(
+                trainable, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay
+            )
+        if c.optimizer is Optimizer.ADAMW:
+            return torch.optim.AdamW(trainable, lr=c.lr, weight_decay=c.weight_decay)
+        return torch.optim.Adam(trainable, lr=c.lr, weight_decay=c.weight_decay)
+
+    def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None:
+        c = self.config
+        if c.lr_schedule is LRSchedule.COSINE:
+            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=c.epochs)
+        if c.lr_schedule is LRSchedule.STEP:
+            milestones = sorted({max(1, c.epochs // 2), max(1, (3 * c.epochs) // 4)})
+            return torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones, gamma=0.1)
+        return None
+
+    @property
+    def noise_sigma(self) -> float | None:
+        return None if self.noise_rho is None else float(positive(self.noise_rho.detach()))
+
+    def kl_weight_at(self, epoch: int) -> float:
+        """The KL weight used during ``epoch`` (linear annealing over ``kl_anneal_epochs``)."""
+        c = self.config
+        if c.kl_anneal_epochs <= 0:
+            return c.kl_weight
+        return c.kl_weight * min(1.0, (epoch + 1) / c.kl_anneal_epochs)
+
+    # -- one step / epoch -----------------------------------------------------------------
+    def _nll(self, out: Tensor, y: Tensor) -> Tensor:
+        if self.data.classification:
+            return F.cross_entropy(out, y)
+        assert self.noise_rho is not None
+        variance = positive(self.noise_rho).square()
+        return gaussian_nll(out, variance, y).mean()
+
+    def train_epoch(self, epoch: int, capture: bool) -> dict[str, float]:
+        c = self.config
+        model, n_train = self.model, self.data.n_train
+        model.train()
+        kl_w = self.kl_weight_at(epoch)
+        record = capture and self.recorder.level is not GradLevel.NONE
+        if record:
+            self.recorder.reset()
+        sums = {"loss": 0.0, "nll": 0.0, "fit": 0.0}
+        seen = 0
+        for xb, yb in batches(
+            self.data.x_train, self.data.y_train, c.batch, shuffle=True, generator=self.generator
+        ):
+            xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            nll = torch.zeros((), device=self.device)
+            fit = 0.0
+            for _ in range(c.mc_samples):
+                out = model(xb)
+                nll = nll + self._nll(out, yb)
+                with torch.no_grad():
+                    if self.data.classification:
+                        fit += float((out.argmax(1) == yb).sum())
+                    else:
+                        fit += float(((out - yb) ** 2).sum())
+            nll = nll / c.mc_samples
+            reg = model_kl(model) + prior_penalty(model)
+            loss = nll + kl_w * reg / n_train
+            loss.backward()
+            if record:
+                self.recorder.record_step()
+            if c.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
+            self.optimizer.step()
+            if self.eb_mode and c.eb_every is EBSchedule.STEP:
+                empirical_bayes_step(model)
+            b = xb.shape[0]
+            seen += b
+            sums["loss"] += float(loss.detach()) * b
+            sums["nll"] += float(nll.detach()) * b
+            sums["fit"] += fit / c.mc_samples
+        if self.eb_mode and c.eb_every is EBSchedule.EPOCH:
+            empirical_bayes_step(model)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        metrics = {"loss": sums["loss"] / seen, "nll": sums["nll"] / seen, "kl_weight": kl_w}
+        if self.data.classification:
+            metrics["train_acc"] = sums["fit"] / seen
+        else:
+            metrics["train_rmse"] = math.sqrt(sums["fit"] / seen)
+        with torch.no_grad():
+            per_layer = kl_by_layer(model)
+            metrics["kl"] = float(sum(float(v) for v in per_layer.values()))
+            for name, value in per_layer.items():
+                metrics[f"kl/{name}"] = float(value)
+            metrics["prior_penalty"] = float(prior_penalty(model))
+        metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        if self.noise_sigma is not None:
+            metrics["noise_sigma"] = self.noise_sigma
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(
+        self, x: Tensor | None = None, y: Tensor | None = None, samples: int | None = None
+    ) -> dict[str, float]:
+        """Test metrics from ``samples`` MC forward passes (``eval_samples`` by default)."""
+        x = self.data.x_test if x is None else x
+        y = self.data.y_test if y is None else y
+        s = samples or self.config.eval_samples
+        self.model.eval()
+        outs = []
+        for start in range(0, x.shape[0], 2048):
+            xb = x[start : start + 2048].to(self.device)
+            outs.append(torch.stack([self.model(xb) for _ in range(s)]).cpu())
+        pred = torch.cat(outs, dim=1)  # (S, N, out)
+        y = y.cpu()
+        if self.data.classification:
+            probs = torch.softmax(pred, dim=-1).mean(0)
+            nll = F.nll_loss(torch.log(probs.clamp_min(1e-12)), y)
+            return {
+                "test_acc": float((probs.argmax(1) == y).double().mean()),
+                "test_nll": float(nll),
+                "test_ece": expected_calibration_error(probs, y),
+            }
+        mean, variance = predictive_gaussian(pred, self.noise_sigma or 0.0)
+        return {
+            "test_rmse": float(((mean - y) ** 2).mean().sqrt()),
+            "test_nll": float(gaussian_nll(mean, variance, y).mean()),
+        }
+
+    def snapshot(self, epoch: int, metrics: dict[str, float], recorded: bool) -> EpochSnapshot:
+        params = get_all_distribution_params(self.model, epoch, force=True)
+        assert params is not None
+        return EpochSnapshot(
+            epoch=epoch,
+            params=params,
+            metrics=metrics,
+            gradients=self.recorder.result() if recorded else None,
+            grad_level=self.recorder.level if recorded else GradLevel.NONE,
+            layer_types={name: type(layer).__name__ for name, layer in bayesian_layers(self.model)},
+        )
+
+    # -- the run --------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        c = self.config
+        run_id: str | None = None
+        if self.sink is not None:
+            run = self.sink.create_run(c.name, c.to_json_dict(), tags=c.tags)
+            run_id = run.id
+        result = TrainResult(run_id=run_id, model=self.model)
+        if self.eb_mode:
+            empirical_bayes_step(self.model)
+        steps = num_batches(self.data.n_train, c.batch)
+        desc = f"{c.dataset.value} {c.prior.value}" + (f" [{run_id}]" if run_id else "")
+        try:
+            with (
+                _Heartbeat(self.sink, run_id, self.heartbeat_interval)
+                if self.sink and run_id
+                else nullcontext()
+            ):
+                bar = tqdm(
+                    range(c.epochs), desc=desc, unit="epoch", disable=not self.progress, leave=False
+                )
+                for epoch in bar:
+                    t0 = time.perf_counter()
+                    capture = is_capture_epoch(epoch, c.capture_every, last_epoch=c.epochs - 1)
+                    metrics = self.train_epoch(epoch, capture)
+                    metrics.update(self.evaluate())
+                    metrics["epoch_time_s"] = time.perf_counter() - t0
+                    metrics["steps"] = float(steps)
+                    result.history.append({"epoch": float(epoch), **metrics})
+                    if capture:
+                        snap = self.snapshot(
+                            epoch, metrics, recorded=self.recorder.level is not GradLevel.NONE
+                        )
+                        if self.sink is not None and run_id is not None:
+                            self.sink.write_epoch(run_id, snap)
+                        result.captured_epochs.append(epoch)
+                    key = "test_acc" if self.data.classification else "test_rmse"
+                    bar.set_postfix({"loss": f"{metrics['loss']:.4g}", key: f"{metrics[key]:.4g}"})
+                    if self.on_epoch is not None:
+                        self.on_epoch(epoch, metrics)
+        except KeyboardInterrupt:
+            self._finish(run_id, "interrupted", "interrupted by the user (KeyboardInterrupt)")
+            raise
+        except BaseException as exc:
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            self._finish(run_id, "failed", detail)
+            raise
+        self._finish(run_id, "completed", None)
+        result.noise_sigma = self.noise_sigma
+        return result
+
+    def _finish(self, run_id: str | None, status: str, error: str | None) -> None:
+        if self.sink is None or run_id is None:
+            return
+        try:
+            self.sink.set_status(run_id, status, error=error)
+        except Exception:
+            if error is None:  # the run itself succeeded: a failed status update must be seen
+                raise
+
+
+def train(
+    config: TrainConfig | dict[str, Any] | None = None,
+    *,
+    sink: RunSink | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> TrainResult:
+    """Validate ``config`` (plus keyword overrides), train, report to ``sink``."""
+    cfg = parse_config(config, **overrides)
+    return Trainer(cfg, sink=sink, progress=progress).fit()
