@@ -1,0 +1,226 @@
+"""Training throughput of a 784-1200-1200-10 Bayesian MLP, batch 128, on this machine.
+
+Every variant trains on the same MNIST batches with Adam(1e-3) and the ELBO
+``CE + KL / N``. Variants are interleaved round by round in one process, so that the
+ratios hold on a noisy machine; each figure is the median over rounds of samples/s,
+printed as a ratio to torchbnn 1.2 (the fastest peer). Capture variants also write the
+captured epoch to a real run store (HDF5 + SQLite) at the end of each "epoch" of
+``--steps`` steps, so their overhead includes the file write.
+
+    python benchmarks/train_throughput.py [--rounds 3] [--steps 60] [--threads 2]
+
+Peers (bayesian-torch 0.5.0, torchbnn 1.2, blitz-bayesian-pytorch 0.2.8) are skipped
+with a note when not installed (`make bench` installs them with --no-deps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainer.capture import GradientRecorder, get_all_distribution_params
+from trainer.data import load_dataset
+from trainer.layers import model_kl, prior_penalty
+from trainer.models import deterministic_mlp, mlp
+from trainer.priors import PriorKind, PriorSpec
+from trainer.snapshot import EpochSnapshot, GradLevel
+from trainer.store import RunStore
+
+WIDTHS = [1200, 1200]
+BATCH = 128
+N_TRAIN = 50_000
+
+
+@dataclass
+class Variant:
+    name: str
+    model: nn.Module
+    loss: Callable[[Tensor, Tensor], Tensor]
+    end_epoch: Callable[[int], None] | None = None
+    after_backward: Callable[[], None] | None = None
+
+
+def ours(name: str, kind: PriorKind, level: GradLevel | None, store: RunStore | None) -> Variant:
+    model = mlp(784, WIDTHS, 10, PriorSpec(kind=kind, sigma0=0.1))
+
+    def loss(x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(model(x), y) + (model_kl(model) + prior_penalty(model)) / N_TRAIN
+
+    if level is None:
+        return Variant(name, model, loss)
+    recorder = GradientRecorder(model, level)
+    assert store is not None
+    run_id = store.create_run(name, {"benchmark": True}).id
+
+    def end_epoch(epoch: int) -> None:
+        params = get_all_distribution_params(model, epoch, force=True)
+        assert params is not None
+        snap = EpochSnapshot(epoch, params, {"loss": 0.0}, recorder.result(), level)
+        store.write_epoch(run_id, snap)
+        recorder.reset()
+
+    return Variant(name, model, loss, end_epoch, recorder.record_step)
+
+
+def deterministic() -> Variant:
+    model = deterministic_mlp(784, WIDTHS, 10)
+    return Variant("deterministic MLP (floor)", model, lambda x, y: F.cross_entropy(model(x), y))
+
+
+def peers() -> list[Variant]:
+    out: list[Variant] = []
+    try:
+        import torchbnn
+
+        tb = nn.Sequential(
+            torchbnn.BayesLinear(0.0, 0.1, 784, 1200),
+            nn.ReLU(),
+            torchbnn.BayesLinear(0.0, 0.1, 1200, 1200),
+            nn.ReLU(),
+            torchbnn.BayesLinear(0.0, 0.1, 1200, 10),
+        )
+        kl_loss = torchbnn.BKLLoss(reduction="sum", last_layer_only=False)
+        out.append(
+            Variant(
+                "torchbnn 1.2 BayesLinear",
+                tb,
+                lambda x, y: F.cross_entropy(tb(x), y) + kl_loss(tb) / N_TRAIN,
+            )
+        )
+    except ImportError:
+        print("note: torchbnn not installed; ratios are to the first variant instead")
+    try:
+        from bayesian_torch.layers import LinearReparameterization as LR
+
+        class BT(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.l1, self.l2, self.l3 = LR(784, 1200), LR(1200, 1200), LR(1200, 10)
+
+            def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+                x, k1 = self.l1(x)
+                x, k2 = self.l2(F.relu(x))
+                x, k3 = self.l3(F.relu(x))
+                return x, k1 + k2 + k3
+
+        bt = BT()
+
+        def bt_loss(x: Tensor, y: Tensor) -> Tensor:
+            logits, kl = bt(x)
+            return F.cross_entropy(logits, y) + kl / N_TRAIN
+
+        out.append(Variant("bayesian-torch 0.5.0 LinearReparameterization", bt, bt_loss))
+    except ImportError:
+        print("note: bayesian-torch not installed")
+    try:
+        from blitz.modules import BayesianLinear
+
+        bl = nn.Sequential(
+            BayesianLinear(784, 1200),
+            nn.ReLU(),
+            BayesianLinear(1200, 1200),
+            nn.ReLU(),
+            BayesianLinear(1200, 10),
+        )
+
+        def bl_loss(x: Tensor, y: Tensor) -> Tensor:
+            logits = bl(x)
+            kl = sum(
+                m.log_variational_posterior - m.log_prior
+                for m in bl
+                if isinstance(m, BayesianLinear)
+            )
+            return F.cross_entropy(logits, y) + kl / N_TRAIN
+
+        out.append(Variant("blitz 0.2.8 BayesianLinear", bl, bl_loss))
+    except ImportError:
+        print("note: blitz-bayesian-pytorch not installed")
+    return out
+
+
+def run_epoch(
+    v: Variant, opt: torch.optim.Optimizer, data: list[tuple[Tensor, Tensor]], epoch: int
+) -> float:
+    t0 = time.perf_counter()
+    for x, y in data:
+        opt.zero_grad(set_to_none=True)
+        loss = v.loss(x, y)
+        loss.backward()
+        if v.after_backward is not None:
+            v.after_backward()
+        opt.step()
+    if v.end_epoch is not None:
+        v.end_epoch(epoch)
+    return len(data) * BATCH / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=60, help="steps per timed epoch")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ds = load_dataset("mnist", n_train=args.steps * BATCH, n_test=1)
+    data = [
+        (ds.x_train[i : i + BATCH], ds.y_train[i : i + BATCH])
+        for i in range(0, args.steps * BATCH, BATCH)
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        store = RunStore(tmp)
+        variants = [
+            deterministic(),
+            *peers(),
+            ours("ours fixed prior, no capture", PriorKind.FIXED, None, None),
+            ours("ours learnable prior, no capture", PriorKind.LEARNABLE, None, None),
+            ours(
+                "ours learnable, per-layer capture every epoch",
+                PriorKind.LEARNABLE,
+                GradLevel.LAYER,
+                store,
+            ),
+            ours(
+                "ours learnable, per-element capture every epoch",
+                PriorKind.LEARNABLE,
+                GradLevel.ELEMENT,
+                store,
+            ),
+        ]
+        opts = [torch.optim.Adam(v.model.parameters(), lr=1e-3) for v in variants]
+        for v, o in zip(variants, opts, strict=True):  # warm-up
+            run_epoch(v, o, data[:3], epoch=0)
+        rates: dict[str, list[float]] = {v.name: [] for v in variants}
+        for r in range(args.rounds):
+            for v, o in zip(variants, opts, strict=True):
+                rates[v.name].append(run_epoch(v, o, data, epoch=r + 1))
+            print(f"round {r + 1}/{args.rounds} done", flush=True)
+        store.close()
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    ref_name = next((k for k in med if k.startswith("torchbnn")), next(iter(med)))
+    ref = med[ref_name]
+    print(
+        f"\n784-1200-1200-10, batch {BATCH}, {args.steps} steps/epoch, "
+        f"{args.rounds} rounds, {args.threads} threads"
+    )
+    print(f"{'variant':<52} {'samples/s':>10} {'ratio to ' + ref_name.split()[0]:>18}")
+    for k, v in med.items():
+        print(f"{k:<52} {v:>10.0f} {v / ref:>17.2f}x")
+    base = med["ours learnable prior, no capture"]
+    for level in ("per-layer", "per-element"):
+        cap = med[f"ours learnable, {level} capture every epoch"]
+        print(f"capture overhead {level}: {100 * (base / cap - 1):.1f}% of the epoch time")
+
+
+if __name__ == "__main__":
+    main()

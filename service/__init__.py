@@ -1,0 +1,1 @@
+"""bnn-infosharing service: the ``bnn`` command line (and, later, analysis and the HTTP API)."""

@@ -1,0 +1,252 @@
+"""The ``bnn`` command line: ``bnn train``, ``bnn runs``, ``bnn runs show ID``.
+
+``bnn train`` takes one option per field of :class:`trainer.config.TrainConfig` (so the
+command line and the Python API never drift apart) and prints the run id as its last
+line. Errors print ``error: <message>`` and exit with status 2; nothing already written
+is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from trainer.config import TrainConfig, parse_config
+from trainer.errors import BnnError
+
+__all__ = ["build_parser", "main"]
+
+DEFAULT_DATA_DIR = "bnn-data"
+# Options spelled differently from the config field they set.
+_ALIASES = {"grad_capture": ["--capture-level", "--grad-capture"], "tags": ["--tag"]}
+
+
+def _data_dir(value: str | None) -> Path:
+    return Path(value or os.environ.get("BNN_DATA_DIR") or DEFAULT_DATA_DIR)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    for name, info in TrainConfig.model_fields.items():
+        flags = _ALIASES.get(name, [f"--{name.replace('_', '-')}"])
+        ann = _unwrap_optional(info.annotation)
+        default_text = "dataset default" if info.default is None else info.default
+        if isinstance(default_text, Enum):
+            default_text = default_text.value
+        help_text = f"{info.description or name.replace('_', ' ')} (default: {default_text})"
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
+        if ann is bool:
+            parser.add_argument(*flags, action="store_true", **{**kwargs, "default": None})
+        elif isinstance(ann, type) and issubclass(ann, Enum):
+            parser.add_argument(*flags, choices=[m.value for m in ann], **kwargs)
+        elif typing.get_origin(ann) is list and typing.get_args(ann) == (int,):
+            parser.add_argument(*flags, type=_int_list, metavar="N,N,...", **kwargs)
+        elif typing.get_origin(ann) is list:
+            parser.add_argument(*flags, action="append", metavar="TAG", **kwargs)
+        elif ann in (int, float, str):
+            parser.add_argument(*flags, type=ann, **kwargs)
+        else:  # pragma: no cover - a new field type needs a rule here
+            raise TypeError(f"no command-line rule for field {name!r} of type {ann!r}")
+
+
+def _store_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir", help=f"run data directory (default: $BNN_DATA_DIR or ./{DEFAULT_DATA_DIR})"
+    )
+    parser.add_argument(
+        "--db-url",
+        help="catalog database URL (default: $BNN_DATABASE_URL or SQLite in the data dir)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bnn", description="Bayesian neural networks with learnable layer-shared priors"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_train = sub.add_parser("train", help="train a BNN and store every captured epoch")
+    _add_config_options(p_train)
+    p_train.add_argument(
+        "--config", type=Path, help="JSON file with a training configuration (options override it)"
+    )
+    p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _store_options(p_train)
+
+    p_runs = sub.add_parser("runs", help="list runs, or `runs show ID` for one")
+    p_runs.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    p_runs.add_argument("run_id", nargs="?")
+    p_runs.add_argument("--status", help="only runs with this status")
+    p_runs.add_argument("--limit", type=int, default=50)
+    p_runs.add_argument("--json", action="store_true", help="print JSON")
+    _store_options(p_runs)
+    return parser
+
+
+def _open_store(args: argparse.Namespace) -> Any:
+    from trainer.store import RunStore
+
+    return RunStore(
+        _data_dir(args.data_dir), db_url=args.db_url or os.environ.get("BNN_DATABASE_URL")
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from trainer.train import Trainer
+
+    base: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            base = json.loads(args.config.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BnnError.invalid(f"cannot read config file {args.config}: {exc}") from None
+    overrides = {name: getattr(args, name) for name in TrainConfig.model_fields}
+    config = parse_config(base, **overrides)
+    store = _open_store(args)
+    trainer = Trainer(
+        config,
+        sink=store,
+        progress=not args.no_progress,
+        data_root=store.data_dir / "datasets",
+        heartbeat_interval=float(os.environ.get("BNN_HEARTBEAT_S", "5")),
+    )
+    result = trainer.fit()
+    last = result.history[-1] if result.history else {}
+    key = "test_acc" if config.is_classification else "test_rmse"
+    print(
+        f"run {result.run_id}: {len(result.captured_epochs)} epochs captured in {store.data_dir}; "
+        f"final {key}={last.get(key, float('nan')):.4f} "
+        f"test_nll={last.get('test_nll', float('nan')):.4f}",
+        file=sys.stderr,
+    )
+    print(result.run_id)
+    return 0
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Enum):
+        return value.value
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
+
+
+def _run_dict(run: Any) -> dict[str, Any]:
+    keys = (
+        "id",
+        "name",
+        "status",
+        "created_at",
+        "updated_at",
+        "heartbeat_at",
+        "finished_at",
+        "host",
+        "error",
+        "tags",
+    )
+    return {k: _jsonable(getattr(run, k, None)) for k in keys}
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    if args.action == "show" or args.run_id:
+        if not args.run_id:
+            raise BnnError.invalid("`bnn runs show` needs a run id")
+        run = store.get_run(args.run_id)
+        epochs = store.list_epochs(run.id)
+        info = _run_dict(run) | {
+            "config": run.config,
+            "epochs": [e.epoch for e in epochs],
+            "metrics": _jsonable(epochs[-1].metrics) if epochs else {},
+        }
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return 0
+        for key in ("id", "name", "status", "host", "created_at", "finished_at", "error"):
+            if info.get(key) is not None:
+                print(f"{key:>12}: {info[key]}")
+        print(f"{'epochs':>12}: {_epoch_ranges(info['epochs'])}")
+        if info["metrics"]:
+            print(f"{'metrics':>12}: (epoch {info['epochs'][-1]})")
+            for key, value in info["metrics"].items():
+                print(
+                    f"{'':>14}{key} = {value:.6g}"
+                    if isinstance(value, float)
+                    else f"{'':>14}{key} = {value}"
+                )
+        return 0
+    runs = store.list_runs(status=args.status, limit=args.limit)
+    if args.json:
+        print(json.dumps([_run_dict(r) for r in runs], indent=2))
+        return 0
+    if not runs:
+        print(f"no runs in {store.data_dir}")
+        return 0
+    print(f"{'id':<14} {'status':<12} {'dataset':<14} {'prior':<10} {'epochs':>6}  name")
+    for r in runs:
+        cfg = r.config or {}
+        n = len(store.list_epochs(r.id))
+        print(
+            f"{r.id:<14} {r.status.value:<12} {cfg.get('dataset', '?'):<14} "
+            f"{cfg.get('prior', '?'):<10} {n:>6}  {r.name or ''}"
+        )
+    return 0
+
+
+def _epoch_ranges(epochs: Sequence[int]) -> str:
+    if not epochs:
+        return "none"
+    return (
+        f"{len(epochs)} ({epochs[0]}..{epochs[-1]})"
+        if len(epochs) > 3
+        else ", ".join(map(str, epochs))
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return _cmd_train(args)
+        return _cmd_runs(args)
+    except BnnError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,134 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+
+from service.cli import main
+from trainer.errors import BnnError, ErrorCode
+from trainer.store import RunStore, load_distribution_log
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = [
+    "--dataset",
+    "regression",
+    "--n-train",
+    "96",
+    "--n-test",
+    "32",
+    "--eval-samples",
+    "2",
+    "--no-progress",
+]
+
+
+def _train(tmp_path: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> str:
+    assert main(["train", *TINY, "--data-dir", str(tmp_path), *extra]) == 0
+    return capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_train_prints_the_run_id_last_and_runs_lists_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_id = _train(
+        tmp_path, capsys, "--epochs", "3", "--prior", "fixed", "--name", "cli", "--tag", "t1"
+    )
+    assert main(["runs", "--data-dir", str(tmp_path), "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)
+    assert [r["id"] for r in runs] == [run_id]
+    assert (
+        runs[0]["status"] == "completed" and runs[0]["name"] == "cli" and runs[0]["tags"] == ["t1"]
+    )
+    assert main(["runs", "show", run_id, "--data-dir", str(tmp_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["epochs"] == [0, 1, 2] and info["config"]["prior"] == "fixed"
+    assert "test_rmse" in info["metrics"]
+    assert main(["runs", "show", run_id, "--data-dir", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert run_id in text and "completed" in text and "test_rmse" in text
+    assert main(["runs", "--data-dir", str(tmp_path)]) == 0
+    assert run_id in capsys.readouterr().out
+
+
+def test_the_console_script_runs_as_a_process(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "train",
+            *TINY,
+            "--epochs",
+            "2",
+            "--data-dir",
+            str(tmp_path),
+            "--widths",
+            "8,8",
+            "--prior-mode",
+            "hierarchical",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        check=True,
+    )
+    run_id = out.stdout.strip().splitlines()[-1]
+    log = load_distribution_log(run_id, data_dir=tmp_path)
+    assert sorted(log) == [0, 1] and list(log[1]) == ["layer1", "layer2", "layer3"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--dataset", "imagenet"], "imagenet"),
+        (["--widths", "10,-3"], "-3"),
+        (["--epochs", "-2"], "epochs"),
+        (["--widths", "a,b"], "a,b"),
+    ],
+)
+def test_bad_input_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], needle: str
+) -> None:
+    try:
+        code = main(["train", "--data-dir", str(tmp_path), "--no-progress", *args])
+    except SystemExit as exc:  # argparse rejects malformed values itself
+        code = int(exc.code or 0)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_unwritable_data_dir_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["train", *TINY, "--epochs", "1", "--data-dir", str(blocker / "data")]) == 2
+    assert str(blocker) in capsys.readouterr().err
+
+
+def test_unknown_run_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["runs", "show", "nope123", "--data-dir", str(tmp_path)]) == 2
+    assert "nope123" in capsys.readouterr().err
+
+
+def test_a_corrupt_epoch_file_is_reported_and_the_others_survive(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_id = _train(tmp_path, capsys, "--epochs", "3")
+    store = RunStore(tmp_path)
+    bad = store.epoch_path(run_id, 1)
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated
+    with pytest.raises(BnnError) as info:
+        load_distribution_log(run_id, data_dir=tmp_path)
+    assert info.value.code is ErrorCode.CORRUPT and bad.name in str(info.value)
+    good = load_distribution_log(run_id, data_dir=tmp_path, epochs=[0, 2])
+    assert sorted(good) == [0, 2]
+    with h5py.File(store.epoch_path(run_id, 2), "r") as f:
+        assert "params" in f
+    assert main(["runs", "show", run_id, "--data-dir", str(tmp_path)]) == 0
+    assert os.path.exists(bad)
