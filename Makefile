@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/bnn train --dataset regression --prior learnable --epochs 50 --data-dir $(DATA) --name make-run
+	$(VENV)/bin/bnn train --dataset regression --prior learnable --epochs 100 --data-dir $(DATA) --name make-run
 	@echo "Runs in $(DATA):"; $(VENV)/bin/bnn runs --data-dir $(DATA) --limit 5
 
 test: $(STAMP)

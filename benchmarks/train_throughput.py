@@ -36,6 +36,7 @@ from trainer.store import RunStore
 
 WIDTHS = [1200, 1200]
 BATCH = 128
+DEVICE = torch.device("cpu")  # set by --device before any model is built
 N_TRAIN = 50_000
 
 
@@ -49,7 +50,7 @@ class Variant:
 
 
 def ours(name: str, kind: PriorKind, level: GradLevel | None, store: RunStore | None) -> Variant:
-    model = mlp(784, WIDTHS, 10, PriorSpec(kind=kind, sigma0=0.1))
+    model = mlp(784, WIDTHS, 10, PriorSpec(kind=kind, sigma0=0.1)).to(DEVICE)
 
     def loss(x: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(model(x), y) + (model_kl(model) + prior_penalty(model)) / N_TRAIN
@@ -146,9 +147,15 @@ def peers() -> list[Variant]:
     return out
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def run_epoch(
     v: Variant, opt: torch.optim.Optimizer, data: list[tuple[Tensor, Tensor]], epoch: int
 ) -> float:
+    _sync()
     t0 = time.perf_counter()
     for x, y in data:
         opt.zero_grad(set_to_none=True)
@@ -159,6 +166,7 @@ def run_epoch(
         opt.step()
     if v.end_epoch is not None:
         v.end_epoch(epoch)
+    _sync()
     return len(data) * BATCH / (time.perf_counter() - t0)
 
 
@@ -167,15 +175,21 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=60, help="steps per timed epoch")
+    ap.add_argument(
+        "--steps", type=int, default=391, help="steps per timed epoch (391: all of MNIST's 50k)"
+    )
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
+    global DEVICE
+    device = DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ds = load_dataset("mnist", n_train=args.steps * BATCH, n_test=1)
+    n = ds.n_train
     data = [
-        (ds.x_train[i : i + BATCH], ds.y_train[i : i + BATCH])
-        for i in range(0, args.steps * BATCH, BATCH)
+        (ds.x_train[i : i + BATCH].to(device), ds.y_train[i : i + BATCH].to(device))
+        for i in range(0, n, BATCH)
     ]
     with tempfile.TemporaryDirectory() as tmp:
         store = RunStore(tmp)
@@ -197,6 +211,8 @@ def main() -> None:
                 store,
             ),
         ]
+        for v in variants:
+            v.model.to(device)
         opts = [torch.optim.Adam(v.model.parameters(), lr=1e-3) for v in variants]
         for v, o in zip(variants, opts, strict=True):  # warm-up
             run_epoch(v, o, data[:3], epoch=0)
@@ -209,9 +225,10 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     ref_name = next((k for k in med if k.startswith("torchbnn")), next(iter(med)))
     ref = med[ref_name]
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{args.threads} threads"
     print(
-        f"\n784-1200-1200-10, batch {BATCH}, {args.steps} steps/epoch, "
-        f"{args.rounds} rounds, {args.threads} threads"
+        f"\n784-1200-1200-10, batch {BATCH}, {len(data)} steps/epoch, "
+        f"{args.rounds} rounds, {args.device} ({where})"
     )
     print(f"{'variant':<52} {'samples/s':>10} {'ratio to ' + ref_name.split()[0]:>18}")
     for k, v in med.items():

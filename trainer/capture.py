@@ -73,7 +73,7 @@ class _ParamStats:
         kw: dict[str, Any] = {"device": param.device, "dtype": torch.float32}
         self.sum_abs = torch.zeros(shape, **kw)
         self.max_abs = torch.zeros(shape, **kw)
-        self.nonfinite = torch.zeros(shape, device=param.device, dtype=torch.int64)
+        self.nonfinite = torch.zeros(shape, device=param.device, dtype=torch.int32)
         self.finite_steps = torch.zeros(shape, **kw)
         self.steps = 0
         self._buf: Tensor | None = None

@@ -53,12 +53,12 @@ class LRSchedule(StrEnum):
     STEP = "step"  # x0.1 at 50% and 75% of the epochs
 
 
-# Hidden widths and batch size used when a configuration leaves them out.
+# Hidden widths, batch size and learning rate used when a configuration leaves them out.
 DATASET_DEFAULTS: dict[Dataset, dict[str, Any]] = {
-    Dataset.REGRESSION: {"widths": [10], "batch_size": 64},
-    Dataset.MNIST: {"widths": [400, 400], "batch_size": 128},
-    Dataset.FASHION_MNIST: {"widths": [400, 400], "batch_size": 128},
-    Dataset.KMNIST: {"widths": [400, 400], "batch_size": 128},
+    Dataset.REGRESSION: {"widths": [10], "batch_size": 64, "lr": 1e-2},
+    Dataset.MNIST: {"widths": [400, 400], "batch_size": 128, "lr": 1e-3},
+    Dataset.FASHION_MNIST: {"widths": [400, 400], "batch_size": 128, "lr": 1e-3},
+    Dataset.KMNIST: {"widths": [400, 400], "batch_size": 128, "lr": 1e-3},
 }
 
 
@@ -86,7 +86,7 @@ class TrainConfig(BaseModel):
     local_reparam: bool = False
     # optimisation
     optimizer: Optimizer = Optimizer.ADAM
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float | None = Field(default=None, gt=0, description="learning rate; None: dataset default")
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
     lr_schedule: LRSchedule = LRSchedule.NONE
@@ -140,6 +140,8 @@ class TrainConfig(BaseModel):
             self.widths = list(defaults["widths"])
         if self.batch_size is None:
             self.batch_size = int(defaults["batch_size"])
+        if self.lr is None:
+            self.lr = float(defaults["lr"])
         if self.model is ModelKind.CNN and self.dataset is Dataset.REGRESSION:
             raise ValueError("model 'cnn' needs an image dataset, not 'regression'")
         return self
@@ -154,6 +156,11 @@ class TrainConfig(BaseModel):
     def batch(self) -> int:
         assert self.batch_size is not None
         return self.batch_size
+
+    @property
+    def learning_rate(self) -> float:
+        assert self.lr is not None
+        return self.lr
 
     @property
     def is_classification(self) -> bool:

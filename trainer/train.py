@@ -169,11 +169,11 @@ class Trainer:
         trainable = [p for p in params if p.requires_grad]
         if c.optimizer is Optimizer.SGD:
             return torch.optim.SGD(
-                trainable, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay
+                trainable, lr=c.learning_rate, momentum=c.momentum, weight_decay=c.weight_decay
             )
         if c.optimizer is Optimizer.ADAMW:
-            return torch.optim.AdamW(trainable, lr=c.lr, weight_decay=c.weight_decay)
-        return torch.optim.Adam(trainable, lr=c.lr, weight_decay=c.weight_decay)
+            return torch.optim.AdamW(trainable, lr=c.learning_rate, weight_decay=c.weight_decay)
+        return torch.optim.Adam(trainable, lr=c.learning_rate, weight_decay=c.weight_decay)
 
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None:
         c = self.config

@@ -9,7 +9,7 @@ def test_minimal_config_fills_dataset_defaults() -> None:
     cfg = parse_config({"dataset": "regression", "prior": "learnable", "epochs": 5})
     assert cfg.dataset is Dataset.REGRESSION
     assert cfg.prior is PriorKind.LEARNABLE and cfg.prior_mode is LearnMode.GRADIENT
-    assert cfg.widths == [10] and cfg.batch_size == 64 and cfg.epochs == 5
+    assert cfg.widths == [10] and cfg.batch_size == 64 and cfg.epochs == 5 and cfg.lr == 1e-2
     mnist = parse_config({"dataset": "mnist"})
     assert mnist.widths == [400, 400] and mnist.batch_size == 128
 
