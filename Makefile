@@ -29,7 +29,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff format --check trainer service tests benchmarks
 	$(VENV)/bin/mypy
 
 bench: $(STAMP)
