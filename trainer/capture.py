@@ -64,53 +64,61 @@ def get_all_distribution_params(
 
 
 class _ParamStats:
-    """Running |g| statistics of one posterior parameter tensor."""
+    """Running |g| statistics of one posterior parameter tensor.
+
+    Per element (or per tensor at level ``layer``): the sum and max of |g| over the steps whose
+    gradient there was finite, and the count of non-finite values. On the CPU a non-finite
+    gradient is detected from the tensor's norm (computed anyway), so the common case costs
+    three passes; on a GPU the masked path always runs, so no step waits for the device.
+    """
 
     def __init__(self, param: nn.Parameter, level: GradLevel) -> None:
         self.param = param
         self.level = level
         shape = param.shape if level is GradLevel.ELEMENT else ()
-        kw: dict[str, Any] = {"device": param.device, "dtype": torch.float32}
-        self.sum_abs = torch.zeros(shape, **kw)
-        self.max_abs = torch.zeros(shape, **kw)
+        self.sum_abs = torch.zeros(shape, device=param.device, dtype=torch.float32)
+        self.max_abs = torch.zeros(shape, device=param.device, dtype=torch.float32)
         self.nonfinite = torch.zeros(shape, device=param.device, dtype=torch.int32)
-        self.finite_steps = torch.zeros(shape, **kw)
         self.steps = 0
+        self.elements = param.numel()
         self._buf: Tensor | None = None
 
-    def record(self, grad: Tensor, finite: bool) -> None:
+    def record(self, grad: Tensor, finite: bool | None) -> None:
+        """Add one step's gradient; ``finite`` None: unknown (check per element, no sync)."""
         self.steps += 1
         if self.level is GradLevel.ELEMENT:
             if self._buf is None:
                 self._buf = torch.empty_like(grad, dtype=torch.float32)
             a = torch.abs(grad, out=self._buf)
-            if not finite:
+            if finite is not True:
                 ok = torch.isfinite(grad)
                 self.nonfinite += ~ok
-                a = torch.where(ok, a, torch.zeros((), device=a.device))
-                self.finite_steps += ok
-            else:
-                self.finite_steps += 1.0
+                a = a.masked_fill_(~ok, 0.0)
             self.sum_abs += a
             torch.maximum(self.max_abs, a, out=self.max_abs)
             return
         a = grad.abs()
-        if not finite:
+        if finite is not True:
             ok = torch.isfinite(grad)
-            self.nonfinite += (~ok).sum()
-            a = a[ok]
-        self.finite_steps += a.numel()
-        if a.numel():
-            self.sum_abs += a.sum(dtype=torch.float32)
-            self.max_abs.copy_(torch.maximum(self.max_abs, a.max()))
+            self.nonfinite += (~ok).sum(dtype=torch.int32)
+            a = a.masked_fill_(~ok, 0.0)
+        self.sum_abs += a.sum(dtype=torch.float32)
+        torch.maximum(self.max_abs, a.max(), out=self.max_abs)
 
     def result(self) -> dict[str, np.ndarray]:
-        mean = self.sum_abs / self.finite_steps.clamp_min(1.0)
+        per = 1 if self.level is GradLevel.ELEMENT else self.elements
+        finite_count = (self.steps * per - self.nonfinite).clamp_min(1).to(torch.float32)
         return {
-            "mean_abs": _np(mean),
+            "mean_abs": _np(self.sum_abs / finite_count),
             "max_abs": _np(self.max_abs),
             "nonfinite": self.nonfinite.to("cpu").numpy().copy(),
         }
+
+
+def _series(values: list[Tensor]) -> np.ndarray:
+    if not values:
+        return np.zeros(0, np.float64)
+    return torch.stack(values).cpu().numpy().astype(np.float64)
 
 
 class GradientRecorder:
@@ -126,7 +134,7 @@ class GradientRecorder:
         self.layers = bayesian_layers(model)
         self._stats: dict[str, dict[str, dict[str, _ParamStats]]] = {}
         self._norms: dict[str, list[Tensor]] = {}
-        self._prior: dict[str, dict[str, dict[str, list[float]]]] = {}
+        self._prior: dict[str, dict[str, dict[str, list[Tensor]]]] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -145,7 +153,7 @@ class GradientRecorder:
                     }
             self._stats[name] = per_kind
             self._norms[name] = []
-            prior_grads: dict[str, dict[str, list[float]]] = {}
+            prior_grads: dict[str, dict[str, list[Tensor]]] = {}
             for kind in _KINDS:
                 prior = getattr(layer, f"{kind}_prior", None)
                 if prior is not None and any(p.requires_grad for p in prior.parameters()):
@@ -160,24 +168,27 @@ class GradientRecorder:
         if self.level is GradLevel.NONE:
             return
         for name, layer in self.layers:
-            sq = torch.zeros((), dtype=torch.float64)
+            squares = []
             for per_param in self._stats[name].values():
                 for stats in per_param.values():
                     grad = stats.param.grad
                     if grad is None:
                         continue
-                    norm_sq = torch.linalg.vector_norm(grad).double().square()
-                    finite = bool(torch.isfinite(norm_sq))
-                    stats.record(grad, finite)
-                    sq = sq + norm_sq.cpu()
-            self._norms[name].append(sq.sqrt())
+                    norm_sq = torch.linalg.vector_norm(grad).to(torch.float64).square()
+                    squares.append(norm_sq)
+                    on_cpu = grad.device.type == "cpu"
+                    stats.record(grad, bool(torch.isfinite(norm_sq)) if on_cpu else None)
+            if squares:  # stays on the device until the epoch's result
+                self._norms[name].append(torch.stack(squares).sum().sqrt())
             for kind, grads in self._prior[name].items():
                 prior = getattr(layer, f"{kind}_prior")
                 for pname, series in grads.items():
-                    g = getattr(prior, pname).grad
+                    g = getattr(prior, pname).grad  # None: no gradient flowed this step
                     series.append(
-                        0.0 if g is None else float(g.reshape(-1)[0])
-                    )  # None: no gradient flowed
+                        torch.zeros((), dtype=torch.float64)
+                        if g is None
+                        else g.detach().reshape(-1)[0].to(torch.float64)
+                    )
 
     def result(self) -> dict[str, dict[str, Any]] | None:
         """The epoch's statistics in the :class:`~trainer.snapshot.EpochSnapshot` layout."""
@@ -191,11 +202,11 @@ class GradientRecorder:
             }
             norms = self._norms[name]
             entry["step_norm"] = (
-                torch.stack(norms).numpy().astype(np.float64) if norms else np.zeros(0, np.float64)
+                torch.stack(norms).cpu().numpy() if norms else np.zeros(0, np.float64)
             )
             if self._prior[name]:
                 entry["prior"] = {
-                    kind: {p: np.asarray(series, np.float64) for p, series in grads.items()}
+                    kind: {p: _series(series) for p, series in grads.items()}
                     for kind, grads in self._prior[name].items()
                 }
             out[name] = entry

@@ -29,6 +29,7 @@ With kl_weight = 1 the loss is -ELBO / N_train (plus the hyperprior term).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -101,10 +102,13 @@ def _pair_of(value: Any, name: str, *, minimum: int) -> tuple[int, int]:
     return (int(pair[0]), int(pair[1]))
 
 
-def _sample(mu: Tensor, rho: Tensor) -> Tensor:
-    """One reparameterised draw mu + positive(rho) * eps, eps ~ N(0, I), same shape as ``mu``."""
-    sigma = positive(rho)
+def _sample(mu: Tensor, sigma: Tensor) -> Tensor:
+    """One reparameterised draw mu + sigma * eps, eps ~ N(0, I), same shape as ``mu``."""
     return torch.addcmul(mu, sigma, torch.randn_like(sigma))
+
+
+def _drop_cached_sigma(cache: dict[str, Any], which: str, grad: Tensor) -> None:
+    cache.pop(which, None)
 
 
 class BayesianLayer(nn.Module):
@@ -134,6 +138,7 @@ class BayesianLayer(nn.Module):
         self.prior_spec = prior
         self.posterior_sigma_init = _sigma_init(posterior_sigma_init)
         self.use_mean = False
+        self._sigma_cache: dict[str, tuple[tuple[int, int], Tensor]] = {}
         self.weight_mu = nn.Parameter(torch.empty(weight_shape))
         self.weight_rho = nn.Parameter(torch.empty(weight_shape))
         self.weight_prior = GaussianPrior(prior)
@@ -161,6 +166,32 @@ class BayesianLayer(nn.Module):
                 self.bias_rho.fill_(rho)
         for prior in self.priors().values():
             prior.reset_parameters()
+
+    def _sigma(self, which: str) -> Tensor:
+        """positive(rho) of ``"weight"`` or ``"bias"``, computed once per optimisation step.
+
+        While gradients are on, the sample drawn in ``forward`` (once per MC sample) and the KL
+        share one sigma node, so softplus runs once forward and once backward per step. The
+        cache is keyed by rho's version (an optimiser step invalidates it) and dropped when
+        backward reaches it, so no graph is ever walked twice.
+        """
+        rho = self.weight_rho if which == "weight" else self.bias_rho
+        assert rho is not None
+        if not (torch.is_grad_enabled() and rho.requires_grad):
+            return positive(rho)
+        key = (rho._version, rho.data_ptr())
+        cached = self._sigma_cache.get(which)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        sigma = positive(rho)
+        sigma.register_hook(functools.partial(_drop_cached_sigma, self._sigma_cache, which))
+        self._sigma_cache[which] = (key, sigma)
+        return sigma
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_sigma_cache"] = {}  # graph nodes are neither copied nor pickled
+        return state
 
     @property
     def has_bias(self) -> bool:
@@ -193,14 +224,17 @@ class BayesianLayer(nn.Module):
 
     def sample_parameters(self) -> tuple[Tensor, Tensor | None]:
         """One reparameterised draw of (weight, bias)."""
-        weight = _sample(self.weight_mu, self.weight_rho)
+        weight = _sample(self.weight_mu, self._sigma("weight"))
         if self.bias_mu is None or self.bias_rho is None:
             return weight, None
-        return weight, _sample(self.bias_mu, self.bias_rho)
+        return weight, _sample(self.bias_mu, self._sigma("bias"))
 
     def kl_terms(self) -> dict[str, Tensor]:
         """Closed-form KL(q || p) summed over elements: ``{"weight": .., "bias": ..}``, scalars."""
-        return {name: prior.kl(*self.posterior(name)) for name, prior in self.priors().items()}
+        terms = {"weight": self.weight_prior.kl_fused(self.weight_mu, self._sigma("weight"))}
+        if self.bias_prior is not None and self.bias_mu is not None:
+            terms["bias"] = self.bias_prior.kl_fused(self.bias_mu, self._sigma("bias"))
+        return terms
 
     def kl(self) -> Tensor:
         """KL(q || p) summed over all weight and bias elements, a scalar."""
@@ -265,8 +299,8 @@ class BayesLinear(BayesianLayer):
             return F.linear(x, self.weight_mu, self.bias_mu)
         if self.local_reparam:
             mean = F.linear(x, self.weight_mu, self.bias_mu)
-            bias_var = None if self.bias_rho is None else positive(self.bias_rho).square()
-            var = F.linear(x.square(), positive(self.weight_rho).square(), bias_var)
+            bias_var = None if self.bias_rho is None else self._sigma("bias").square()
+            var = F.linear(x.square(), self._sigma("weight").square(), bias_var)
             std = var.add_(_VAR_FLOOR).sqrt_()
             return torch.addcmul(mean, std, torch.randn_like(mean))
         weight, bias = self.sample_parameters()

@@ -45,6 +45,7 @@ __all__ = [
     "inverse_positive",
     "kl_normal",
     "kl_normal_sum",
+    "kl_normal_sum_fused",
     "positive",
 ]
 
@@ -119,6 +120,67 @@ def kl_normal_sum(mu_q: Tensor, sigma_q: Tensor, mu_p: Tensor, sigma_p: Tensor) 
         + torch.addcmul(sigma_q.square(), d, d).sum() / (2 * sigma_p0.square())
         - 0.5 * n
     )
+
+
+class _SharedPriorKL(torch.autograd.Function):
+    """sum_i KL(N(mu_i, sigma_i^2) || N(mu_p, sigma_p^2)) for one scalar prior, fused.
+
+    Autograd through the elementwise expression keeps about a dozen tensors of the layer's
+    size alive and walks them twice; this takes one log and three reductions forward and
+    the analytic gradients backward (cheap arithmetic only):
+    dKL/dmu_i = (mu_i - mu_p) / sigma_p^2,   dKL/dsigma_i = sigma_i / sigma_p^2 - 1 / sigma_i,
+    dKL/dmu_p = -sum_i (mu_i - mu_p) / sigma_p^2,
+    dKL/dsigma_p = n / sigma_p - sum_i (sigma_i^2 + (mu_i - mu_p)^2) / sigma_p^3.
+    Sums are float32 cascades combined in float64; deviations are taken from mu_p before
+    squaring, so nothing cancels.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, mu_q: Tensor, sigma_q: Tensor, mu_p: Tensor, sigma_p: Tensor) -> Tensor:
+        n = mu_q.numel()
+        d = mu_q - mu_p.detach().reshape(())
+        sp = sigma_p.detach().reshape(()).to(torch.float64)
+        sum_log = torch.log(sigma_q).sum().to(torch.float64)
+        second = (
+            torch.linalg.vector_norm(sigma_q).to(torch.float64).square()
+            + torch.linalg.vector_norm(d).to(torch.float64).square()
+        )  # sum_i sigma_i^2 + (mu_i - mu_p)^2
+        kl = n * torch.log(sp) - sum_log + second / (2 * sp * sp) - 0.5 * n
+        ctx.save_for_backward(d, sigma_q, sigma_p)
+        ctx.n, ctx.second = n, second
+        return kl.to(mu_q.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        d, sigma_q, sigma_p = ctx.saved_tensors
+        var_p = sigma_p.detach().square()
+        scale = grad / var_p
+        g_mu = g_sigma = g_mup = g_sp = None
+        if ctx.needs_input_grad[0]:
+            g_mu = d * scale
+        if ctx.needs_input_grad[1]:
+            g_sigma = torch.reciprocal(sigma_q).mul_(-grad).add_(sigma_q * scale)
+        if ctx.needs_input_grad[2]:
+            sum_d = d.sum().to(torch.float64)
+            g_mup = (-sum_d * scale.to(torch.float64)).to(sigma_p.dtype).reshape(sigma_p.shape)
+        if ctx.needs_input_grad[3]:
+            sp = sigma_p.detach().to(torch.float64)
+            g = grad.to(torch.float64) * (ctx.n / sp - ctx.second / sp**3)
+            g_sp = g.to(sigma_p.dtype).reshape(sigma_p.shape)
+        return g_mu, g_sigma, g_mup, g_sp
+
+
+def kl_normal_sum_fused(mu_q: Tensor, sigma_q: Tensor, mu_p: Tensor, sigma_p: Tensor) -> Tensor:
+    """``kl_normal_sum`` with analytic gradients when the prior is one scalar (the layers' path).
+
+    Same value and gradients; a fraction of the memory traffic and no transcendental function
+    in the backward pass.
+    """
+    if mu_p.numel() != 1 or sigma_p.numel() != 1:
+        return kl_normal_sum(mu_q, sigma_q, mu_p, sigma_p)
+    out: Tensor = _SharedPriorKL.apply(mu_q, sigma_q, mu_p, sigma_p)
+    return out
 
 
 class PriorKind(StrEnum):
@@ -276,6 +338,10 @@ class GaussianPrior(nn.Module):
     def kl(self, mu_q: Tensor, sigma_q: Tensor) -> Tensor:
         """sum_i KL(N(mu_q[i], sigma_q[i]^2) || prior), a scalar; mu_q, sigma_q: any shape."""
         return kl_normal_sum(mu_q, sigma_q, self.mu, self.sigma)
+
+    def kl_fused(self, mu_q: Tensor, sigma_q: Tensor) -> Tensor:
+        """:meth:`kl` with analytic gradients (faster; what the layers use)."""
+        return kl_normal_sum_fused(mu_q, sigma_q, self.mu, self.sigma)
 
     @torch.no_grad()
     def empirical_bayes_(self, mu_q: Tensor, sigma_q: Tensor) -> None:

@@ -211,7 +211,8 @@ class Trainer:
         record = capture and self.recorder.level is not GradLevel.NONE
         if record:
             self.recorder.reset()
-        sums = {"loss": 0.0, "nll": 0.0, "fit": 0.0}
+        # running sums stay on the device: no step waits for a GPU to report a number
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, nll, fit
         seen = 0
         for xb, yb in batches(
             self.data.x_train, self.data.y_train, c.batch, shuffle=True, generator=self.generator
@@ -219,15 +220,15 @@ class Trainer:
             xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
             nll = torch.zeros((), device=self.device)
-            fit = 0.0
+            fit = torch.zeros((), dtype=torch.float64, device=self.device)
             for _ in range(c.mc_samples):
                 out = model(xb)
                 nll = nll + self._nll(out, yb)
                 with torch.no_grad():
                     if self.data.classification:
-                        fit += float((out.argmax(1) == yb).sum())
+                        fit += (out.argmax(1) == yb).sum()
                     else:
-                        fit += float(((out - yb) ** 2).sum())
+                        fit += ((out - yb) ** 2).sum()
             nll = nll / c.mc_samples
             reg = model_kl(model) + prior_penalty(model)
             loss = nll + kl_w * reg / n_train
@@ -241,18 +242,17 @@ class Trainer:
                 empirical_bayes_step(model)
             b = xb.shape[0]
             seen += b
-            sums["loss"] += float(loss.detach()) * b
-            sums["nll"] += float(nll.detach()) * b
-            sums["fit"] += fit / c.mc_samples
+            sums += torch.stack([loss.detach() * b, nll.detach() * b, fit / c.mc_samples])
         if self.eb_mode and c.eb_every is EBSchedule.EPOCH:
             empirical_bayes_step(model)
         if self.scheduler is not None:
             self.scheduler.step()
-        metrics = {"loss": sums["loss"] / seen, "nll": sums["nll"] / seen, "kl_weight": kl_w}
+        loss_sum, nll_sum, fit_sum = sums.tolist()
+        metrics = {"loss": loss_sum / seen, "nll": nll_sum / seen, "kl_weight": kl_w}
         if self.data.classification:
-            metrics["train_acc"] = sums["fit"] / seen
+            metrics["train_acc"] = fit_sum / seen
         else:
-            metrics["train_rmse"] = math.sqrt(sums["fit"] / seen)
+            metrics["train_rmse"] = math.sqrt(fit_sum / seen)
         with torch.no_grad():
             per_layer = kl_by_layer(model)
             metrics["kl"] = float(sum(float(v) for v in per_layer.values()))

@@ -36,8 +36,15 @@ def test_layers_and_capture_on_cuda(mode: str) -> None:
     log = get_all_distribution_params(model, 0, force=True)
     assert log is not None
     assert isinstance(log["layer2"]["posterior"]["weight"]["sigma"], np.ndarray)
-    conv = bayesianize(small_cnn(prior=PriorSpec.fixed())).to(dev)
+    plain = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 26 * 26, 10),
+    ).to(dev)
+    conv = bayesianize(plain, PriorSpec.fixed())
     assert conv(torch.randn(2, 1, 28, 28, device=dev)).shape == (2, 10)
+    assert small_cnn()(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
 def test_training_on_cuda_stores_every_epoch(tmp_path: Path) -> None:

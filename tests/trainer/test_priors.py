@@ -19,6 +19,7 @@ from trainer.priors import (
     inverse_positive,
     kl_normal,
     kl_normal_sum,
+    kl_normal_sum_fused,
     positive,
 )
 
@@ -267,3 +268,36 @@ def test_extra_repr_names_kind_mode_and_values() -> None:
     assert "kind=fixed" in repr(GaussianPrior(PriorSpec.fixed(sigma0=0.1)))
     with pytest.raises(BnnError, match="PriorSpec"):
         GaussianPrior("learnable")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("learnable", [True, False])
+def test_fused_kl_matches_autograd_of_the_elementwise_formula(learnable: bool) -> None:
+    torch.manual_seed(3)
+    mu_q = (torch.randn(7, 5, dtype=torch.float64) * 2).requires_grad_()
+    rho_q = (torch.randn(7, 5, dtype=torch.float64) * 3).requires_grad_()
+    mu_p = torch.tensor([0.3], dtype=torch.float64, requires_grad=learnable)
+    rho_p = torch.tensor([-0.5], dtype=torch.float64, requires_grad=learnable)
+
+    def fused(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        return kl_normal_sum_fused(a, positive(b), c, positive(d))
+
+    ref = kl_normal(mu_q, positive(rho_q), mu_p, positive(rho_p)).sum()
+    got = fused(mu_q, rho_q, mu_p, rho_p)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-12)
+    inputs = (mu_q, rho_q, mu_p, rho_p)
+    wanted = [t for t in inputs if t.requires_grad]
+    g_ref = torch.autograd.grad(ref, wanted)
+    g_got = torch.autograd.grad(fused(*inputs), wanted)
+    for a, b in zip(g_got, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(fused, inputs)
+
+
+def test_fused_kl_in_float32_matches_float64() -> None:
+    torch.manual_seed(4)
+    mu_q = torch.randn(300, 200) * 0.05 + 1.0  # mean far from zero: no cancellation
+    rho_q = torch.randn(300, 200) - 3
+    mu_p, sigma_p = torch.tensor([0.9]), torch.tensor([0.2])
+    got = kl_normal_sum_fused(mu_q, positive(rho_q), mu_p, sigma_p).item()
+    ref = kl_normal(mu_q.double(), positive(rho_q.double()), mu_p.double(), sigma_p.double())
+    assert got == pytest.approx(ref.sum().item(), rel=1e-5)
