@@ -104,3 +104,24 @@ def test_fixed_prior_has_no_prior_gradients_and_none_level_records_nothing() -> 
     res = rec.result()
     assert res is not None and "prior" not in res["layer1"]
     assert GradientRecorder(model, "none").result() is None
+
+
+def test_step_series_grow_past_their_initial_capacity() -> None:
+    layer = BayesLinear(2, 1)
+    model = torch.nn.Sequential(layer)
+    rec = GradientRecorder(model, GradLevel.LAYER)
+    norms = []
+    for _ in range(1300):  # more than the preallocated 512 steps, twice over
+        model.zero_grad()
+        (model(torch.randn(3, 2)).sum() + model_kl(model)).backward()
+        rec.record_step()
+        grads = [
+            layer.weight_mu.grad,
+            layer.weight_rho.grad,
+            layer.bias_mu.grad,
+            layer.bias_rho.grad,
+        ]
+        norms.append(float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads))))
+    res = rec.result()["0"]
+    np.testing.assert_allclose(res["step_norm"], norms, rtol=1e-6)
+    assert res["prior"]["weight"]["mu"].shape == (1300,)
