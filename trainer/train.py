@@ -46,7 +46,11 @@ __all__ = ["RunSink", "TrainResult", "Trainer", "build_model", "train"]
 
 
 class RunSink(Protocol):
-    """Where a trainer reports: a local store, or (later) the service over HTTP."""
+    """Where a trainer reports: a local store, or the service over HTTP.
+
+    A sink may also have ``should_stop(run_id) -> bool``: polled after each epoch, True
+    ends the run as cancelled (see :class:`trainer.remote.HttpRunSink`).
+    """
 
     def create_run(self, name: str | None, config: dict[str, Any], tags: Any = ...) -> Any: ...
     def write_epoch(self, run_id: str, snap: EpochSnapshot) -> Any: ...
@@ -63,6 +67,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     captured_epochs: list[int] = field(default_factory=list)
     noise_sigma: float | None = None
+    cancelled: bool = False  # the sink asked to stop before the last epoch
 
 
 def build_model(config: TrainConfig, data: DataSplits) -> nn.Module:
@@ -316,6 +321,7 @@ class Trainer:
         if self.eb_mode:
             empirical_bayes_step(self.model)
         steps = num_batches(self.data.n_train, c.batch)
+        should_stop = getattr(self.sink, "should_stop", None)
         desc = f"{c.dataset.value} {c.prior.value}" + (f" [{run_id}]" if run_id else "")
         try:
             with (
@@ -345,6 +351,14 @@ class Trainer:
                     bar.set_postfix({"loss": f"{metrics['loss']:.4g}", key: f"{metrics[key]:.4g}"})
                     if self.on_epoch is not None:
                         self.on_epoch(epoch, metrics)
+                    if (
+                        should_stop is not None
+                        and run_id is not None
+                        and epoch < c.epochs - 1
+                        and should_stop(run_id)
+                    ):
+                        result.cancelled = True
+                        break
         except KeyboardInterrupt:
             self._finish(run_id, "interrupted", "interrupted by the user (KeyboardInterrupt)")
             raise
@@ -352,7 +366,7 @@ class Trainer:
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             self._finish(run_id, "failed", detail)
             raise
-        self._finish(run_id, "completed", None)
+        self._finish(run_id, "cancelled" if result.cancelled else "completed", None)
         result.noise_sigma = self.noise_sigma
         return result
 
