@@ -20,9 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# The service with its embedded defaults: ./bnn-data, SQLite, a Dask LocalCluster of
+# processes, http://127.0.0.1:8000 (BNN_* variables override them; see README).
 run: $(STAMP)
-	$(VENV)/bin/bnn train --dataset regression --prior learnable --epochs 100 --data-dir $(DATA) --name make-run
-	@echo "Runs in $(DATA):"; $(VENV)/bin/bnn runs --data-dir $(DATA) --limit 5
+	$(VENV)/bin/bnn serve --data-dir $(DATA)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

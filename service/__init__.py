@@ -1,1 +1,2 @@
-"""bnn-infosharing service: the ``bnn`` command line (and, later, analysis and the HTTP API)."""
+"""bnn-infosharing service: the ``bnn`` command line, the analysis of stored runs, and the
+FastAPI app that starts training jobs on Dask and serves runs, tables and plots."""

@@ -1,4 +1,5 @@
-"""The ``bnn`` command line: ``bnn train``, ``bnn runs``, ``bnn runs show ID``.
+"""The ``bnn`` command line: ``bnn train``, ``bnn runs``, ``bnn runs show ID``, ``bnn serve``,
+``bnn push RUN_ID --to URL``.
 
 ``bnn train`` takes one option per field of :class:`trainer.config.TrainConfig` (so the
 command line and the Python API never drift apart) and prints the run id as its last
@@ -95,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", type=Path, help="JSON file with a training configuration (options override it)"
     )
     p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p_train.add_argument(
+        "--tracking-url",
+        help="report to the bnn service at this URL instead of a local data directory "
+        "(default: $BNN_TRACKING_URL); the token comes from $BNN_API_TOKEN",
+    )
     _store_options(p_train)
 
     p_runs = sub.add_parser("runs", help="list runs, or `runs show ID` for one")
@@ -104,6 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
     p_runs.add_argument("--limit", type=int, default=50)
     p_runs.add_argument("--json", action="store_true", help="print JSON")
     _store_options(p_runs)
+
+    p_serve = sub.add_parser("serve", help="run the HTTP service (settings: BNN_* variables)")
+    p_serve.add_argument("--host", help="address to bind (default: $BNN_HOST or 127.0.0.1)")
+    p_serve.add_argument("--port", type=int, help="port (default: $BNN_PORT or 8000)")
+    p_serve.add_argument("--workers", type=int, help="Dask LocalCluster worker processes")
+    p_serve.add_argument("--dask-scheduler", help="use this Dask scheduler (tcp://host:8786)")
+    p_serve.add_argument("--public-url", help="URL Dask workers report runs to")
+    p_serve.add_argument("--log-level", default="info", help="uvicorn log level")
+    _store_options(p_serve)
+
+    p_push = sub.add_parser("push", help="upload a local run to a bnn service")
+    p_push.add_argument("run_id")
+    p_push.add_argument(
+        "--to", required=True, metavar="URL", help="the service, e.g. http://host:8000"
+    )
+    _store_options(p_push)
     return parser
 
 
@@ -126,19 +148,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise BnnError.invalid(f"cannot read config file {args.config}: {exc}") from None
     overrides = {name: getattr(args, name) for name in TrainConfig.model_fields}
     config = parse_config(base, **overrides)
-    store = _open_store(args)
-    trainer = Trainer(
-        config,
-        sink=store,
-        progress=not args.no_progress,
-        data_root=store.data_dir / "datasets",
-        heartbeat_interval=float(os.environ.get("BNN_HEARTBEAT_S", "5")),
-    )
-    result = trainer.fit()
+    tracking_url = args.tracking_url or os.environ.get("BNN_TRACKING_URL")
+    sink: Any
+    if tracking_url:
+        from trainer.remote import HttpRunSink
+
+        sink = HttpRunSink(tracking_url, token=os.environ.get("BNN_API_TOKEN") or None)
+        where, data_root = tracking_url, _data_dir(args.data_dir) / "datasets"
+    else:
+        sink = _open_store(args)
+        where, data_root = str(sink.data_dir), sink.data_dir / "datasets"
+    with sink:
+        trainer = Trainer(
+            config,
+            sink=sink,
+            progress=not args.no_progress,
+            data_root=data_root,
+            heartbeat_interval=float(os.environ.get("BNN_HEARTBEAT_S", "5")),
+        )
+        result = trainer.fit()
     last = result.history[-1] if result.history else {}
     key = "test_acc" if config.is_classification else "test_rmse"
     print(
-        f"run {result.run_id}: {len(result.captured_epochs)} epochs captured in {store.data_dir}; "
+        f"run {result.run_id}: {len(result.captured_epochs)} epochs captured in {where}; "
         f"final {key}={last.get(key, float('nan')):.4f} "
         f"test_nll={last.get('test_nll', float('nan')):.4f}",
         file=sys.stderr,
@@ -233,13 +265,72 @@ def _epoch_ranges(epochs: Sequence[int]) -> str:
     )
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    given = {
+        "host": args.host,
+        "port": args.port,
+        "data_dir": args.data_dir,
+        "database_url": args.db_url,
+        "dask_workers": args.workers,
+        "dask_scheduler": args.dask_scheduler,
+        "public_url": args.public_url,
+    }
+    try:
+        settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise BnnError.invalid(f"bad service settings: {problems}") from None
+    base = f"http://{settings.host}:{settings.port}"
+    catalog = settings.database_url or f"SQLite in {settings.data_dir}"
+    print(
+        f"bnn service listening on {base} (API docs {base}/docs); data {settings.data_dir}, "
+        f"catalog {catalog.split('@')[-1]}, jobs on {settings.describe_jobs()}, "
+        f"auth {'on' if settings.token else 'off'}",
+        flush=True,
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from trainer.remote import push_run
+
+    result = push_run(
+        args.run_id,
+        _data_dir(args.data_dir),
+        args.to,
+        token=os.environ.get("BNN_API_TOKEN") or None,
+        db_url=args.db_url or os.environ.get("BNN_DATABASE_URL"),
+    )
+    print(
+        f"pushed run {result['run_id']} ({result['epochs']} epochs, {result['status']}) "
+        f"to {result['url']}",
+        file=sys.stderr,
+    )
+    print(result["url"])
+    return 0
+
+
+_COMMANDS = {"train": _cmd_train, "runs": _cmd_runs, "serve": _cmd_serve, "push": _cmd_push}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "train":
-            return _cmd_train(args)
-        return _cmd_runs(args)
+        return _COMMANDS[args.command](args)
     except BnnError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

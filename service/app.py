@@ -1,0 +1,99 @@
+"""The FastAPI application: ``create_app(settings)``.
+
+    uvicorn.run(create_app(), host="127.0.0.1", port=8000)    # what `bnn serve` does
+
+At start the run store opens (Alembic migrations run), leftover upload files are removed
+and runs still QUEUED by an earlier process are handed to Dask again; the Dask cluster
+itself starts with the first job. OpenAPI at ``/docs``, liveness at ``/healthz``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+
+from service.deps import StoreDep
+from service.errors import BodyLimit, install_error_handlers
+from service.jobs import JobRunner
+from service.routers import epochs, runs
+from service.settings import Settings, get_settings
+from trainer.store import RunStore
+
+__all__ = ["create_app"]
+
+STALE_UPLOAD_S = 3600.0
+
+
+def _version() -> str:
+    try:
+        return version("bnn-infosharing")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0+unknown"
+
+
+def _open_store(settings: Settings) -> RunStore:
+    store = RunStore(settings.data_dir, settings.database_url, stale_after_s=settings.stale_after_s)
+    uploads = settings.data_dir / epochs.UPLOAD_DIR
+    uploads.mkdir(exist_ok=True)
+    now = time.time()
+    for leftover in uploads.iterdir():  # uploads interrupted by a crash
+        with suppress(OSError):
+            if now - leftover.stat().st_mtime > STALE_UPLOAD_S:
+                leftover.unlink()
+    return store
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The service; ``settings`` default to the ``BNN_*`` environment, read now."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = await run_in_threadpool(_open_store, settings)
+        jobs = JobRunner(settings, store)
+        app.state.store, app.state.jobs = store, jobs
+        try:
+            await run_in_threadpool(jobs.resume_queued)
+            yield
+        finally:
+            await run_in_threadpool(jobs.close)
+            store.close()
+
+    app = FastAPI(
+        title="bnn-infosharing",
+        version=_version(),
+        description=(
+            "Bayesian neural networks with learnable layer-shared priors: training runs on "
+            "Dask, runs pushed from other machines, their captured epochs and metrics. Errors "
+            'are `{"error": {"code", "message", "details"}}`. With `BNN_API_TOKEN` set, writes '
+            "need `Authorization: Bearer <token>`."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(
+        BodyLimit, json_limit=settings.max_json_bytes, upload_limit=settings.max_upload_bytes
+    )
+    app.include_router(runs.router)
+    app.include_router(epochs.router)
+
+    @app.get("/healthz", tags=["service"], summary="Liveness and catalog check")
+    def healthz(request: Request, store: StoreDep) -> dict[str, Any]:
+        """200 when the catalog answers (503 otherwise), with the job back end's state."""
+        store.list_runs(limit=1)
+        jobs: JobRunner = request.app.state.jobs
+        return {
+            "status": "ok",
+            "version": app.version,
+            "catalog": store.url.split(":", 1)[0],
+            "jobs": jobs.describe(),
+        }
+
+    return app

@@ -1,0 +1,189 @@
+"""Errors as HTTP responses: one table from codes to statuses, one JSON shape.
+
+Every error body is ``{"error": {"code": ..., "message": ..., "details": {...}}}``.
+:class:`~trainer.errors.BnnError` codes map through :data:`STATUS`; the transport-level
+failures the library has no code for (bad token, body too large, unknown route, wrong
+method, wrong media type) use the extra codes of the same table.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from trainer.errors import BnnError, ErrorCode
+
+__all__ = [
+    "STATUS",
+    "BodyLimit",
+    "PayloadTooLarge",
+    "error_response",
+    "install_error_handlers",
+    "json_safe",
+]
+
+log = logging.getLogger("bnn.service")
+
+# The one table: error code -> HTTP status.
+STATUS: dict[str, int] = {
+    ErrorCode.INVALID_ARGUMENT: 422,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.CONFLICT: 409,
+    ErrorCode.CORRUPT: 422,  # an uploaded file that fails the schema check
+    ErrorCode.STORAGE: 503,
+    ErrorCode.UNAVAILABLE: 503,
+    "bad_request": 400,
+    "unauthenticated": 401,
+    "method_not_allowed": 405,
+    "too_large": 413,
+    "unsupported_media_type": 415,
+    "internal": 500,
+}
+_CODE_OF_STATUS = {401: "unauthenticated", 404: "not_found", 405: "method_not_allowed"}
+_CODE_OF_STATUS |= {413: "too_large", 415: "unsupported_media_type"}
+
+
+def json_safe(value: Any) -> Any:
+    """A copy JSON can hold: non-finite floats as "nan"/"inf"/"-inf" (the catalog's spelling)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates, e.g. echoed from a request
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if hasattr(value, "item"):  # numpy scalars
+        return json_safe(value.item())
+    return str(value)
+
+
+def error_response(
+    code: str,
+    message: str,
+    details: Mapping[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """The error body; the status comes from :data:`STATUS`."""
+    body = {"error": {"code": str(code), "message": message, "details": json_safe(details or {})}}
+    return JSONResponse(body, status_code=STATUS.get(str(code), 500), headers=dict(headers or {}))
+
+
+class PayloadTooLarge(StarletteHTTPException):
+    """A request body longer than its limit (raised while the body is read).
+
+    An HTTPException, so that FastAPI's body parsing passes it on untouched.
+    """
+
+    def __init__(self, limit: int, setting: str, size: int | None = None) -> None:
+        got = "the body" if size is None else f"the body's {size} bytes"
+        message = f"request body too large: {got} exceed the limit of {limit} bytes ({setting})"
+        super().__init__(413, message, headers={"Connection": "close"})
+        self.limit, self.setting, self.size = limit, setting, size
+
+
+async def _bnn_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, BnnError)
+    return error_response(exc.code, exc.message, exc.details)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    fields: dict[str, str] = {}
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        where = ".".join(loc[1:] if loc and loc[0] in ("body", "query", "path") else loc)
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        if "input" in err and err.get("type") not in ("missing", "json_invalid"):
+            given = repr(err["input"])
+            msg = f"{msg} (got {given[:200]})" if "got" not in msg else msg
+        fields[where or "body"] = msg
+    text = "; ".join(f"{k}: {v}" for k, v in fields.items())
+    return error_response(
+        ErrorCode.INVALID_ARGUMENT, f"invalid request: {text}", {"fields": fields}
+    )
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _CODE_OF_STATUS.get(
+        exc.status_code, "bad_request" if exc.status_code < 500 else "internal"
+    )
+    response = error_response(code, str(exc.detail), headers=dict(exc.headers or {}))
+    response.status_code = exc.status_code
+    return response
+
+
+async def _too_large(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, PayloadTooLarge)
+    details = {"limit": exc.limit, "setting": exc.setting, "size": exc.size}
+    return error_response("too_large", str(exc.detail), details, {"Connection": "close"})
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response("internal", f"internal error: {type(exc).__name__}")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(BnnError, _bnn_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(PayloadTooLarge, _too_large)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for bodies over ``json_limit`` (``upload_limit`` for PUT).
+
+    A declared Content-Length over the limit is refused before anything is read; a body
+    without one raises :class:`PayloadTooLarge` as soon as it grows past the limit.
+    """
+
+    def __init__(self, app: ASGIApp, json_limit: int, upload_limit: int) -> None:
+        self.app, self.json_limit, self.upload_limit = app, json_limit, upload_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        upload = scope["method"] == "PUT"
+        limit = self.upload_limit if upload else self.json_limit
+        setting = "BNN_MAX_UPLOAD_BYTES" if upload else "BNN_MAX_JSON_BYTES"
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            exc = PayloadTooLarge(limit, setting, int(declared))
+            details = {"limit": limit, "setting": setting, "size": exc.size}
+            response = error_response(
+                "too_large", str(exc.detail), details, {"Connection": "close"}
+            )
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise PayloadTooLarge(limit, setting)
+            return message
+
+        await self.app(scope, limited, send)

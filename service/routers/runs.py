@@ -1,0 +1,190 @@
+"""``/runs``: start, register, list, inspect, update, cancel and delete runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from service.deps import JobsDep, RunDep, SettingsDep, StoreDep, require_token
+from service.routers import Format, FormatQuery, json_response, table_response
+from service.schemas import ErrorOut, RunCreate, RunOut, RunPage, RunPatch
+from service.settings import Settings
+from trainer.config import TrainConfig, parse_config
+from trainer.errors import BnnError, ErrorCode
+from trainer.store import EpochInfo, RunInfo, RunStatus
+
+__all__ = ["check_limits", "router", "run_out"]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut} for code in (401, 404, 409, 413, 422, 503)
+}
+router = APIRouter(
+    prefix="/runs", tags=["runs"], dependencies=[Depends(require_token)], responses=_ERRORS
+)
+
+TRAIN_HOST = "train_host"  # kept in the run's summary: where its trainer runs
+LIST_COLUMNS = (
+    "id",
+    "name",
+    "status",
+    "dataset",
+    "prior",
+    "prior_mode",
+    "widths",
+    "epochs",
+    "optimizer",
+    "lr",
+    "created_at",
+    "finished_at",
+    "host",
+    "train_host",
+    "tags",
+    "error",
+)
+
+
+def run_out(request: Request, run: RunInfo, epochs: Sequence[EpochInfo] | None = None) -> dict:
+    """A run as the API shows it; with ``epochs``, also the captured epochs and last metrics."""
+    out = run.to_dict()
+    summary = dict(out.pop("summary"))
+    out["train_host"] = summary.pop(TRAIN_HOST, None)
+    out["summary"] = summary
+    out["url"] = str(request.url_for("get_run", run_id=run.id))
+    if epochs is not None:
+        out["epochs"] = [e.epoch for e in epochs]
+        out["metrics"] = dict(epochs[-1].metrics) if epochs else {}
+    return out
+
+
+def check_limits(config: TrainConfig, settings: Settings) -> None:
+    """INVALID_ARGUMENT naming the limit a training request exceeds."""
+    checks = [
+        ("epochs", config.epochs, settings.max_epochs, "BNN_MAX_EPOCHS"),
+        ("widths (layers)", len(config.hidden), settings.max_layers, "BNN_MAX_LAYERS"),
+        ("widths", max(config.hidden, default=0), settings.max_width, "BNN_MAX_WIDTH"),
+        ("mc_samples", config.mc_samples, settings.max_mc_samples, "BNN_MAX_MC_SAMPLES"),
+        ("eval_samples", config.eval_samples, settings.max_mc_samples, "BNN_MAX_MC_SAMPLES"),
+        ("batch_size", config.batch, settings.max_batch_size, "BNN_MAX_BATCH_SIZE"),
+        ("n_train", config.n_train or 0, settings.max_n_train, "BNN_MAX_N_TRAIN"),
+        ("n_test", config.n_test or 0, settings.max_n_train, "BNN_MAX_N_TRAIN"),
+    ]
+    for field, value, limit, setting in checks:
+        if value > limit:
+            raise BnnError.invalid(
+                f"{field} {value} exceeds this service's limit {limit} ({setting})",
+                field=field.split(" ")[0],
+                value=value,
+                limit=limit,
+                setting=setting,
+            )
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=RunOut,
+    responses={201: {"model": RunOut, "description": "registered (execute: false)"}},
+    summary="Start a training run, or register one trained elsewhere",
+)
+def create_run(
+    body: RunCreate, request: Request, store: StoreDep, jobs: JobsDep, settings: SettingsDep
+) -> Response:
+    """``execute: true`` (default): 202, the run is QUEUED and trains on Dask.
+    ``execute: false``: 201, a RUNNING run that a remote trainer fills (``PUT`` epochs,
+    ``PATCH`` status). Both answer with the run and a ``Location`` header.
+    """
+    config = parse_config(body.train_config())
+    if body.execute:
+        check_limits(config, settings)
+    status = RunStatus.QUEUED if body.execute else RunStatus.RUNNING
+    run = store.create_run(
+        config.name, config.to_json_dict(), config.tags, status, run_id=body.run_id
+    )
+    if body.execute:
+        jobs.submit(run.id, run.config)
+    out = run_out(request, run, [])
+    return json_response(out, 202 if body.execute else 201, headers={"Location": out["url"]})
+
+
+@router.get("", response_model=RunPage, summary="List runs, newest first")
+def list_runs(
+    store: StoreDep,
+    request: Request,
+    fmt: FormatQuery = Format.JSON,
+    status: RunStatus | None = None,
+    tag: Annotated[list[str] | None, Query(description="runs with all these tags")] = None,
+    dataset: str | None = None,
+    prior: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
+) -> Response:
+    """Filter by status, tags, dataset and prior kind; ``total`` counts all matches."""
+    runs = store.list_runs(status=status)
+    tags = set(tag or ())
+    runs = [
+        r
+        for r in runs
+        if tags <= set(r.tags)
+        and (dataset is None or r.config.get("dataset") == dataset)
+        and (prior is None or r.config.get("prior") == prior)
+    ]
+    page = [run_out(request, r) for r in runs[offset : offset + limit]]
+    rows = [{**r["config"], **r} for r in page]
+    payload = {"total": len(runs), "limit": limit, "offset": offset, "runs": page}
+    headers = {"X-Total-Count": str(len(runs))}
+    return table_response(fmt, payload, rows, LIST_COLUMNS, "runs.csv", headers)
+
+
+@router.get("/{run_id}", response_model=RunOut, summary="One run, its epochs and last metrics")
+def get_run(run: RunDep, request: Request, store: StoreDep) -> Response:
+    return json_response(run_out(request, run, store.list_epochs(run.id)))
+
+
+@router.patch("/{run_id}", response_model=RunOut, summary="Report status, metrics, heartbeat")
+def patch_run(body: RunPatch, run: RunDep, request: Request, store: StoreDep) -> Response:
+    """Applied in order: heartbeat, summary and train_host, then status/error.
+
+    Status changes follow the run life cycle (409 otherwise, e.g. from completed);
+    a heartbeat on a finished run is 409 too.
+    """
+    if body.heartbeat:
+        store.heartbeat(run.id)
+    summary = dict(body.summary or {})
+    if body.train_host is not None:
+        summary[TRAIN_HOST] = body.train_host
+    if summary:
+        store.set_summary(run.id, summary)
+    if body.status is not None or body.error is not None:
+        store.set_status(run.id, body.status or store.get_run(run.id).status, error=body.error)
+    return json_response(run_out(request, store.get_run(run.id), store.list_epochs(run.id)))
+
+
+@router.post("/{run_id}/cancel", response_model=RunOut, summary="Cancel a queued or running run")
+def cancel_run(run: RunDep, request: Request, store: StoreDep, jobs: JobsDep) -> Response:
+    """The run becomes CANCELLED at once; its trainer stops after the epoch in progress."""
+    if run.status.terminal:
+        raise BnnError(
+            ErrorCode.CONFLICT,
+            f"run {run.id!r} is already {run.status.value}; only active runs can be cancelled",
+            run_id=run.id,
+            status=run.status.value,
+        )
+    cancelled = store.set_status(run.id, RunStatus.CANCELLED)
+    jobs.cancel(run.id)
+    return json_response(run_out(request, cancelled, store.list_epochs(run.id)))
+
+
+@router.delete("/{run_id}", status_code=204, summary="Delete a run: catalog rows and files")
+def delete_run(run: RunDep, store: StoreDep) -> Response:
+    """409 while the run is queued or running (cancel it first)."""
+    if run.status.active:
+        raise BnnError(
+            ErrorCode.CONFLICT,
+            f"run {run.id!r} is {run.status.value}; cancel it before deleting it",
+            run_id=run.id,
+            status=run.status.value,
+        )
+    store.delete_run(run.id)
+    return Response(status_code=204)
