@@ -1,0 +1,348 @@
+"""Numerical kernels shared by the analysis modules (numpy only, no I/O).
+
+Everything here is linear time in the number of elements: exact percentiles through a
+histogram refinement, centred moments pooled with Chan's formula, a robust z-score,
+and top-k through ``np.argpartition``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "TB_PERCENTILES",
+    "GaussianSums",
+    "Moments",
+    "gaussian_sums",
+    "kl_normal_elementwise",
+    "order_statistics",
+    "pairwise_symmetric_kl",
+    "pairwise_symmetric_kl_reference",
+    "percentiles",
+    "robust_log_scale",
+    "robust_z",
+    "top_k",
+    "valid_mask",
+]
+
+#: TensorBoard's distribution bands: the normal CDF at -inf, -1.5, -1, -0.5, 0, ... sigma.
+TB_PERCENTILES = (0.0, 6.68, 15.87, 30.85, 50.0, 69.15, 84.13, 93.32, 100.0)
+
+_HIST_BINS = 4096
+_SMALL = 4096  # below this many values np.percentile is as fast
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Count, mean and centred sum of squares (``m2``) of a set of finite values."""
+
+    n: int
+    mean: float
+    m2: float
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> Moments:
+        """Moments of ``x`` (already finite), two-pass in float64."""
+        n = int(x.size)
+        if n == 0:
+            return cls(0, float("nan"), 0.0)
+        x64 = np.asarray(x, np.float64).ravel()
+        mean = float(x64.sum() / n)
+        c = x64 - mean
+        return cls(n, mean, float(np.einsum("i,i->", c, c)))
+
+    def __add__(self, other: Moments) -> Moments:
+        """Pool two sets (Chan et al.'s parallel formula)."""
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            return other
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        mean = self.mean + delta * other.n / n
+        m2 = self.m2 + other.m2 + delta * delta * self.n * other.n / n
+        return Moments(n, mean, m2)
+
+    @property
+    def std(self) -> float:
+        """Population standard deviation (ddof=0, as ``np.std``); NaN when empty."""
+        return float(np.sqrt(self.m2 / self.n)) if self.n else float("nan")
+
+
+def valid_mask(mu: np.ndarray, sigma: np.ndarray) -> np.ndarray | None:
+    """``None`` when every (mu, sigma) is finite with sigma > 0, else the boolean mask of those."""
+    ok = np.isfinite(mu) & np.isfinite(sigma) & (sigma > 0)
+    return None if bool(ok.all()) else ok
+
+
+def percentiles(x: np.ndarray, qs: tuple[float, ...] | np.ndarray = TB_PERCENTILES) -> np.ndarray:
+    """Exactly ``np.percentile(x, qs)`` (linear interpolation) of finite ``x``, in O(n).
+
+    A histogram of 4096 bins locates the order statistics needed and only the values in
+    those bins are looked at again (recursively, so heavy tails cost little), so a million
+    float32 values take a few ms instead of ~25 ms. Returns float64 (len(qs),); NaNs when
+    ``x`` is empty.
+    """
+    q = np.asarray(qs, np.float64)
+    flat = np.asarray(x).ravel()
+    n = flat.size
+    if n == 0:
+        return np.full(q.shape, np.nan)
+    if flat.dtype.kind != "f":
+        flat = flat.astype(np.float64)
+    pos = (n - 1) * (q / 100.0)
+    r0 = np.floor(pos).astype(np.int64)
+    r1 = np.minimum(r0 + 1, n - 1)
+    ranks = np.unique(np.concatenate([r0, r1]))
+    values = order_statistics(flat, ranks).astype(flat.dtype)
+    a, b = values[np.searchsorted(ranks, r0)], values[np.searchsorted(ranks, r1)]
+    # numpy's own interpolation (difference in the input's dtype), so results are identical
+    t = pos - r0
+    diff = b - a
+    out = np.asarray(a + diff * t, np.float64)
+    high = t >= 0.5
+    out[high] = (b - diff * (1 - t))[high]
+    return out
+
+
+def order_statistics(x: np.ndarray, ranks: np.ndarray, depth: int = 0) -> np.ndarray:
+    """The values of rank ``ranks`` (sorted, unique, 0-based) of float ``x``, as float64."""
+    n = x.size
+    if n <= _SMALL or depth >= 4:
+        return np.partition(x, ranks)[ranks].astype(np.float64)
+    lo, hi = x.min(), x.max()
+    with np.errstate(over="ignore"):
+        width = hi - lo
+    if lo == hi:
+        return np.full(ranks.size, float(lo))
+    with np.errstate(over="ignore", divide="ignore"):
+        scale64 = (_HIST_BINS - 1) / float(width)  # max -> bin 4095 (x - lo >= 0 exactly)
+    if not (np.isfinite(width) and 0 < scale64 < float(np.finfo(x.dtype).max)):
+        return np.partition(x, ranks)[ranks].astype(np.float64)
+    scale = x.dtype.type(scale64)
+    # The bin index is a monotone function of the value, so bins order the values exactly.
+    idx = ((x - lo) * scale).astype(np.intp)
+    counts = np.bincount(idx, minlength=_HIST_BINS)
+    cum = np.cumsum(counts)
+    bins = np.searchsorted(cum, ranks, side="right")
+    wanted = np.zeros(_HIST_BINS, bool)
+    wanted[bins] = True
+    chosen = x[wanted[idx]]  # the values of the wanted bins (in file order)
+    ubins = np.unique(bins)
+    # Rank among ``chosen``: values of earlier chosen bins are all smaller.
+    offset_in_chosen = np.concatenate([[0], np.cumsum(counts[ubins])[:-1]])
+    before_bin = cum[ubins] - counts[ubins]
+    where = np.searchsorted(ubins, bins)
+    return order_statistics(
+        chosen, offset_in_chosen[where] + (ranks - before_bin[where]), depth + 1
+    )
+
+
+def robust_z(x: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Modified z-score 0.6745 (x - median) / MAD of finite ``x`` (Iglewicz and Hoaglin).
+
+    When the MAD is 0 the mean absolute deviation (times 1.2533) is used; when that is 0
+    too, every z is 0. Non-finite entries of ``x`` keep their sign as +-inf (NaN -> +inf).
+    Returns ``(z (float64, x's shape), median, scale)``.
+    """
+    flat = np.asarray(x).ravel()
+    finite = np.isfinite(flat)
+    med, scale = _location_scale(flat[finite])
+    z = np.zeros(flat.shape, np.float64)
+    if scale > 0:
+        z = (flat.astype(np.float64) - med) / scale
+    bad = ~finite
+    z[bad] = np.where(np.isnan(flat[bad]), np.inf, np.sign(flat[bad]) * np.inf)
+    return z.reshape(np.shape(x)), med, scale
+
+
+def _location_scale(vals: np.ndarray) -> tuple[float, float]:
+    """Median and robust scale (MAD / 0.6745, else 1.2533 x mean absolute deviation)."""
+    if vals.size == 0:
+        return float("nan"), float("nan")
+    med = float(percentiles(vals, (50.0,))[0])
+    dev = np.abs(vals - vals.dtype.type(med))
+    mad = float(percentiles(dev, (50.0,))[0])
+    if mad > 0:
+        return med, mad / 0.6745
+    return med, float(dev.mean(dtype=np.float64)) * 1.253314
+
+
+def robust_log_scale(g: np.ndarray) -> tuple[float, float, int]:
+    """Median and robust scale of log10 g over the finite g > 0, and how many there are."""
+    pos = g[np.isfinite(g) & (g > 0)]
+    med, scale = _location_scale(np.log10(pos))
+    return med, scale, int(pos.size)
+
+
+def top_k(score: np.ndarray, k: int) -> np.ndarray:
+    """Flat indices of the ``k`` largest scores, largest first (ties: lower index first).
+
+    ``np.argpartition`` selects in linear time; only the k chosen are sorted. NaN scores
+    rank last.
+    """
+    flat = np.asarray(score, np.float64).ravel()
+    flat = np.where(np.isnan(flat), -np.inf, flat)
+    k = min(int(k), flat.size)
+    if k <= 0:
+        return np.zeros(0, np.intp)
+    cand = np.argpartition(-flat, k - 1)[:k] if k < flat.size else np.arange(flat.size)
+    order = np.lexsort((cand, -flat[cand]))
+    return cand[order]
+
+
+# ----------------------------------------------------------------------------- KL kernels
+def _f64(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, np.float64).ravel()
+
+
+_CHUNK = 1 << 16  # float64 temporaries of 512 KiB stay in cache
+
+
+@dataclass(frozen=True)
+class GaussianSums:
+    """Sufficient sums of a set of Gaussians N(mu_i, sigma_i^2), from two chunked passes.
+
+    ``pairwise_kl`` is the exact sum over unordered pairs of the symmetric KL; ``kl_to``
+    gives sum_i KL(q_i || N(mu_p, sigma_p^2)) for any prior in O(1).
+    """
+
+    mu: Moments
+    sigma: Moments
+    pairwise_kl: float
+    sum_log_sigma: float
+    sum_variance: float
+
+    @property
+    def n(self) -> int:
+        return self.mu.n
+
+    def kl_to(self, mu_p: float, sigma_p: float) -> float:
+        """sum_i KL(N(mu_i, sigma_i^2) || N(mu_p, sigma_p^2)); NaN for a non-finite prior."""
+        n = self.n
+        if n == 0:
+            return 0.0
+        mp, sp = float(mu_p), float(sigma_p)
+        if not (np.isfinite(mp) and np.isfinite(sp) and sp > 0):
+            return float("nan")
+        sq = self.mu.m2 + n * (self.mu.mean - mp) ** 2  # sum (mu - mp)^2
+        return float(
+            n * np.log(sp)
+            - self.sum_log_sigma
+            + (self.sum_variance + sq) / (2.0 * sp * sp)
+            - 0.5 * n
+        )
+
+
+def _nearest(x: np.ndarray, target: float, buf: np.ndarray) -> float:
+    """The element of ``x`` closest to ``target`` (as float64), one chunked pass."""
+    best, best_dist = float(x[0]), np.inf
+    for i in range(0, x.size, _CHUNK):
+        part = x[i : i + _CHUNK]
+        t = buf[: part.size]
+        np.subtract(part, target, out=t, dtype=np.float64)
+        np.abs(t, out=t)
+        j = int(np.argmin(t))
+        if t[j] < best_dist:
+            best, best_dist = float(part[j]), float(t[j])
+    return best
+
+
+def gaussian_sums(mu: np.ndarray, sigma: np.ndarray) -> GaussianSums:
+    """:class:`GaussianSums` of finite ``mu`` and ``sigma`` > 0 (same size), float64, O(n).
+
+    The pairwise sum uses, with v = sigma^2, w = 1/v, each pair's
+    0.5 * ((v_i - v_j)^2 w_i w_j + (m_i - m_j)^2 (w_i + w_j)), summed over i < j as
+
+    * ``(sum d^2 w)(sum w) - (sum d w)^2`` with d = v - v_c, v_c the variance nearest the
+      harmonic mean of v (where sum d w would be 0: little cancels), and
+    * ``n sum c^2 w - 2 (sum c)(sum c w) + (sum c^2)(sum w)`` with c = m - m_c, m_c the mu
+      nearest the mean (sum c ~ 0, so the non-negative terms dominate).
+
+    Both identities hold for any centre; taking data values as centres makes identical
+    elements contribute exactly 0.
+    """
+    m, s = np.asarray(mu).ravel(), np.asarray(sigma).ravel()
+    n = m.size
+    if n == 0:
+        empty = Moments(0, float("nan"), 0.0)
+        return GaussianSums(empty, empty, 0.0, 0.0, 0.0)
+    size = min(_CHUNK, n)
+    bv, bt, bc = (np.empty(size) for _ in range(3))
+    w_all = np.empty(n)  # 1/v, kept for the second pass (a division costs more than a read)
+    sum_w = sum_m = sum_s = sum_log = sum_v = 0.0
+    for i in range(0, n, _CHUNK):
+        ms, ss = m[i : i + _CHUNK], s[i : i + _CHUNK]
+        k = ms.size
+        v, w, t = bv[:k], w_all[i : i + k], bt[:k]
+        np.multiply(ss, ss, out=v, dtype=np.float64)
+        np.reciprocal(v, out=w)
+        sum_w += float(w.sum())
+        sum_v += float(v.sum())
+        sum_m += float(ms.sum(dtype=np.float64))
+        sum_s += float(ss.sum(dtype=np.float64))
+        np.log(v, out=t)
+        sum_log += 0.5 * float(t.sum())
+    m_mean, s_mean = sum_m / n, sum_s / n
+    # Centres: data values near the mean of m and the harmonic mean of v (looked for in
+    # the first chunk). Being data values, they make c and d exactly 0 for identical
+    # elements (and exact, by Sterbenz's lemma, for near-identical ones); being central,
+    # they leave little to cancel.
+    head = slice(0, _CHUNK)
+    m_centre = _nearest(m[head], m_mean, bc)
+    v_centre = _nearest(s[head], float(np.sqrt(n / sum_w)), bc) ** 2
+    dd = dsum = cc_w = c_sum = cw_sum = cc = ss2 = 0.0
+    for i in range(0, n, _CHUNK):
+        ms, ss = m[i : i + _CHUNK], s[i : i + _CHUNK]
+        k = ms.size
+        v, w, t, c = bv[:k], w_all[i : i + k], bt[:k], bc[:k]
+        np.multiply(ss, ss, out=v, dtype=np.float64)
+        np.subtract(v, v_centre, out=v)  # d
+        np.multiply(v, w, out=t)  # d w
+        dd += float(np.einsum("i,i->", v, t))
+        dsum += float(t.sum())
+        np.subtract(ms, m_centre, out=c, dtype=np.float64)  # c
+        np.multiply(c, w, out=t)  # c w
+        cc_w += float(np.einsum("i,i->", c, t))
+        c_sum += float(c.sum())
+        cw_sum += float(t.sum())
+        cc += float(np.einsum("i,i->", c, c))
+        np.subtract(ss, s_mean, out=t, dtype=np.float64)
+        ss2 += float(np.einsum("i,i->", t, t))
+    spread_v = sum_w * dd - dsum * dsum
+    spread_m = n * cc_w - 2.0 * c_sum * cw_sum + cc * sum_w
+    pairwise = 0.5 * (max(spread_v, 0.0) + max(spread_m, 0.0)) if n > 1 else 0.0
+    mu_m = Moments(n, m_centre + c_sum / n, max(cc - c_sum * c_sum / n, 0.0))
+    return GaussianSums(mu_m, Moments(n, s_mean, ss2), pairwise, sum_log, sum_v)
+
+
+def pairwise_symmetric_kl(mu: np.ndarray, sigma: np.ndarray) -> float:
+    """Sum over all unordered pairs i < j of KL(q_i||q_j) + KL(q_j||q_i), exactly, in O(n).
+
+    float64; ``mu`` and ``sigma`` finite with sigma > 0. 0.0 for fewer than two elements.
+    See :func:`gaussian_sums` for the reduction.
+    """
+    return gaussian_sums(mu, sigma).pairwise_kl
+
+
+def pairwise_symmetric_kl_reference(mu: np.ndarray, sigma: np.ndarray) -> float:
+    """The same sum by brute force over the n(n-1)/2 pairs (O(n^2) time, O(n) memory)."""
+    m, s = _f64(mu), _f64(sigma)
+    v = s * s
+    total = 0.0
+    for i in range(m.size - 1):
+        vj, mj = v[i + 1 :], m[i + 1 :]
+        dv, dm = v[i] - vj, m[i] - mj
+        total += float(np.sum(0.5 * (dv * dv / (v[i] * vj) + dm * dm * (1.0 / v[i] + 1.0 / vj))))
+    return total
+
+
+def kl_normal_elementwise(
+    mu_q: np.ndarray, sigma_q: np.ndarray, mu_p: np.ndarray, sigma_p: np.ndarray
+) -> np.ndarray:
+    """Elementwise KL(N(mu_q, sigma_q^2) || N(mu_p, sigma_p^2)) in float64 (broadcasting)."""
+    mq, sq = np.asarray(mu_q, np.float64), np.asarray(sigma_q, np.float64)
+    mp, sp = np.asarray(mu_p, np.float64), np.asarray(sigma_p, np.float64)
+    return np.asarray(np.log(sp / sq) + (sq * sq + (mq - mp) ** 2) / (2.0 * sp * sp) - 0.5)

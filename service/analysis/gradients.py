@@ -1,0 +1,408 @@
+"""Gradient diagnostics from the captured gradient statistics.
+
+The trainer records per epoch, for each posterior parameter (``mu`` and ``rho``) of each
+layer, the mean and max of |g| over the epoch's steps and the count of non-finite steps
+(per element at ``grad_level="element"``, per tensor at ``"layer"``), plus each layer's
+gradient L2 norm per step (see :mod:`trainer.snapshot`).
+
+An element is *suspected exploding* when its gradient was non-finite at some step, when
+its robust z-score exceeds the threshold, or when |g| exceeds ``explode_abs``; *vanishing*
+when |g| is 0, its z-score is below minus the threshold, or |g| < ``vanish_abs``. The robust
+z-score is 0.6745 (x - median) / MAD of x = log10 |g| within the layer. The default
+threshold is ``max(3.5, Phi^-1(1 - 0.005 / n))``: a normal log|g| over n elements then
+flags nothing with probability 99 %, so a healthy million-weight layer is not flagged.
+At ``grad_level="layer"`` only the absolute thresholds and non-finite counts apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from trainer.errors import BnnError
+
+from ._cache import cached
+from ._numeric import percentiles, robust_log_scale
+from .source import EpochView, RunLike, RunSource, open_source, parse_enum
+from .summary import PARAMS, frame_from_rows, prefetch, select_layers
+
+__all__ = [
+    "GradKind",
+    "GradStat",
+    "GradThresholds",
+    "gradient_diagnostics",
+    "gradient_norm_series",
+    "iter_grad_summaries",
+    "layer_scores",
+    "prior_gradient_series",
+]
+
+
+class GradKind(StrEnum):
+    EXPLODING = "exploding"
+    VANISHING = "vanishing"
+
+
+class GradStat(StrEnum):
+    """Which per-element statistic of |g| over the epoch's steps is examined."""
+
+    MEAN_ABS = "mean_abs"
+    MAX_ABS = "max_abs"
+
+
+@dataclass(frozen=True)
+class GradThresholds:
+    """What is examined and when it is flagged (see the module docstring)."""
+
+    param: str = "weight"
+    grad_param: str = "mu"
+    stat: str = "mean_abs"
+    z_threshold: float | None = None  # None: max(3.5, Bonferroni normal quantile)
+    explode_abs: float | None = 1e2
+    vanish_abs: float | None = 1e-10
+
+    def __post_init__(self) -> None:
+        if self.param not in PARAMS:
+            raise BnnError.invalid(f"param must be one of {list(PARAMS)}, got {self.param!r}")
+        if self.grad_param not in ("mu", "rho"):
+            raise BnnError.invalid(
+                f"grad_param must be one of ['mu', 'rho'], got {self.grad_param!r}"
+            )
+        parse_enum(GradStat, self.stat, "stat")
+        if self.z_threshold is not None and not self.z_threshold > 0:
+            raise BnnError.invalid(f"z_threshold must be > 0, got {self.z_threshold!r}")
+
+    def z_for(self, n: int) -> float:
+        if self.z_threshold is not None:
+            return float(self.z_threshold)
+        return max(3.5, NormalDist().inv_cdf(1.0 - 0.005 / max(n, 1)))
+
+
+@dataclass(frozen=True)
+class LayerScores:
+    """One layer's gradient statistic with its robust location and scale (flat arrays).
+
+    z = (log10 |g| - median) / scale is computed only where asked (:meth:`z`); flags
+    compare |g| with 10^(median +- threshold * scale) instead, which is the same test.
+    """
+
+    g: np.ndarray  # |g| statistic, float32
+    nonfinite: np.ndarray  # bool: non-finite at some step, or a non-finite stored value
+    z_threshold: float
+    median: float  # of log10 |g| over finite |g| > 0 (NaN at layer level)
+    scale: float  # robust scale of log10 |g| (0 or NaN: no z-score flags)
+
+    @property
+    def _z_ok(self) -> bool:
+        return bool(np.isfinite(self.median) and self.scale > 0)
+
+    def z(self, idx: np.ndarray | None = None) -> np.ndarray:
+        """Robust z of the elements ``idx`` (all when None): +inf non-finite, -inf for 0."""
+        g = self.g if idx is None else self.g[idx]
+        nf = self.nonfinite if idx is None else self.nonfinite[idx]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = (np.log10(g.astype(np.float64)) - self.median) / self.scale
+        z = np.where(g == 0, -np.inf, z if self._z_ok else 0.0)
+        return np.where(nf, np.inf, z)
+
+    def exploding(self, th: GradThresholds) -> np.ndarray:
+        hit = self.nonfinite.copy()
+        if self._z_ok:
+            hit |= self.g > 10.0 ** (self.median + self.z_threshold * self.scale)
+        if th.explode_abs is not None:
+            hit |= self.g > th.explode_abs
+        return hit
+
+    def vanishing(self, th: GradThresholds) -> np.ndarray:
+        hit = self.g == 0
+        if self._z_ok:
+            hit |= self.g < 10.0 ** (self.median - self.z_threshold * self.scale)
+        if th.vanish_abs is not None:
+            hit |= self.g < th.vanish_abs
+        return hit & ~self.nonfinite
+
+    def score(self, kind: GradKind) -> np.ndarray:
+        """Larger is more suspicious; within a layer it orders like z (non-finite first for
+        exploding, zeros first for vanishing)."""
+        g = self.g.astype(np.float64)
+        if kind is GradKind.EXPLODING:
+            return np.where(self.nonfinite, np.inf, g)
+        return np.where(self.nonfinite, -np.inf, -g)
+
+
+def stat_arrays(
+    tree: dict[str, Any], th: GradThresholds, where: str
+) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        stats = tree[th.param][th.grad_param]
+        return np.asarray(stats[th.stat]), np.asarray(stats["nonfinite"])
+    except KeyError as exc:
+        raise BnnError.not_found(
+            f"{where}: no gradient statistics for {th.param}/{th.grad_param} (missing {exc})"
+        ) from None
+
+
+def layer_scores(tree: dict[str, Any], th: GradThresholds, where: str = "layer") -> LayerScores:
+    """Score one layer's elements (0-d layer-level statistics get no z-score)."""
+    g_arr, nf_arr = stat_arrays(tree, th, where)
+    g = np.abs(g_arr.astype(np.float32, copy=False).ravel())
+    nonfinite = (nf_arr.ravel() > 0) | ~np.isfinite(g)
+    if g_arr.ndim == 0:
+        return LayerScores(g, nonfinite, np.inf, float("nan"), float("nan"))
+    med, scale, n_pos = robust_log_scale(g)
+    return LayerScores(g, nonfinite, th.z_for(n_pos), med, scale)
+
+
+@dataclass(frozen=True)
+class GradSummary:
+    """One layer's gradient statistic at one epoch; the flag counts only when asked for."""
+
+    level: str
+    elements: int
+    nonfinite_elements: int
+    nonfinite_steps: int
+    zeros: int
+    median_abs: float  # of the examined statistic (finite elements)
+    max_stat: float  # max of the examined statistic
+    max_abs: float  # max of the ``max_abs`` statistic: the largest single-step |g|
+    step_norm: np.ndarray
+    exploding: int = -1
+    vanishing: int = -1
+    z_threshold: float = float("nan")
+
+
+def _basic(tree: dict[str, Any], th: GradThresholds, where: str) -> GradSummary:
+    g_arr, nf = stat_arrays(tree, th, where)
+    g = g_arr.astype(np.float32, copy=False).ravel()  # statistics of |g|: non-negative
+    nonfinite = ~np.isfinite(g)
+    nonfinite |= nf.ravel() > 0
+    n_bad = int(np.count_nonzero(nonfinite))
+    finite_g = g[~nonfinite] if n_bad else g
+    peak = np.asarray(tree[th.param][th.grad_param].get("max_abs", g), np.float32).ravel()
+    finite_peak = np.isfinite(peak)
+    norms = np.asarray(tree.get("step_norm", np.zeros(0)), np.float64).ravel()
+    return GradSummary(
+        "layer" if nf.ndim == 0 else "element",
+        int(g.size),
+        n_bad,
+        int(nf.sum()),
+        int(np.count_nonzero(g == 0)),
+        float(percentiles(finite_g, (50.0,))[0]),
+        float(finite_g.max()) if finite_g.size else float("nan"),
+        float(peak.max(where=finite_peak, initial=-np.inf)) if finite_peak.any() else float("nan"),
+        norms,
+    )
+
+
+def grad_summary(
+    src: RunSource, view: EpochView, layer: str, th: GradThresholds, *, flags: bool = True
+) -> GradSummary | None:
+    """Cached :class:`GradSummary` of one layer at one epoch; None without statistics.
+
+    ``flags=False`` skips the robust scale (exploding/vanishing counts stay -1).
+    """
+    base = src.cache_key(view.epoch)
+    where = f"epoch {view.epoch} layer {layer!r}"
+
+    def tree() -> dict[str, Any] | None:
+        t = view.gradients(layer)
+        return t if t is not None and th.param in t else None
+
+    def basic() -> GradSummary | None:
+        t = tree()
+        return None if t is None else _basic(t, th, where)
+
+    key = None if base is None else ("grad", base, layer, th.param, th.grad_param, th.stat)
+    summary = cached(key, basic)
+    if summary is None or not flags:
+        return summary
+
+    def flag_counts() -> tuple[int, int, float]:
+        t = tree()
+        assert t is not None
+        sc = layer_scores(t, th, where)
+        explode, vanish = sc.exploding(th), sc.vanishing(th)
+        return int(np.count_nonzero(explode)), int(np.count_nonzero(vanish)), sc.z_threshold
+
+    e, v, z = cached(None if base is None else ("gradflags", base, layer, th), flag_counts)
+    return replace(summary, exploding=e, vanishing=v, z_threshold=z)
+
+
+def _mean_step_norm(
+    src: RunSource, view: EpochView, layer: str, known: GradSummary | None
+) -> float:
+    base = src.cache_key(view.epoch)
+
+    def compute() -> float:
+        if known is not None:
+            norms = known.step_norm
+        else:
+            tree = view.gradients(layer)
+            norms = np.asarray((tree or {}).get("step_norm", np.zeros(0)), np.float64)
+        return float(norms.mean()) if norms.size else float("nan")
+
+    return cached(None if base is None else ("stepnorm", base, layer), compute)
+
+
+def _norm_ratio(src: RunSource, view: EpochView, known: dict[str, GradSummary]) -> float:
+    """Mean step norm of the first layer over the last layer's (NaN with one layer)."""
+    layers = view.layers
+    if len(layers) < 2:
+        return float("nan")
+    first, last = (
+        _mean_step_norm(src, view, name, known.get(name)) for name in (layers[0], layers[-1])
+    )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.float64(first) / np.float64(last))
+
+
+def iter_grad_summaries(
+    src: RunSource,
+    epochs: Sequence[int],
+    layers: str | Sequence[str] | None,
+    th: GradThresholds,
+    *,
+    flags: bool = True,
+) -> Iterator[tuple[int, str, GradSummary, float]]:
+    """``(epoch, layer, summary, first/last norm ratio)`` for layers with statistics.
+
+    Stored runs are summarised in a thread pool first (one epoch per thread at a time).
+    """
+
+    def summaries(view: EpochView) -> tuple[dict[str, GradSummary], float]:
+        found: dict[str, GradSummary] = {}
+        for name in select_layers(view, layers):
+            s = grad_summary(src, view, name, th, flags=flags)
+            if s is not None:
+                found[name] = s
+        return found, (_norm_ratio(src, view, found) if found else float("nan"))
+
+    prefetch(src, epochs, summaries)
+    for epoch in epochs:
+        with src.open(epoch) as view:
+            found, ratio = summaries(view)
+            for layer, s in found.items():
+                yield epoch, layer, s, ratio
+
+
+def gradient_diagnostics(
+    run: RunLike,
+    epochs: Sequence[int] | None = None,
+    *,
+    layers: str | Sequence[str] | None = None,
+    param: str = "weight",
+    grad_param: str = "mu",
+    stat: str = "mean_abs",
+    z_threshold: float | None = None,
+    explode_abs: float | None = 1e2,
+    vanish_abs: float | None = 1e-10,
+    data_dir: str | Path | None = None,
+    db_url: str | None = None,
+) -> pd.DataFrame:
+    """Exploding/vanishing flags, non-finite counts and step norms per (epoch, layer).
+
+    Columns: ``level``, ``elements``, ``non-finite elements`` (non-finite at some step),
+    ``non-finite steps``, ``zero``, ``median |g|`` and ``max |g|`` (of the examined ``stat``),
+    ``peak |g|`` (largest single-step |g|, from ``max_abs``),
+    ``exploding``/``vanishing`` (element counts), ``exploding flag``/``vanishing flag``,
+    ``z threshold``, ``steps``, ``step norm mean``/``max``/``non-finite`` and
+    ``first/last norm ratio`` (mean step norm of the first layer over the last's).
+    Epochs without gradient statistics are skipped; NOT_FOUND when none has any.
+    """
+    th = GradThresholds(param, grad_param, stat, z_threshold, explode_abs, vanish_abs)
+    rows: dict[tuple[int, str], dict[str, Any]] = {}
+    with open_source(run, data_dir=data_dir, db_url=db_url) as src:
+        eps = src.resolve_epochs(epochs)
+        for epoch, layer, s, ratio in iter_grad_summaries(src, eps, layers, th):
+            finite = s.step_norm[np.isfinite(s.step_norm)]
+            rows[(epoch, layer)] = {
+                "level": s.level,
+                "elements": s.elements,
+                "non-finite elements": s.nonfinite_elements,
+                "non-finite steps": s.nonfinite_steps,
+                "zero": s.zeros,
+                "median |g|": s.median_abs,
+                "max |g|": s.max_stat,
+                "peak |g|": s.max_abs,
+                "exploding": s.exploding,
+                "vanishing": s.vanishing,
+                "exploding flag": s.exploding > 0,
+                "vanishing flag": s.vanishing > 0,
+                "z threshold": s.z_threshold,
+                "steps": int(s.step_norm.size),
+                "step norm mean": float(finite.mean()) if finite.size else float("nan"),
+                "step norm max": float(finite.max()) if finite.size else float("nan"),
+                "step norm non-finite": int(s.step_norm.size - finite.size),
+                "first/last norm ratio": ratio,
+            }
+        if not rows:
+            raise BnnError.not_found(
+                f"run {src.name!r} has no gradient statistics for {param}/{grad_param} in epochs "
+                f"{src.resolve_epochs(epochs)} (captured with grad_level 'none'?)"
+            )
+    return frame_from_rows(rows, ["epoch", "layer"])
+
+
+def gradient_norm_series(
+    run: RunLike,
+    epoch: int | None = None,
+    *,
+    layers: str | Sequence[str] | None = None,
+    data_dir: str | Path | None = None,
+    db_url: str | None = None,
+) -> pd.DataFrame:
+    """Per-step gradient L2 norm of each layer's posterior parameters at one epoch.
+
+    Returns a DataFrame indexed by step with one column per layer (NaN/Inf kept).
+    """
+    cols: dict[str, np.ndarray] = {}
+    with (
+        open_source(run, data_dir=data_dir, db_url=db_url) as src,
+        src.open(src.resolve_epoch(epoch)) as view,
+    ):
+        for layer in select_layers(view, layers):
+            tree = view.gradients(layer)
+            if tree is not None and "step_norm" in tree:
+                cols[layer] = np.asarray(tree["step_norm"], np.float64).ravel()
+        if not cols:
+            raise BnnError.not_found(
+                f"run {src.name!r} epoch {view.epoch} has no gradient step norms"
+            )
+    frame = pd.DataFrame({k: pd.Series(v) for k, v in cols.items()})
+    frame.index.name = "step"
+    return frame
+
+
+def prior_gradient_series(
+    run: RunLike,
+    epoch: int | None = None,
+    *,
+    layers: str | Sequence[str] | None = None,
+    data_dir: str | Path | None = None,
+    db_url: str | None = None,
+) -> pd.DataFrame:
+    """Per-step gradients of the learnable prior parameters at one epoch.
+
+    Returns a DataFrame indexed by step with columns ``<layer>.<weight|bias>.<mu|rho>``
+    (empty when every prior is fixed or learned by empirical Bayes).
+    """
+    cols: dict[str, pd.Series] = {}
+    with (
+        open_source(run, data_dir=data_dir, db_url=db_url) as src,
+        src.open(src.resolve_epoch(epoch)) as view,
+    ):
+        for layer in select_layers(view, layers):
+            tree = view.gradients(layer) or {}
+            for param, grads in (tree.get("prior") or {}).items():
+                for name, series in grads.items():
+                    cols[f"{layer}.{param}.{name}"] = pd.Series(np.asarray(series, np.float64))
+    frame = pd.DataFrame(cols)
+    frame.index.name = "step"
+    return frame
