@@ -9,6 +9,7 @@ per-step gradients of learnable prior parameters.
 
 from __future__ import annotations
 
+from math import inf
 from typing import Any
 
 import numpy as np
@@ -97,13 +98,16 @@ class _ParamStats:
             self.sum_abs += a
             torch.maximum(self.max_abs, a, out=self.max_abs)
             return
-        a = grad.abs()
-        if finite is not True:
-            ok = torch.isfinite(grad)
-            self.nonfinite += (~ok).sum(dtype=torch.int32)
-            a = a.masked_fill_(~ok, 0.0)
+        if finite is True:  # two reductions, no temporary of the gradient's size
+            self.sum_abs += torch.linalg.vector_norm(grad, ord=1)
+            torch.maximum(self.max_abs, torch.linalg.vector_norm(grad, ord=inf), out=self.max_abs)
+            return
+        ok = torch.isfinite(grad)
+        self.nonfinite += (~ok).sum(dtype=torch.int32)
+        a = grad.abs().masked_fill_(~ok, 0.0)
         self.sum_abs += a.sum(dtype=torch.float32)
-        torch.maximum(self.max_abs, a.max(), out=self.max_abs)
+        if a.numel():
+            torch.maximum(self.max_abs, a.max(), out=self.max_abs)
 
     def result(self) -> dict[str, np.ndarray]:
         per = 1 if self.level is GradLevel.ELEMENT else self.elements
