@@ -9,7 +9,6 @@ per-step gradients of learnable prior parameters.
 
 from __future__ import annotations
 
-from math import inf
 from typing import Any
 
 import numpy as np
@@ -98,9 +97,12 @@ class _ParamStats:
             self.sum_abs += a
             torch.maximum(self.max_abs, a, out=self.max_abs)
             return
-        if finite is True:  # two reductions, no temporary of the gradient's size
-            self.sum_abs += torch.linalg.vector_norm(grad, ord=1)
-            torch.maximum(self.max_abs, torch.linalg.vector_norm(grad, ord=inf), out=self.max_abs)
+        if finite is True:  # |g| into a reused buffer, then two plain reductions
+            if self._buf is None:  # (vector_norm with ord=1 / inf is 4-12x slower on the CPU)
+                self._buf = torch.empty_like(grad, dtype=torch.float32)
+            a = torch.abs(grad, out=self._buf)
+            self.sum_abs += a.sum()
+            torch.maximum(self.max_abs, a.max(), out=self.max_abs)
             return
         ok = torch.isfinite(grad)
         self.nonfinite += (~ok).sum(dtype=torch.int32)
