@@ -20,13 +20,8 @@ from ._numeric import (
     percentiles,
 )
 from .compare import kl_between_runs, width_study
-from .gradients import (
-    GradKind,
-    GradStat,
-    gradient_diagnostics,
-    gradient_norm_series,
-    prior_gradient_series,
-)
+from .gradient_series import gradient_norm_series, prior_gradient_series
+from .gradients import GradKind, GradStat, gradient_diagnostics
 from .kl import KL_COLUMNS, compute_layer_kl_divergences, kl_to_prior, pairwise_kl_trajectory
 from .outliers import OutlierComparison, compare_gradient_outliers, gradient_outliers
 from .plots import plot_epoch_distributions, plot_params_log_distributions, plot_percentile_bands

@@ -32,6 +32,8 @@ TB_PERCENTILES = (0.0, 6.68, 15.87, 30.85, 50.0, 69.15, 84.13, 93.32, 100.0)
 
 _HIST_BINS = 4096
 _SMALL = 4096  # below this many values np.percentile is as fast
+_CHUNK = 1 << 16  # float64 temporaries of 512 KiB stay in cache
+_SAMPLE = 8192  # strided sample that brackets nearby order statistics
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,22 @@ class Moments:
 
 
 def valid_mask(mu: np.ndarray, sigma: np.ndarray) -> np.ndarray | None:
-    """``None`` when every (mu, sigma) is finite with sigma > 0, else the boolean mask of those."""
-    ok = np.isfinite(mu) & np.isfinite(sigma) & (sigma > 0)
+    """``None`` when every (mu, sigma) is finite with sigma > 0, else the boolean mask of those.
+
+    Four SIMD reductions decide the common all-valid case (min/max propagate NaN), about
+    seven times faster than building the mask.
+    """
+    m, s = np.asarray(mu), np.asarray(sigma)
+    if (
+        m.shape == s.shape
+        and m.size
+        and np.isfinite(m.min())
+        and np.isfinite(m.max())
+        and s.min() > 0
+        and np.isfinite(s.max())
+    ):
+        return None
+    ok = np.isfinite(m) & np.isfinite(s) & (s > 0)
     return None if bool(ok.all()) else ok
 
 
@@ -107,11 +123,38 @@ def percentiles(x: np.ndarray, qs: tuple[float, ...] | np.ndarray = TB_PERCENTIL
     return out
 
 
+def _bracketed(x: np.ndarray, ranks: np.ndarray) -> np.ndarray | None:
+    """Order statistics of nearby ``ranks`` (e.g. a median) through a strided sample: its
+    order statistics bracket the wanted ones, one pass counts the values below the bracket
+    and keeps those inside, and only those are partitioned (about 3x faster than the
+    histogram for a million values). None when the bracket misses a rank (then the caller
+    uses the histogram): the result is exact either way."""
+    n = x.size
+    sample = np.sort(x[:: max(1, n // _SAMPLE)])
+    m = sample.size
+    q = ranks / (n - 1)
+    margin = 3.0 * np.sqrt(m * q * (1 - q)) + 2.0  # ~3 standard deviations of a sample rank
+    i_lo = int(np.floor(q[0] * (m - 1) - margin[0]))
+    i_hi = int(np.ceil(q[-1] * (m - 1) + margin[-1]))
+    if i_lo < 0 or i_hi >= m:
+        return None
+    lo, hi = sample[i_lo], sample[i_hi]
+    below = int(np.count_nonzero(x < lo))
+    inside = x[(x >= lo) & (x <= hi)]
+    if below > ranks[0] or below + inside.size <= ranks[-1]:
+        return None
+    return np.partition(inside, ranks - below)[ranks - below].astype(np.float64)
+
+
 def order_statistics(x: np.ndarray, ranks: np.ndarray, depth: int = 0) -> np.ndarray:
     """The values of rank ``ranks`` (sorted, unique, 0-based) of float ``x``, as float64."""
     n = x.size
     if n <= _SMALL or depth >= 4:
         return np.partition(x, ranks)[ranks].astype(np.float64)
+    if depth == 0 and n >= 16 * _SAMPLE and ranks[-1] - ranks[0] <= n // 1024:
+        found = _bracketed(x, ranks)
+        if found is not None:
+            return found
     lo, hi = x.min(), x.max()
     with np.errstate(over="ignore"):
         width = hi - lo
@@ -123,13 +166,28 @@ def order_statistics(x: np.ndarray, ranks: np.ndarray, depth: int = 0) -> np.nda
         return np.partition(x, ranks)[ranks].astype(np.float64)
     scale = x.dtype.type(scale64)
     # The bin index is a monotone function of the value, so bins order the values exactly.
-    idx = ((x - lo) * scale).astype(np.intp)
-    counts = np.bincount(idx, minlength=_HIST_BINS)
+    # Chunks keep the temporaries in cache (no array of n bin indices).
+    buf = np.empty(min(n, _CHUNK), x.dtype)
+
+    def bin_index(i: int) -> tuple[np.ndarray, np.ndarray]:
+        part = x[i : i + _CHUNK]
+        t = buf[: part.size]
+        np.subtract(part, lo, out=t)
+        np.multiply(t, scale, out=t)
+        return part, t.astype(np.intp)
+
+    counts = np.zeros(_HIST_BINS, np.intp)
+    for i in range(0, n, _CHUNK):
+        counts += np.bincount(bin_index(i)[1], minlength=_HIST_BINS)
     cum = np.cumsum(counts)
     bins = np.searchsorted(cum, ranks, side="right")
     wanted = np.zeros(_HIST_BINS, bool)
     wanted[bins] = True
-    chosen = x[wanted[idx]]  # the values of the wanted bins (in file order)
+    parts = []
+    for i in range(0, n, _CHUNK):  # the values of the wanted bins (in file order)
+        part, idx = bin_index(i)
+        parts.append(part[wanted[idx]])
+    chosen = np.concatenate(parts)
     ubins = np.unique(bins)
     # Rank among ``chosen``: values of earlier chosen bins are all smaller.
     offset_in_chosen = np.concatenate([[0], np.cumsum(counts[ubins])[:-1]])
@@ -198,9 +256,6 @@ def _f64(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, np.float64).ravel()
 
 
-_CHUNK = 1 << 16  # float64 temporaries of 512 KiB stay in cache
-
-
 @dataclass(frozen=True)
 class GaussianSums:
     """Sufficient sums of a set of Gaussians N(mu_i, sigma_i^2), from two chunked passes.
@@ -262,7 +317,10 @@ def gaussian_sums(mu: np.ndarray, sigma: np.ndarray) -> GaussianSums:
       nearest the mean (sum c ~ 0, so the non-negative terms dominate).
 
     Both identities hold for any centre; taking data values as centres makes identical
-    elements contribute exactly 0.
+    elements contribute exactly 0. The centres come from the first chunk (all of a layer
+    up to 65,536 elements), so one chunked pass computes every sum; each chunk is cast to
+    float64 once and every product is formed in place (about 5.5 ms for 940,800 elements,
+    where a two-pass version with einsum took 9).
     """
     m, s = np.asarray(mu).ravel(), np.asarray(sigma).ravel()
     n = m.size
@@ -270,52 +328,53 @@ def gaussian_sums(mu: np.ndarray, sigma: np.ndarray) -> GaussianSums:
         empty = Moments(0, float("nan"), 0.0)
         return GaussianSums(empty, empty, 0.0, 0.0, 0.0)
     size = min(_CHUNK, n)
-    bv, bt, bc = (np.empty(size) for _ in range(3))
-    w_all = np.empty(n)  # 1/v, kept for the second pass (a division costs more than a read)
-    sum_w = sum_m = sum_s = sum_log = sum_v = 0.0
+    bs, bv, bw, bt, bc = (np.empty(size) for _ in range(5))
+    # Centres: data values near the mean of m and the harmonic mean of v of the first chunk.
+    # Being data values, they make c and d exactly 0 for identical elements (and exact, by
+    # Sterbenz's lemma, for near-identical ones); being central, they leave little to cancel.
+    head_m, head_s = m[:size], s[:size]
+    np.copyto(bs, head_s)
+    np.multiply(bs, bs, out=bv)
+    np.divide(1.0, bv, out=bw)
+    m_c = _nearest(head_m, float(head_m.sum(dtype=np.float64)) / size, bc)
+    s_c = _nearest(head_s, float(np.sqrt(size / float(bw.sum()))), bc)
+    v_c = s_c * s_c
+    sum_w = sum_v = sum_log = dd = dsum = cc_w = c_sum = cw_sum = cc = u_sum = uu = 0.0
     for i in range(0, n, _CHUNK):
         ms, ss = m[i : i + _CHUNK], s[i : i + _CHUNK]
         k = ms.size
-        v, w, t = bv[:k], w_all[i : i + k], bt[:k]
-        np.multiply(ss, ss, out=v, dtype=np.float64)
-        np.reciprocal(v, out=w)
+        x, v, w, t, c = bs[:k], bv[:k], bw[:k], bt[:k], bc[:k]
+        np.copyto(x, ss)  # sigma, float64
+        np.multiply(x, x, out=v)  # v
+        np.divide(1.0, v, out=w)  # w = 1/v
         sum_w += float(w.sum())
         sum_v += float(v.sum())
-        sum_m += float(ms.sum(dtype=np.float64))
-        sum_s += float(ss.sum(dtype=np.float64))
         np.log(v, out=t)
-        sum_log += 0.5 * float(t.sum())
-    m_mean, s_mean = sum_m / n, sum_s / n
-    # Centres: data values near the mean of m and the harmonic mean of v (looked for in
-    # the first chunk). Being data values, they make c and d exactly 0 for identical
-    # elements (and exact, by Sterbenz's lemma, for near-identical ones); being central,
-    # they leave little to cancel.
-    head = slice(0, _CHUNK)
-    m_centre = _nearest(m[head], m_mean, bc)
-    v_centre = _nearest(s[head], float(np.sqrt(n / sum_w)), bc) ** 2
-    dd = dsum = cc_w = c_sum = cw_sum = cc = ss2 = 0.0
-    for i in range(0, n, _CHUNK):
-        ms, ss = m[i : i + _CHUNK], s[i : i + _CHUNK]
-        k = ms.size
-        v, w, t, c = bv[:k], w_all[i : i + k], bt[:k], bc[:k]
-        np.multiply(ss, ss, out=v, dtype=np.float64)
-        np.subtract(v, v_centre, out=v)  # d
+        sum_log += float(t.sum())
+        np.subtract(v, v_c, out=v)  # d
         np.multiply(v, w, out=t)  # d w
-        dd += float(np.einsum("i,i->", v, t))
         dsum += float(t.sum())
-        np.subtract(ms, m_centre, out=c, dtype=np.float64)  # c
-        np.multiply(c, w, out=t)  # c w
-        cc_w += float(np.einsum("i,i->", c, t))
+        np.multiply(t, v, out=t)  # d^2 w
+        dd += float(t.sum())
+        np.copyto(c, ms)
+        np.subtract(c, m_c, out=c)  # c
         c_sum += float(c.sum())
+        np.multiply(c, w, out=t)  # c w
         cw_sum += float(t.sum())
-        cc += float(np.einsum("i,i->", c, c))
-        np.subtract(ss, s_mean, out=t, dtype=np.float64)
-        ss2 += float(np.einsum("i,i->", t, t))
+        np.multiply(t, c, out=t)  # c^2 w
+        cc_w += float(t.sum())
+        np.multiply(c, c, out=t)  # c^2
+        cc += float(t.sum())
+        np.subtract(x, s_c, out=x)  # u = sigma - s_c
+        u_sum += float(x.sum())
+        np.multiply(x, x, out=x)
+        uu += float(x.sum())
     spread_v = sum_w * dd - dsum * dsum
     spread_m = n * cc_w - 2.0 * c_sum * cw_sum + cc * sum_w
     pairwise = 0.5 * (max(spread_v, 0.0) + max(spread_m, 0.0)) if n > 1 else 0.0
-    mu_m = Moments(n, m_centre + c_sum / n, max(cc - c_sum * c_sum / n, 0.0))
-    return GaussianSums(mu_m, Moments(n, s_mean, ss2), pairwise, sum_log, sum_v)
+    mu_m = Moments(n, m_c + c_sum / n, max(cc - c_sum * c_sum / n, 0.0))
+    sigma_m = Moments(n, s_c + u_sum / n, max(uu - u_sum * u_sum / n, 0.0))
+    return GaussianSums(mu_m, sigma_m, pairwise, 0.5 * sum_log, sum_v)
 
 
 def pairwise_symmetric_kl(mu: np.ndarray, sigma: np.ndarray) -> float:

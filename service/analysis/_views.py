@@ -3,7 +3,7 @@ and one epoch of it (:class:`EpochView`), plus the option enums."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from enum import Enum, StrEnum
 from typing import Any, TypeVar
 
@@ -11,7 +11,9 @@ import numpy as np
 
 from trainer.errors import BnnError
 
-__all__ = ["DistType", "EpochView", "ParamKind", "RunSource", "parse_enum"]
+__all__ = ["Alloc", "DistType", "EpochView", "ParamKind", "RunSource", "parse_enum"]
+
+Alloc = Callable[[tuple[int, ...], Any], np.ndarray]  # (shape, dtype) -> array to read into
 
 
 class DistType(StrEnum):
@@ -58,8 +60,11 @@ class EpochView:
         param: str = "weight",
         stat: str = "mu",
         index: Any = None,
+        *,
+        alloc: Alloc | None = None,
     ) -> np.ndarray:
-        """One array of ``layer`` (``index`` reads only that part)."""
+        """One array of ``layer`` (``index`` reads only that part). A stored run reads a
+        whole array into ``alloc(shape, dtype)`` when given (see ``_scratch.Scratch``)."""
         raise NotImplementedError
 
     def has_param(self, layer: str, param: str) -> bool:
@@ -68,6 +73,18 @@ class EpochView:
     def gradients(self, layer: str) -> dict[str, Any] | None:
         """The layer's gradient statistics (snapshot layout) or None when none were captured."""
         raise NotImplementedError
+
+    def gradient_array(
+        self, layer: str, *path: str, alloc: Alloc | None = None
+    ) -> np.ndarray | None:
+        """One array of the layer's gradient statistics (``path`` in the snapshot layout,
+        e.g. ``("weight", "mu", "mean_abs")`` or ``("step_norm",)``); None when absent."""
+        node: Any = self.gradients(layer)
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                return None
+            node = node[key]
+        return None if isinstance(node, dict) else np.asarray(node)
 
     def check_layer(self, layer: str) -> str:
         """``layer`` or NOT_FOUND naming the layers of this epoch."""

@@ -30,6 +30,8 @@ from trainer.errors import BnnError
 
 from ._cache import cached
 from ._numeric import percentiles, robust_log_scale
+from ._scratch import Scratch
+from ._views import Alloc
 from .source import EpochView, RunLike, RunSource, open_source, parse_enum
 from .summary import PARAMS, frame_from_rows, prefetch, select_layers
 
@@ -37,11 +39,10 @@ __all__ = [
     "GradKind",
     "GradStat",
     "GradThresholds",
+    "grad_tree",
     "gradient_diagnostics",
-    "gradient_norm_series",
     "iter_grad_summaries",
     "layer_scores",
-    "prior_gradient_series",
 ]
 
 
@@ -153,11 +154,32 @@ def layer_scores(tree: dict[str, Any], th: GradThresholds, where: str = "layer")
     """Score one layer's elements (0-d layer-level statistics get no z-score)."""
     g_arr, nf_arr = stat_arrays(tree, th, where)
     g = np.abs(g_arr.astype(np.float32, copy=False).ravel())
-    nonfinite = (nf_arr.ravel() > 0) | ~np.isfinite(g)
+    nonfinite = np.greater(nf_arr, 0).ravel() | ~np.isfinite(g)
     if g_arr.ndim == 0:
         return LayerScores(g, nonfinite, np.inf, float("nan"), float("nan"))
     med, scale, n_pos = robust_log_scale(g)
     return LayerScores(g, nonfinite, th.z_for(n_pos), med, scale)
+
+
+def grad_tree(
+    view: EpochView, layer: str, th: GradThresholds, alloc: Alloc | None = None
+) -> dict[str, Any] | None:
+    """What the diagnostics of ``th`` read of a layer's gradient statistics, in the snapshot
+    layout: the examined statistic, ``max_abs``, ``nonfinite`` and ``step_norm`` (3-4 of
+    its up to 17 arrays). None when the examined statistic was not captured. ``alloc``
+    holds the statistics (not the step norms, which summaries keep)."""
+    stats: dict[str, np.ndarray] = {}
+    for key in dict.fromkeys((th.stat, "max_abs", "nonfinite")):
+        arr = view.gradient_array(layer, th.param, th.grad_param, key, alloc=alloc)
+        if arr is not None:
+            stats[key] = arr
+    if th.stat not in stats:
+        return None
+    tree: dict[str, Any] = {th.param: {th.grad_param: stats}}
+    norms = view.gradient_array(layer, "step_norm")
+    if norms is not None:
+        tree["step_norm"] = norms
+    return tree
 
 
 @dataclass(frozen=True)
@@ -178,25 +200,40 @@ class GradSummary:
     z_threshold: float = float("nan")
 
 
+def _finite_max(x: np.ndarray) -> float:
+    """Max of the finite values of ``x`` (NaN when none); one pass when all are finite."""
+    if not x.size:
+        return float("nan")
+    top = x.max()
+    if np.isfinite(top):  # max propagates NaN and +inf: none is there
+        return float(top)
+    finite = np.isfinite(x)
+    return float(x.max(where=finite, initial=-np.inf)) if finite.any() else float("nan")
+
+
 def _basic(tree: dict[str, Any], th: GradThresholds, where: str) -> GradSummary:
     g_arr, nf = stat_arrays(tree, th, where)
     g = g_arr.astype(np.float32, copy=False).ravel()  # statistics of |g|: non-negative
-    nonfinite = ~np.isfinite(g)
-    nonfinite |= nf.ravel() > 0
-    n_bad = int(np.count_nonzero(nonfinite))
-    finite_g = g[~nonfinite] if n_bad else g
+    nf_elements = int(np.count_nonzero(nf))  # nearly always 0: then one pass each
+    if nf_elements == 0 and (not g.size or np.isfinite(g.max())):
+        n_bad, finite_g = 0, g
+    else:
+        nonfinite = ~np.isfinite(g)
+        if nf_elements:
+            nonfinite |= np.greater(nf, 0).ravel()
+        n_bad = int(np.count_nonzero(nonfinite))
+        finite_g = g[~nonfinite] if n_bad else g
     peak = np.asarray(tree[th.param][th.grad_param].get("max_abs", g), np.float32).ravel()
-    finite_peak = np.isfinite(peak)
     norms = np.asarray(tree.get("step_norm", np.zeros(0)), np.float64).ravel()
     return GradSummary(
         "layer" if nf.ndim == 0 else "element",
         int(g.size),
         n_bad,
-        int(nf.sum()),
+        int(nf.sum()) if nf_elements else 0,
         int(np.count_nonzero(g == 0)),
         float(percentiles(finite_g, (50.0,))[0]),
         float(finite_g.max()) if finite_g.size else float("nan"),
-        float(peak.max(where=finite_peak, initial=-np.inf)) if finite_peak.any() else float("nan"),
+        _finite_max(peak),
         norms,
     )
 
@@ -208,12 +245,21 @@ def grad_summary(
 
     ``flags=False`` skips the robust scale (exploding/vanishing counts stay -1).
     """
+    with Scratch() as scratch:  # the statistics read are not kept, only what is computed
+        return _grad_summary(src, view, layer, th, flags, scratch)
+
+
+def _grad_summary(
+    src: RunSource, view: EpochView, layer: str, th: GradThresholds, flags: bool, sc: Scratch
+) -> GradSummary | None:
     base = src.cache_key(view.epoch)
     where = f"epoch {view.epoch} layer {layer!r}"
+    read: list[dict[str, Any] | None] = []
 
     def tree() -> dict[str, Any] | None:
-        t = view.gradients(layer)
-        return t if t is not None and th.param in t else None
+        if not read:
+            read.append(grad_tree(view, layer, th, sc.alloc))
+        return read[0]
 
     def basic() -> GradSummary | None:
         t = tree()
@@ -244,8 +290,8 @@ def _mean_step_norm(
         if known is not None:
             norms = known.step_norm
         else:
-            tree = view.gradients(layer)
-            norms = np.asarray((tree or {}).get("step_norm", np.zeros(0)), np.float64)
+            found = view.gradient_array(layer, "step_norm")
+            norms = np.zeros(0) if found is None else np.asarray(found, np.float64).ravel()
         return float(norms.mean()) if norms.size else float("nan")
 
     return cached(None if base is None else ("stepnorm", base, layer), compute)
@@ -348,61 +394,3 @@ def gradient_diagnostics(
                 f"{src.resolve_epochs(epochs)} (captured with grad_level 'none'?)"
             )
     return frame_from_rows(rows, ["epoch", "layer"])
-
-
-def gradient_norm_series(
-    run: RunLike,
-    epoch: int | None = None,
-    *,
-    layers: str | Sequence[str] | None = None,
-    data_dir: str | Path | None = None,
-    db_url: str | None = None,
-) -> pd.DataFrame:
-    """Per-step gradient L2 norm of each layer's posterior parameters at one epoch.
-
-    Returns a DataFrame indexed by step with one column per layer (NaN/Inf kept).
-    """
-    cols: dict[str, np.ndarray] = {}
-    with (
-        open_source(run, data_dir=data_dir, db_url=db_url) as src,
-        src.open(src.resolve_epoch(epoch)) as view,
-    ):
-        for layer in select_layers(view, layers):
-            tree = view.gradients(layer)
-            if tree is not None and "step_norm" in tree:
-                cols[layer] = np.asarray(tree["step_norm"], np.float64).ravel()
-        if not cols:
-            raise BnnError.not_found(
-                f"run {src.name!r} epoch {view.epoch} has no gradient step norms"
-            )
-    frame = pd.DataFrame({k: pd.Series(v) for k, v in cols.items()})
-    frame.index.name = "step"
-    return frame
-
-
-def prior_gradient_series(
-    run: RunLike,
-    epoch: int | None = None,
-    *,
-    layers: str | Sequence[str] | None = None,
-    data_dir: str | Path | None = None,
-    db_url: str | None = None,
-) -> pd.DataFrame:
-    """Per-step gradients of the learnable prior parameters at one epoch.
-
-    Returns a DataFrame indexed by step with columns ``<layer>.<weight|bias>.<mu|rho>``
-    (empty when every prior is fixed or learned by empirical Bayes).
-    """
-    cols: dict[str, pd.Series] = {}
-    with (
-        open_source(run, data_dir=data_dir, db_url=db_url) as src,
-        src.open(src.resolve_epoch(epoch)) as view,
-    ):
-        for layer in select_layers(view, layers):
-            tree = view.gradients(layer) or {}
-            for param, grads in (tree.get("prior") or {}).items():
-                for name, series in grads.items():
-                    cols[f"{layer}.{param}.{name}"] = pd.Series(np.asarray(series, np.float64))
-    frame = pd.DataFrame(cols)
-    frame.index.name = "step"
-    return frame

@@ -28,7 +28,7 @@ from trainer.snapshot import EpochSnapshot
 from trainer.store import RunReader
 
 from ._cache import cached
-from ._views import DistType, EpochView, ParamKind, RunSource, parse_enum
+from ._views import Alloc, DistType, EpochView, ParamKind, RunSource, parse_enum
 
 __all__ = [
     "DictSource",
@@ -76,6 +76,8 @@ class _DictView(EpochView):
         param: str = "weight",
         stat: str = "mu",
         index: Any = None,
+        *,
+        alloc: Alloc | None = None,
     ) -> np.ndarray:
         self.check_layer(layer)
         try:
@@ -188,9 +190,15 @@ class _ReaderView(EpochView):
         param: str = "weight",
         stat: str = "mu",
         index: Any = None,
+        *,
+        alloc: Alloc | None = None,
     ) -> np.ndarray:
         self.check_layer(layer)
-        return np.asarray(self._ef().array(layer, dist, param, stat, index))
+        # ``alloc`` marks a read for temporary use: a view of the mapped file is fine then
+        ef = self._ef()
+        return np.asarray(
+            ef.array(layer, dist, param, stat, index, alloc=alloc, mapped=bool(alloc))
+        )
 
     def has_param(self, layer: str, param: str) -> bool:
         try:
@@ -215,6 +223,18 @@ class _ReaderView(EpochView):
                     raise
         self._grads = (layer, tree)  # one layer's statistics at most are kept
         return tree
+
+    def gradient_array(
+        self, layer: str, *path: str, alloc: Alloc | None = None
+    ) -> np.ndarray | None:
+        if self._grads is not None and self._grads[0] == layer:
+            return super().gradient_array(layer, *path)
+        self.check_layer(layer)
+        ef = self._ef()
+        if not ef.header.has_gradients:
+            return None
+        arr = ef.gradient_array(layer, *path, alloc=alloc, mapped=True)
+        return None if arr is None else np.asarray(arr)
 
     @property
     def grad_level(self) -> str:

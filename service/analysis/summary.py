@@ -22,6 +22,7 @@ from trainer.errors import BnnError, ErrorCode
 
 from ._cache import clear_cache, peek, store
 from ._numeric import TB_PERCENTILES, GaussianSums, Moments, gaussian_sums, percentiles, valid_mask
+from ._scratch import Scratch
 from .source import EpochView, RunSource
 
 __all__ = [
@@ -123,13 +124,26 @@ def _compute(
     parts: Sequence[str],
     base: ParamSummary | None,
 ) -> ParamSummary | None:
+    with Scratch() as scratch:  # mu and sigma are not kept: only sums and percentiles
+        return _compute_from(view, layer, param, dist, parts, base, scratch)
+
+
+def _compute_from(
+    view: EpochView,
+    layer: str,
+    param: str,
+    dist: str,
+    parts: Sequence[str],
+    base: ParamSummary | None,
+    scratch: Scratch,
+) -> ParamSummary | None:
     try:
-        mu = view.array(layer, dist, param, "mu")
+        mu = view.array(layer, dist, param, "mu", alloc=scratch.alloc)
     except BnnError as exc:
         if exc.code is ErrorCode.NOT_FOUND and exc.details.get("param") == param:
             return None  # the layer has no such parameter (e.g. bias=False)
         raise
-    sigma = view.array(layer, dist, param, "sigma")
+    sigma = view.array(layer, dist, param, "sigma", alloc=scratch.alloc)
     if mu.shape != sigma.shape:
         raise BnnError.invalid(
             f"epoch {view.epoch} layer {layer!r} {dist} {param}: mu shape {mu.shape} "

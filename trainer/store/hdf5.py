@@ -19,27 +19,27 @@ gradients 11x slower (0.76 s against 0.07 s), which the trainer pays every captu
 :data:`COMPRESS_MIN_SIZE` elements. All-zero integer arrays (the non-finite counts, nearly
 always zero) are stored as HDF5 fill values, which take neither space nor write time.
 
-:func:`write_epoch_file` writes a complete file at a path; crash safety (temp name,
-fsync, rename) is the caller's (see ``RunStore.write_epoch``).
+:func:`write_epoch_file` (in ``_write``) writes a complete file at a path; crash safety
+(temp name, fsync, rename) is the caller's (see ``RunStore.write_epoch``).
 :class:`EpochFile` reads one file lazily: a slice of one layer reads only that slice.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable, Iterable, Mapping
+import mmap
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+from h5py import h5d, h5g, h5l, h5o, h5s
 
 from trainer.errors import BnnError, ErrorCode
 from trainer.snapshot import EpochSnapshot, GradLevel, LayerLog
 
-from ._paths import fsync_file
 from ._schema import (
     DISTS,
     PARAMS,
@@ -50,6 +50,7 @@ from ._schema import (
     clean_metrics,
     validate_snapshot,
 )
+from ._write import COMPRESS_MIN_SIZE, SCHEMA_VERSION, write_epoch_file
 
 __all__ = [
     "COMPRESS_MIN_SIZE",
@@ -64,11 +65,11 @@ __all__ = [
     "write_epoch_file",
 ]
 
-SCHEMA_VERSION = 1
-COMPRESS_MIN_SIZE = 1024
 # HDF5 lists names alphabetically; read back in the seed's order (posterior before prior, ...)
 _ORDER = ("posterior", "weight", "bias", "mu", "rho", "sigma", "mean_abs", "max_abs", "nonfinite")
 _KEY_RANK = {key: i for i, key in enumerate((*_ORDER, "step_norm", "prior"))}
+_UNSET = object()
+Alloc = Callable[[tuple[int, ...], Any], np.ndarray]  # (shape, dtype) -> array to read into
 
 
 @dataclass(frozen=True)
@@ -85,69 +86,17 @@ class EpochHeader:
     has_gradients: bool
 
 
-# ----------------------------------------------------------------------------- write
-def _compression() -> dict[str, Any]:
-    choice = os.environ.get("BNN_HDF5_COMPRESSION", "none").strip().lower()
-    if choice in ("", "none"):
-        return {}
-    if choice == "gzip":
-        return {"chunks": True, "compression": "gzip", "compression_opts": 4, "shuffle": True}
-    if choice == "lzf":
-        return {"chunks": True, "compression": "lzf", "shuffle": True}
-    raise BnnError.invalid(f"BNN_HDF5_COMPRESSION must be none, gzip or lzf, got {choice!r}")
-
-
-def _put(group: h5py.Group, name: str, arr: np.ndarray) -> None:
-    big = arr.ndim >= 1 and arr.size >= COMPRESS_MIN_SIZE
-    if big and arr.dtype.kind in "iu" and not arr.any():
-        # all zeros: a chunked dataset whose chunks are never written reads as its fill value
-        group.create_dataset(name, shape=arr.shape, dtype=arr.dtype, chunks=True, fillvalue=0)
-    else:
-        group.create_dataset(name, data=arr, **(_compression() if big else {}))
-
-
-def _put_tree(group: h5py.Group, tree: Mapping[str, Any]) -> None:
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            _put_tree(group.create_group(key), value)
-        else:
-            _put(group, key, value)
-
-
-def write_epoch_file(path: str | Path, snap: EpochSnapshot, *, run_id: str = "") -> None:
-    """Write ``snap`` as a complete epoch file at ``path`` (overwriting it) and fsync it.
-
-    Raises INVALID_ARGUMENT for a bad snapshot and STORAGE when the file cannot be written.
-    """
-    snap = validate_snapshot(snap)
-    path = Path(path)
-    try:
-        with h5py.File(path, "w", locking=False) as f:
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["run_id"] = run_id
-            f.attrs["epoch"] = snap.epoch
-            f.attrs["grad_level"] = GradLevel(snap.grad_level).value
-            f.attrs["layers"] = json.dumps(list(snap.params))
-            params = f.create_group("params")
-            for layer, log in snap.params.items():
-                group = params.create_group(layer)
-                group.attrs["type"] = snap.layer_types.get(layer, "")
-                _put_tree(group, log)
-            if snap.gradients is not None:
-                _put_tree(f.create_group("gradients"), snap.gradients)
-            metrics = f.create_group("metrics", track_order=True)
-            for key, value in snap.metrics.items():
-                metrics.attrs[key] = np.float64(value)
-        fsync_file(path)
-    except OSError as exc:
-        raise BnnError(
-            ErrorCode.STORAGE, f"cannot write epoch file {str(path)!r}: {exc}", path=str(path)
-        ) from exc
-
-
 # ----------------------------------------------------------------------------- read
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _attr(attrs: Any, name: str, default: Any) -> Any:
+    """``attrs.get(name, default)`` in one HDF5 look-up instead of two."""
+    try:
+        return attrs[name]
+    except KeyError:
+        return default
 
 
 class EpochFile:
@@ -159,10 +108,13 @@ class EpochFile:
     def __init__(self, path: str | Path, name: str | None = None) -> None:
         self.path = Path(path)
         self.name = name or str(path)
+        self._nodes: dict[tuple[str, ...], Any] = {}
+        self._mm: Any = None  # the file memory-mapped on first use (False: cannot be)
         try:
             self._f = h5py.File(self.path, "r", locking=False)
         except (OSError, ValueError) as exc:
             raise self._corrupt(f"cannot be opened as HDF5 ({exc})") from exc
+        self._nodes[()] = self._f
         try:
             self.header = self._read_header()
         except BaseException:
@@ -181,26 +133,86 @@ class EpochFile:
         self.close()
 
     def close(self) -> None:
+        self._nodes.clear()
+        self._mm = None  # unmapped when the last view of it is gone
         self._f.close()
 
     def _child(self, group: h5py.Group, name: str) -> Any:
-        """Follow hard links only (never into another file); None when absent."""
-        if not isinstance(group, h5py.Group) or name not in group:
+        """Follow hard links only (never into another file); None when absent.
+
+        Low-level link calls: a few microseconds where ``name in group`` and
+        ``group.get(name, getlink=True)`` cost tens each.
+        """
+        if not isinstance(group, h5py.Group) or "/" in name or name in ("", ".", ".."):
             return None
-        if not isinstance(group.get(name, getlink=True), h5py.HardLink):
+        key = name.encode()
+        links = group.id.links
+        if not links.exists(key):
+            return None
+        if links.get_info(key).type != h5l.TYPE_HARD:
             raise self._corrupt(f"{group.name}/{name} is a link, not an object")
+        oid = h5o.open(group.id, key)
+        if isinstance(oid, h5g.GroupID):
+            return h5py.Group(oid)
+        if isinstance(oid, h5d.DatasetID):
+            return h5py.Dataset(oid)
         return group[name]
 
     def _node(self, *names: str) -> Any:
-        node: Any = self._f
-        for name in names:
-            node = self._child(node, name)
+        """The object at /names[0]/names[1]/... or None; resolved once per open file."""
+        node = self._nodes.get(names, _UNSET)
+        if node is _UNSET:
+            node = self._child(self._node(*names[:-1]), names[-1])
+            self._nodes[names] = node
         return node
+
+    def _read(
+        self, ds: h5py.Dataset, mapped: bool = False, alloc: Alloc | None = None
+    ) -> np.ndarray:
+        """The whole dataset; one never written (e.g. all-zero counts) is its fill value.
+
+        ``mapped``: a read-only result without a copy where possible: a broadcast fill value,
+        or a view into the file's memory map for a contiguous uncompressed dataset.
+        ``alloc(shape, dtype)`` provides the array to read into otherwise (a reused buffer).
+        """
+        if ds.size and ds.id.get_storage_size() == 0:
+            fill = np.asarray(ds.fillvalue, ds.dtype)
+            if mapped:
+                return np.broadcast_to(fill, ds.shape)
+            return np.full(ds.shape, fill, ds.dtype)
+        if mapped and ds.size and ds.chunks is None and ds.dtype.isnative:
+            view = self._view(ds)
+            if view is not None:
+                return view
+        if alloc is None or not ds.size:
+            return np.asarray(ds[()])
+        out = alloc(ds.shape, ds.dtype)
+        ds.id.read(h5s.ALL, h5s.ALL, out)  # the whole dataset, without h5py's selections
+        return out
+
+    def _view(self, ds: h5py.Dataset) -> np.ndarray | None:
+        """A contiguous dataset as a read-only view of the memory-mapped file (no copy: the
+        pages come straight from the OS cache; the file never changes once committed)."""
+        offset = ds.id.get_offset()
+        if offset is None:
+            return None
+        if self._mm is None:
+            try:
+                with open(self.path, "rb") as fh:
+                    self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):
+                self._mm = False
+        if self._mm is False:
+            return None
+        nbytes = ds.size * ds.dtype.itemsize
+        if offset + nbytes > len(self._mm):
+            raise self._corrupt(f"{ds.name} lies beyond the end of the file")
+        return np.frombuffer(self._mm, ds.dtype, ds.size, offset).reshape(ds.shape)
 
     def _read_header(self) -> EpochHeader:
         try:
             attrs = self._f.attrs
-            version = attrs.get("schema_version")
+            version = _attr(attrs, "schema_version", None)
             if version is None or not np.issubdtype(np.asarray(version).dtype, np.integer):
                 raise self._corrupt("no integer schema_version attribute")
             if int(version) != SCHEMA_VERSION:
@@ -215,7 +227,11 @@ class EpochFile:
             params = self._node("params")
             if not isinstance(params, h5py.Group) or set(params) != set(layers):
                 raise self._corrupt(f"/params groups do not match the layers attribute {layers}")
-            types = {layer: _text(params[layer].attrs.get("type", "")) for layer in layers}
+            # the layer groups through _node: checked once as hard links, then reused
+            types = {
+                layer: _text(_attr(self._node("params", layer).attrs, "type", ""))
+                for layer in layers
+            }
             metrics_group = self._node("metrics")
             metrics = {} if metrics_group is None else dict(metrics_group.attrs)
             epoch = attrs["epoch"]
@@ -223,7 +239,7 @@ class EpochFile:
                 raise self._corrupt(f"epoch attribute {epoch!r} is not an integer >= 0")
             return EpochHeader(
                 int(version),
-                _text(attrs.get("run_id", "")),
+                _text(_attr(attrs, "run_id", "")),
                 int(epoch),
                 layers,
                 types,
@@ -253,7 +269,7 @@ class EpochFile:
             raise self._corrupt(
                 f"{getattr(node, 'name', node)} is not a dataset stored in the file"
             )
-        return np.asarray(node[()])
+        return self._read(node)
 
     def _guard(self, fn: Callable[[], Any]) -> Any:
         try:
@@ -284,6 +300,25 @@ class EpochFile:
             )
         return self._guard(lambda: self._read_tree(node))
 
+    def gradient_array(
+        self, layer: str, *path: str, alloc: Alloc | None = None, mapped: bool = False
+    ) -> np.ndarray | None:
+        """One array of a layer's gradient statistics, reading nothing else; None if absent.
+
+        ``path`` below ``/gradients/<layer>``: e.g. ``("weight", "mu", "mean_abs")``,
+        ``("step_norm",)`` or ``("prior", "bias", "rho")``. ``alloc`` and ``mapped`` as for
+        :meth:`array` (mapped, an array never written, such as the non-finite counts of a
+        healthy epoch, is a broadcast of its fill value that takes no memory).
+        """
+        self._layer(layer)
+        node = self._guard(lambda: self._node("gradients", layer, *path))
+        if node is None:
+            return None
+        if not isinstance(node, h5py.Dataset) or node.external or node.is_virtual:
+            where = "/".join(("/gradients", layer, *path))
+            raise self._corrupt(f"{where} is not a dataset stored in the file")
+        return self._guard(lambda: self._read(node, mapped, alloc))
+
     def array(
         self,
         layer: str,
@@ -291,8 +326,16 @@ class EpochFile:
         param: str = "weight",
         stat: str = "mu",
         index: Any = None,
+        *,
+        alloc: Alloc | None = None,
+        mapped: bool = False,
     ) -> np.ndarray:
-        """One array, or only ``index`` (int/slice/tuple) of it: reads just that part."""
+        """One array, or only ``index`` (int/slice/tuple) of it: reads just that part.
+
+        For a whole array, ``mapped=True`` gives a read-only view of the memory-mapped file
+        where the dataset allows it (no copy), and ``alloc(shape, dtype)`` says where to
+        read it otherwise (default a new array).
+        """
         for value, allowed, what in (
             (dist, DISTS, "dist"),
             (param, PARAMS, "param"),
@@ -309,7 +352,7 @@ class EpochFile:
                 f"{group.name}/{dist}/{param}/{stat} is missing or not a float dataset"
             )
         if index is None:
-            return self._guard(lambda: np.asarray(ds[()]))
+            return self._guard(lambda: self._read(ds, mapped, alloc))
         try:
             return np.asarray(ds[index])
         except (ValueError, TypeError, IndexError) as exc:

@@ -48,6 +48,7 @@ class RunReader:
         self._owns_store = store is None
         self._store = store or RunStore(data_dir or paths.default_data_dir(), db_url, create=False)
         self.verify_checksums = verify
+        self._infos: dict[int, EpochInfo] = {}  # committed epochs seen (they never change)
         try:
             self.run_id = self._store.get_run(run_id).id
         except BaseException:
@@ -71,12 +72,22 @@ class RunReader:
 
     @property
     def epochs(self) -> list[int]:
-        """Committed epochs, ascending."""
-        return [info.epoch for info in self._store.list_epochs(self.run_id)]
+        """Committed epochs, ascending (asked of the catalog each time)."""
+        infos = self._store.list_epochs(self.run_id)
+        self._infos.update((info.epoch, info) for info in infos)
+        return [info.epoch for info in infos]
 
     def epoch_info(self, epoch: int) -> EpochInfo:
-        """NOT_FOUND with ``details["epochs"]`` when the epoch was not captured."""
-        return self._store.get_epoch(self.run_id, epoch)
+        """NOT_FOUND with ``details["epochs"]`` when the epoch was not captured.
+
+        A committed epoch never changes, so one listed or read before is not asked again
+        (reading a run's epochs one by one then costs no catalog query per epoch).
+        """
+        info = self._infos.get(epoch) if type(epoch) is int else None
+        if info is None:
+            info = self._store.get_epoch(self.run_id, epoch)
+            self._infos[info.epoch] = info
+        return info
 
     def metrics(self, epoch: int) -> dict[str, float]:
         return self.epoch_info(epoch).metrics
@@ -174,6 +185,12 @@ class RunReader:
         """Gradient statistics of one layer; NOT_FOUND if the epoch has none."""
         with self.open(epoch) as ef:
             return ef.gradients(layer)
+
+    def gradient_array(self, epoch: int, layer: str, *path: str) -> np.ndarray | None:
+        """One gradient statistic of a layer, e.g. ``("weight", "mu", "mean_abs")`` or
+        ``("step_norm",)``, reading nothing else; None when it was not captured."""
+        with self.open(epoch) as ef:
+            return ef.gradient_array(layer, *path)
 
     def snapshot(
         self, epoch: int, layers: Iterable[str] | None = None, gradients: bool = True
