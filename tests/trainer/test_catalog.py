@@ -35,8 +35,10 @@ def test_migrations_at_head_and_match_models(store: RunStore, tmp_path: Path, db
     engine = _raw_engine(store, db_url)
     try:
         with engine.connect() as conn:
-            assert MigrationContext.configure(conn).get_current_revision() == "0001"
-            assert {"runs", "epochs", "alembic_version"} <= set(inspect(conn).get_table_names())
+            assert MigrationContext.configure(conn).get_current_revision() == "0002"
+            assert {"runs", "epochs", "sweeps", "sweep_runs", "alembic_version"} <= set(
+                inspect(conn).get_table_names()
+            )
             assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
             if db_url is None:
                 assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"

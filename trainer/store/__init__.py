@@ -8,6 +8,7 @@
 Public names:
     RunStore, RunReader, load_distribution_log  -- write / read runs
     RunInfo, EpochInfo, RunStatus               -- plain records and the run life cycle
+    SweepInfo                                   -- a sweep: a named group of runs
     SCHEMA_VERSION, write_epoch_file, read_epoch_file, EpochFile, EpochHeader, validate_snapshot
         -- the epoch file format on its own (no catalog), e.g. for uploads
 """
@@ -25,6 +26,7 @@ from .hdf5 import (
 )
 from .reader import RunReader, load_distribution_log
 from .runstore import RunStore
+from .sweeps import SweepInfo
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -35,6 +37,7 @@ __all__ = [
     "RunReader",
     "RunStatus",
     "RunStore",
+    "SweepInfo",
     "load_distribution_log",
     "read_epoch_file",
     "validate_snapshot",

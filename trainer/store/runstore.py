@@ -26,6 +26,7 @@ from . import _paths as paths
 from ._records import EpochInfo, RunInfo, RunStatus
 from .catalog import Catalog
 from .hdf5 import EpochFile, validate_snapshot, write_epoch_file
+from .sweeps import SweepCatalog
 
 if TYPE_CHECKING:
     from .reader import RunReader
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["RunStore"]
 
 
-class RunStore(Catalog):
+class RunStore(Catalog, SweepCatalog):
     """Runs and their epochs in ``data_dir`` and a catalog (``data_dir/catalog.db`` or ``db_url``).
 
     Args:
@@ -42,6 +43,8 @@ class RunStore(Catalog):
             folder when it cannot be created or written.
         db_url: SQLAlchemy URL of the catalog, e.g. ``postgresql+psycopg://user@host/db``.
         stale_after_s: see :class:`Catalog` (default ``$BNN_STALE_AFTER_S`` or 60 s).
+
+    Sweeps (named groups of runs) come from :class:`~trainer.store.sweeps.SweepCatalog`.
     """
 
     def __init__(
