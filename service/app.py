@@ -21,7 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from service.deps import StoreDep
 from service.errors import BodyLimit, install_error_handlers
 from service.jobs import JobRunner
-from service.routers import epochs, runs
+from service.routers import analysis, compare, epochs, plots, runs, sweeps
 from service.settings import Settings, get_settings
 from trainer.store import RunStore
 
@@ -83,6 +83,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(runs.router)
     app.include_router(epochs.router)
+    app.include_router(analysis.router)
+    app.include_router(compare.router)
+    app.include_router(plots.router)
+    app.include_router(sweeps.router)
 
     @app.get("/healthz", tags=["service"], summary="Liveness and catalog check")
     def healthz(request: Request, store: StoreDep) -> dict[str, Any]:

@@ -30,6 +30,13 @@ def test_serve_trains_lists_cancels_and_interrupts_runs_on_a_local_cluster(
     assert len(series["loss"]) == 3 and all(v > 0 for v in series["test_rmse"])
     assert "Dask LocalCluster of 1 processes" in http.get("/healthz").json()["jobs"]["backend"]
     assert http.get("/runs?tag=local").json()["total"] == 1
+    # its analysis: the pairwise KL table at an epoch, gradient outliers and a plot as PNG
+    kl = http.get(f"/runs/{run_id}/kl?epoch=1").json()
+    assert kl["epoch"] == 1 and [r["layer"] for r in kl["table"]["rows"]] == ["layer1", "layer2"]
+    outliers = http.get(f"/runs/{run_id}/gradients/outliers?k=3").json()["table"]["rows"]
+    assert len(outliers) == 3 and all(r["|g|"] >= 0 for r in outliers)
+    png = http.get(f"/runs/{run_id}/plots/kl.png")
+    assert png.headers["content-type"] == "image/png" and png.content[:8] == b"\x89PNG\r\n\x1a\n"
 
     # a long run, cancelled while it trains: the trainer stops after its epoch
     long = http.post("/runs", json={**TINY, "epochs": 1000}).json()["id"]

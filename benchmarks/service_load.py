@@ -1,0 +1,263 @@
+"""Service load: latency and throughput of the analysis endpoints, cold and warm.
+
+A finished 784-1200-1200-10 MNIST run of ``--epochs`` (20) captured epochs with element
+gradient statistics is trained for real (``trainer.train.train`` on ``--n-train`` 2048
+images, about a minute) into a temporary data directory, or taken from ``--data-dir`` and
+``--run-id``. The real server (``python -m service.cli serve``, log level warning) runs on
+a free loopback port over that directory; an asynchronous httpx client sends requests at
+``--concurrency`` (8) and records each request's latency.
+
+* warm: every URL requested once, then ``--requests`` (500) requests cycling over the
+  epochs, all answered from the result cache;
+* cold: a fresh server per endpoint (empty caches; the files are in the OS page cache), one
+  request per epoch: even epochs one at a time (the latency of a cold request), odd epochs
+  ``--concurrency`` at a time (cold throughput);
+* ``plots/kl.png`` (KL over all epochs) is cold only once per server: ``--restarts`` (3)
+  fresh servers give its cold latency.
+
+    python benchmarks/service_load.py [--data-dir DIR --run-id ID] [--requests 500]
+
+Targets: warm JSON tables p50 <= 20 ms and >= 300 requests/s (2 cores); a cold KL table
+<= 200 ms; a cold PNG <= 1.5 s. The machine may be shared: the load average is printed
+with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = {  # the issue's targets
+    "warm p50 ms": 20.0,
+    "warm req/s": 300.0,
+    "cold KL ms": 200.0,
+    "cold PNG ms": 1500.0,
+}
+
+
+def train_run(data_dir: Path, epochs: int, n_train: int) -> str:
+    from trainer.store import RunStore
+    from trainer.train import train
+
+    config = {
+        "dataset": "mnist", "widths": [1200, 1200], "epochs": epochs, "n_train": n_train,
+        "n_test": 1000, "batch_size": 128, "eval_samples": 2, "grad_capture": "element",
+        "prior": "learnable", "seed": 0, "device": "cpu", "name": "service-load",
+    }  # fmt: skip
+    t0 = time.perf_counter()
+    with RunStore(data_dir) as store:
+        result = train(config, sink=store, progress=False)
+    size = sum(p.stat().st_size for p in (data_dir / "runs" / result.run_id).iterdir())
+    print(
+        f"trained run {result.run_id}: 784-1200-1200-10, {len(result.captured_epochs)} captured "
+        f"epochs, n_train {n_train}, in {time.perf_counter() - t0:.0f} s, {size / 1e6:.0f} MB"
+    )
+    return str(result.run_id)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """``python -m service.cli serve`` on a free loopback port, in its own process group."""
+
+    def __init__(self, data_dir: Path, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BNN_")}
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        args = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1"]
+        args += ["--port", str(self.port), "--data-dir", str(data_dir), "--log-level", "warning"]
+        self._log = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            args, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited; see {log}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise RuntimeError(f"server not ready in 60 s; see {log}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log.close()
+
+
+@dataclass
+class Result:
+    name: str
+    phase: str
+    concurrency: int
+    latencies_ms: list[float]
+    wall_s: float
+    load: float
+
+    def pct(self, q: float) -> float:
+        xs = sorted(self.latencies_ms)
+        return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies_ms) / self.wall_s
+
+
+async def _fetch(base: str, urls: list[str], concurrency: int) -> tuple[list[float], float]:
+    latencies: list[float] = []
+    queue = list(reversed(urls))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120) as client:
+
+        async def worker() -> None:
+            while queue:
+                url = queue.pop()
+                t0 = time.perf_counter()
+                response = await client.get(url)
+                latencies.append((time.perf_counter() - t0) * 1e3)
+                if response.status_code != 200:
+                    raise RuntimeError(f"GET {url}: {response.status_code} {response.text[:300]}")
+                await response.aread()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(urls)))))
+        return latencies, time.perf_counter() - t0
+
+
+def measure(name: str, phase: str, base: str, urls: list[str], concurrency: int) -> Result:
+    latencies, wall = asyncio.run(_fetch(base, urls, concurrency))
+    return Result(name, phase, concurrency, latencies, wall, os.getloadavg()[0])
+
+
+def endpoints(run: str, epochs: list[int]) -> dict[str, list[str]]:
+    return {
+        "kl": [f"/runs/{run}/kl?epoch={e}" for e in epochs],
+        "stats": [f"/runs/{run}/stats?epoch={e}" for e in epochs],
+        "gradients/outliers": [f"/runs/{run}/gradients/outliers?epoch={e}&k=10" for e in epochs],
+        "plots/epoch.png": [f"/runs/{run}/plots/epoch.png?epoch={e}" for e in epochs],
+    }
+
+
+def target_of(r: Result) -> list[tuple[str, float, float]]:
+    """(label, measured, target) pairs that apply to a result."""
+    out = []
+    if r.phase == "warm" and r.concurrency > 1 and not r.name.endswith(".png"):
+        out += [("p50 ms", r.pct(50), TARGETS["warm p50 ms"])]
+        out += [("req/s", r.rps, TARGETS["warm req/s"])]
+    if r.phase == "cold" and r.concurrency == 1 and r.name == "kl":
+        out += [("p50 ms", r.pct(50), TARGETS["cold KL ms"])]
+    if r.phase == "cold" and r.concurrency == 1 and r.name.endswith(".png"):
+        out += [("p50 ms", r.pct(50), TARGETS["cold PNG ms"])]
+    return out
+
+
+def report(results: list[Result]) -> None:
+    print("\n| endpoint | phase | concurrency | requests | p50 ms | p99 ms | req/s | load avg |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r.name} | {r.phase} | {r.concurrency} | {len(r.latencies_ms)} | "
+            f"{r.pct(50):.1f} | {r.pct(99):.1f} | {r.rps:.0f} | {r.load:.2f} |"
+        )
+    print("\n| target | measured | limit | ratio (measured / limit) | met |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        for label, value, limit in target_of(r):
+            higher = label == "req/s"
+            met = value >= limit if higher else value <= limit
+            print(
+                f"| {r.phase} {r.name} {label} (c={r.concurrency}) | {value:.1f} | "
+                f"{'>=' if higher else '<='} {limit:g} | {value / limit:.2f} | "
+                f"{'yes' if met else 'NO'} |"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, help="an existing data directory (with --run-id)")
+    parser.add_argument("--run-id", help="a finished run in --data-dir")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--n-train", type=int, default=2048)
+    parser.add_argument("--requests", type=int, default=500, help="warm requests per endpoint")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--restarts", type=int, default=3, help="cold samples of plots/kl.png")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary data directory")
+    args = parser.parse_args()
+    if (args.data_dir is None) != (args.run_id is None):
+        parser.error("--data-dir and --run-id go together")
+    print(f"CPUs: {os.cpu_count()}, load average at start: {os.getloadavg()}")
+    tmp = Path(tempfile.mkdtemp(prefix="bnn-load-"))
+    try:
+        data_dir = args.data_dir or tmp / "data"
+        run = args.run_id or train_run(data_dir, args.epochs, args.n_train)
+        from trainer.store import RunStore
+
+        with RunStore(data_dir, create=False) as store:
+            epochs = [e.epoch for e in store.list_epochs(run)]
+        log = tmp / "server.log"
+        urls = endpoints(run, epochs)
+        results: list[Result] = []
+        c = args.concurrency
+        for name, group in urls.items():  # cold: a fresh server each
+            server = Server(data_dir, log)
+            try:
+                results.append(measure(name, "cold", server.url, group[0::2], 1))
+                results.append(measure(name, "cold", server.url, group[1::2], c))
+            finally:
+                server.stop()
+        kl_png: list[float] = []
+        for _ in range(args.restarts):
+            server = Server(data_dir, log)
+            try:
+                kl_png += measure("", "", server.url, [f"/runs/{run}/plots/kl.png"], 1).latencies_ms
+            finally:
+                server.stop()
+        load = os.getloadavg()[0]
+        results.append(Result("plots/kl.png", "cold", 1, kl_png, sum(kl_png) / 1e3, load))
+        server = Server(data_dir, log)
+        try:  # warm
+            for name, group in urls.items():
+                measure(name, "prime", server.url, group, c)
+                n = args.requests if not name.endswith(".png") else args.requests // 2
+                cycle = [group[i % len(group)] for i in range(n)]
+                results.append(measure(name, "warm", server.url, cycle, 1))
+                results.append(measure(name, "warm", server.url, cycle, c))
+        finally:
+            server.stop()
+        report(results)
+        print(f"\nload average at end: {os.getloadavg()}")
+    finally:
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
