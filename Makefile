@@ -30,7 +30,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check trainer service tests benchmarks
+	$(VENV)/bin/ruff format --check trainer service tests benchmarks examples
 	$(VENV)/bin/mypy
 
 bench: $(STAMP)

@@ -1,5 +1,6 @@
 """The ``bnn`` command line: ``bnn train``, ``bnn runs``, ``bnn runs show ID``, ``bnn serve``,
-``bnn push RUN_ID --to URL``.
+``bnn push RUN_ID --to URL``, and (from :mod:`service.demo.cli`) ``bnn demo regression|mnist``
+and ``bnn sweep width|optim``.
 
 ``bnn train`` takes one option per field of :class:`trainer.config.TrainConfig` (so the
 command line and the Python API never drift apart) and prints the run id as its last
@@ -21,6 +22,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from service.demo.cli import add_demo_commands
 from trainer.config import TrainConfig, parse_config
 from trainer.errors import BnnError
 
@@ -126,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--to", required=True, metavar="URL", help="the service, e.g. http://host:8000"
     )
     _store_options(p_push)
+    _COMMANDS.update(add_demo_commands(sub))
     return parser
 
 
@@ -323,7 +326,12 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"train": _cmd_train, "runs": _cmd_runs, "serve": _cmd_serve, "push": _cmd_push}
+_COMMANDS: dict[str, Any] = {
+    "train": _cmd_train,
+    "runs": _cmd_runs,
+    "serve": _cmd_serve,
+    "push": _cmd_push,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,281 @@
+"""``bnn demo regression|mnist`` and ``bnn sweep width|optim``: the parsers and handlers
+that :mod:`service.cli` adds. Heavy imports (torch, Dask, analysis) happen in handlers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import BnnError
+
+__all__ = ["add_demo_commands"]
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(p) for p in text.replace(" ", "").split(",") if p]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _names(text: str) -> list[str]:
+    return [p for p in text.replace(" ", "").split(",") if p]
+
+
+def _demo_parser(sub: Any) -> None:
+    p = sub.add_parser("demo", help="fixed vs learnable prior with every diagnostic, as a report")
+    p.add_argument("task", choices=["regression", "mnist"])
+    p.add_argument(
+        "--out", required=True, type=Path, help="folder for report.html/.md, img/, bnn-data/"
+    )
+    p.add_argument("--full", action="store_true", help="mnist: 784-1200-1200-10, 100 epochs")
+    p.add_argument("--epochs", type=int, help="epochs per model (regression 300, mnist 10)")
+    p.add_argument("--widths", type=_ints, metavar="N,N", help="hidden widths")
+    p.add_argument("--n-train", type=int, help="training examples (default: all)")
+    p.add_argument("--n-test", type=int, help="test examples (default: all)")
+    p.add_argument("--n-ood", type=int, default=2000, help="mnist: images per OOD set")
+    p.add_argument("--eval-samples", type=int, help="posterior samples for the report (200 / 20)")
+    p.add_argument("--capture-every", type=int, help="capture every N epochs (10 / 1)")
+    p.add_argument("--fashion-dir", help="mnist: folder with t10k-images-idx3-ubyte[.gz]")
+    p.add_argument("--device", help="mnist: auto, cpu or cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _sweep_parser(sub: Any) -> None:
+    p = sub.add_parser("sweep", help="a width or optimiser study on Dask, with a report")
+    p.add_argument("kind", choices=["width", "optim"])
+    p.add_argument(
+        "--dataset",
+        default="regression",
+        choices=["regression", "mnist", "fashion_mnist", "kmnist"],
+    )
+    p.add_argument(
+        "--widths",
+        type=_ints,
+        metavar="N,N",
+        help="width: the widths to sweep (25,...,800); optim: hidden widths",
+    )
+    p.add_argument("--depth", type=int, help="width: hidden layers of each width (dataset default)")
+    p.add_argument(
+        "--prior",
+        "--priors",
+        dest="priors",
+        type=_names,
+        help="fixed,learnable (width default: learnable)",
+    )
+    p.add_argument("--optimizers", type=_names, help="optim: sgd,adam,adamw")
+    p.add_argument(
+        "--clip", type=float, default=1.0, help="optim: the max gradient norm when clipping is on"
+    )
+    p.add_argument("--anneal-epochs", type=int, help="optim: KL warm-up epochs when on (epochs/4)")
+    p.add_argument(
+        "--lr-schedule",
+        default="cosine",
+        choices=["cosine", "step"],
+        help="optim: the schedule when on",
+    )
+    p.add_argument(
+        "--design",
+        default="half",
+        choices=["half", "full"],
+        help="optim: half (24 runs) or full (48) factorial",
+    )
+    p.add_argument("--target", type=float, help="optim: accuracy (or RMSE) for epochs-to-target")
+    for flag, typ in (
+        ("--epochs", int),
+        ("--n-train", int),
+        ("--n-test", int),
+        ("--batch-size", int),
+        ("--lr", float),
+        ("--capture-every", int),
+        ("--eval-samples", int),
+        ("--seed", int),
+    ):
+        p.add_argument(flag, type=typ)
+    p.add_argument("--config", type=Path, help="JSON file with base configuration fields")
+    p.add_argument("--name", help="sweep name")
+    p.add_argument("--out", type=Path, help="report folder (default: sweep-<id>)")
+    p.add_argument("--data-dir", help="run store (default: $BNN_DATA_DIR or ./bnn-data)")
+    p.add_argument("--db-url", help="catalog URL (default: $BNN_DATABASE_URL or SQLite)")
+    p.add_argument("--workers", type=int, default=2, help="local Dask worker processes")
+    p.add_argument("--dask-scheduler", help="a Dask scheduler address instead of a local cluster")
+    p.add_argument(
+        "--service", metavar="URL", help="submit to a bnn service (POST /sweeps) instead"
+    )
+
+
+def add_demo_commands(sub: Any) -> dict[str, Handler]:
+    """Add ``demo`` and ``sweep`` to ``bnn``'s subparsers; returns their handlers."""
+    _demo_parser(sub)
+    _sweep_parser(sub)
+    return {"demo": _cmd_demo, "sweep": _cmd_sweep}
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    kwargs: dict[str, Any] = {
+        "epochs": args.epochs,
+        "widths": args.widths,
+        "n_train": args.n_train,
+        "n_test": args.n_test,
+        "capture_every": args.capture_every,
+    }
+    if args.eval_samples is not None:
+        kwargs["eval_samples"] = args.eval_samples
+    t0 = time.perf_counter()
+    if args.task == "regression":
+        from service.demo.regression import run_regression_demo
+
+        if args.full:
+            raise BnnError.invalid("--full is for `bnn demo mnist`")
+        result = run_regression_demo(
+            args.out, seed=args.seed, progress=not args.no_progress, **kwargs
+        )
+    else:
+        from service.demo.mnist import run_mnist_demo
+
+        result = run_mnist_demo(
+            args.out,
+            full=args.full,
+            n_ood=args.n_ood,
+            fashion_dir=args.fashion_dir,
+            device=args.device,
+            seed=args.seed,
+            progress=not args.no_progress,
+            **kwargs,
+        )
+    print(result.metrics.to_string(float_format=lambda v: f"{v:.4g}"), file=sys.stderr)
+    print(f"report written in {time.perf_counter() - t0:.0f} s: {result.html}", file=sys.stderr)
+    print(result.html)
+    return 0
+
+
+def _base(args: argparse.Namespace) -> dict[str, Any]:
+    base: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            base = json.loads(args.config.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BnnError.invalid(f"cannot read config file {args.config}: {exc}") from None
+    base["dataset"] = args.dataset
+    for key in (
+        "epochs",
+        "n_train",
+        "n_test",
+        "batch_size",
+        "lr",
+        "capture_every",
+        "eval_samples",
+        "seed",
+    ):
+        if getattr(args, key) is not None:
+            base[key] = getattr(args, key)
+    return base
+
+
+def _spec(args: argparse.Namespace) -> Any:
+    from service.demo.sweeps import SweepSpec
+    from trainer.config import DATASET_DEFAULTS, Dataset
+
+    base, grid = _base(args), {}
+    if args.kind == "width":
+        if not args.widths:
+            raise BnnError.invalid("`bnn sweep width` needs --widths, e.g. 25,50,100,200,400,800")
+        depth = args.depth or len(
+            base.get("widths") or DATASET_DEFAULTS[Dataset(args.dataset)]["widths"]
+        )
+        base["widths"] = [args.widths[0]] * depth
+        grid = {"widths": args.widths, "prior": args.priors or ["learnable"]}
+    else:
+        if args.widths:
+            base["widths"] = args.widths
+        grid = {
+            "grad_clip": [None, args.clip],
+            "kl_anneal_epochs": [0, args.anneal_epochs],
+            "lr_schedule": ["none", args.lr_schedule],
+        }
+        if args.optimizers:
+            grid["optimizer"] = args.optimizers
+        if args.priors:
+            grid["prior"] = args.priors
+    try:
+        return SweepSpec(
+            kind=args.kind,
+            name=args.name,
+            base=base,
+            grid=grid,
+            design=args.design,
+            target=args.target,
+        )
+    except ValueError as exc:
+        raise BnnError.invalid(f"bad sweep: {exc}") from None
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    if args.service:
+        return _sweep_on_service(args, spec)
+    from service.demo.studies import study_table, write_study_report
+    from service.demo.sweeps import run_sweep_local
+    from trainer.store import RunStore
+
+    data_dir = Path(args.data_dir or os.environ.get("BNN_DATA_DIR") or "bnn-data")
+    db_url = args.db_url or os.environ.get("BNN_DATABASE_URL")
+    sweep = run_sweep_local(
+        spec, data_dir, db_url=db_url, workers=args.workers, scheduler=args.dask_scheduler
+    )
+    out = args.out or Path(f"sweep-{sweep.id}")
+    with RunStore(data_dir, db_url) as store:
+        sweep = store.get_sweep(sweep.id)
+        write_study_report(store, sweep, out)
+        table = study_table(store, sweep)
+    print(table.to_string(float_format=lambda v: f"{v:.4g}"), file=sys.stderr)
+    print(
+        f"sweep {sweep.id}: report {out / 'report.html'}, table {out / 'study.csv'}",
+        file=sys.stderr,
+    )
+    print(sweep.id)
+    return 0
+
+
+def _sweep_on_service(args: argparse.Namespace, spec: Any) -> int:
+    import httpx
+
+    token = os.environ.get("BNN_API_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with httpx.Client(base_url=args.service.rstrip("/"), headers=headers, timeout=60) as http:
+        response = http.post("/sweeps", json=spec.model_dump(mode="json"))
+        if response.status_code != 202:
+            raise BnnError.invalid(f"POST /sweeps: {response.status_code} {response.text[:500]}")
+        sweep = response.json()
+        print(
+            f"sweep {sweep['id']}: {len(sweep['runs'])} runs submitted to {args.service}",
+            file=sys.stderr,
+        )
+        while True:
+            sweep = http.get(f"/sweeps/{sweep['id']}").json()
+            if sweep["done"]:
+                break
+            time.sleep(2.0)
+        out = args.out or Path(f"sweep-{sweep['id']}")
+        out.mkdir(parents=True, exist_ok=True)
+        if sweep.get("study") is not None:
+            (out / "study.csv").write_text(
+                http.get(f"/sweeps/{sweep['id']}", params={"format": "csv"}).text
+            )
+            for url in sweep.get("plots", []):
+                (out / url.rsplit("/", 1)[-1]).write_bytes(http.get(url).content)
+        (out / "sweep.json").write_text(json.dumps(sweep, indent=2))
+    print(f"sweep {sweep['id']}: {sweep['counts']}; results in {out}", file=sys.stderr)
+    print(sweep["id"])
+    return 0

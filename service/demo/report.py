@@ -1,0 +1,220 @@
+"""A small report: sections of text, tables and PNG plots, written as HTML and Markdown.
+
+    report = Report("Regression demo", out_dir)
+    sec = report.section("fit", "Predictive fit")
+    sec.text("Both models, **same** seed and data.")
+    sec.table(frame, "Test metrics")
+    sec.image("fit", png_bytes, "Predictive mean +- 2 sigma")
+    html_path, md_path = report.write()
+
+``report.html`` embeds every PNG (base64, one self-contained file); ``report.md`` links
+to ``img/<name>.png`` beside it. Each section is an ``<h2 id=...>`` / ``## `` heading,
+so tests can check that every section is present.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["Report", "Section", "format_value", "markdown_table"]
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em;
+       color: #222; line-height: 1.45; }
+table { border-collapse: collapse; margin: 0.5em 0 1.2em; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 2px 6px; text-align: right; }
+th { background: #f0f0f0; }
+caption { caption-side: top; text-align: left; font-weight: bold; padding: 4px 0; }
+figure { margin: 0.5em 0 1.5em; }
+figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: 0.9em; color: #555; }
+code { background: #f4f4f4; padding: 0 3px; }
+nav li { display: inline; margin-right: 1em; }
+"""
+
+
+def format_value(value: Any) -> str:
+    """Numbers with 4 significant digits; NaN as ``nan``; the rest as ``str``."""
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value))
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        v = float(value)
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+            return f"{v:.3e}"
+        return f"{v:.4g}"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(format_value(v) for v in value) + ")"
+    return str(value)
+
+
+def _flat(frame: pd.DataFrame) -> pd.DataFrame:
+    """Index levels as leading columns, so that both renderers show them."""
+    if frame.index.names == [None] and isinstance(frame.index, pd.RangeIndex):
+        return frame
+    return frame.reset_index()
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub Markdown table of ``frame`` (index levels as columns)."""
+    flat = _flat(frame)
+    cols = [str(c) for c in flat.columns]
+    lines = ["| " + " | ".join(c.replace("|", "\\|") for c in cols) + " |"]
+    lines.append("|" + "|".join("---" for _ in cols) + "|")
+    for row in flat.itertuples(index=False):
+        cells = [format_value(v).replace("|", "\\|") for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _html_table(frame: pd.DataFrame, caption: str) -> str:
+    flat = _flat(frame)
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in flat.columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(format_value(v))}</td>" for v in row) + "</tr>"
+        for row in flat.itertuples(index=False)
+    )
+    cap = f"<caption>{_inline(caption)}</caption>" if caption else ""
+    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _inline(text: str) -> str:
+    """Markdown's inline ``code`` and **bold** as HTML (everything else escaped)."""
+    out = html.escape(text)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", out)
+
+
+def _paragraphs(text: str) -> str:
+    parts = []
+    for para in re.split(r"\n\s*\n", text.strip()):
+        lines = para.strip().splitlines()
+        if lines and all(line.lstrip().startswith("- ") for line in lines):
+            items = "".join(f"<li>{_inline(line.lstrip()[2:])}</li>" for line in lines)
+            parts.append(f"<ul>{items}</ul>")
+        elif para.strip():
+            parts.append(f"<p>{_inline(' '.join(lines))}</p>")
+    return "\n".join(parts)
+
+
+@dataclass
+class _Block:
+    kind: str  # text | table | image
+    text: str = ""
+    frame: pd.DataFrame | None = None
+    name: str = ""
+    png: bytes = b""
+
+
+@dataclass
+class Section:
+    """One ``##`` section: text paragraphs, tables and images, in the order added."""
+
+    id: str
+    title: str
+    blocks: list[_Block] = field(default_factory=list)
+
+    def text(self, text: str) -> Section:
+        self.blocks.append(_Block("text", text=text))
+        return self
+
+    def table(self, frame: pd.DataFrame | pd.Series, caption: str = "") -> Section:
+        if isinstance(frame, pd.Series):
+            frame = frame.to_frame()
+        self.blocks.append(_Block("table", text=caption, frame=frame))
+        return self
+
+    def image(self, name: str, png: bytes, caption: str = "") -> Section:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"image name must be letters, digits, '_', '.', '-': {name!r}")
+        self.blocks.append(_Block("image", text=caption, name=name, png=png))
+        return self
+
+
+@dataclass
+class Report:
+    """Sections in order; :meth:`write` renders ``report.html``, ``report.md`` and ``img/``."""
+
+    title: str
+    out_dir: Path
+    intro: str = ""
+    sections: list[Section] = field(default_factory=list)
+
+    def section(self, id: str, title: str) -> Section:
+        if any(s.id == id for s in self.sections):
+            raise ValueError(f"duplicate section id {id!r}")
+        sec = Section(id, title)
+        self.sections.append(sec)
+        return sec
+
+    @property
+    def section_ids(self) -> list[str]:
+        return [s.id for s in self.sections]
+
+    def images(self) -> list[str]:
+        return [b.name for s in self.sections for b in s.blocks if b.kind == "image"]
+
+    def write(self) -> tuple[Path, Path]:
+        """Write the images, ``report.md`` and ``report.html``; returns the two paths."""
+        out = Path(self.out_dir)
+        img = out / "img"
+        img.mkdir(parents=True, exist_ok=True)
+        names = self.images()
+        if len(names) != len(set(names)):
+            raise ValueError(f"duplicate image names in {names}")
+        md = [f"# {self.title}", ""]
+        body = [f"<h1>{html.escape(self.title)}</h1>"]
+        if self.intro:
+            md += [self.intro.strip(), ""]
+            body.append(_paragraphs(self.intro))
+        toc = "".join(
+            f'<li><a href="#{s.id}">{html.escape(s.title)}</a></li>' for s in self.sections
+        )
+        body.append(f"<nav><ul>{toc}</ul></nav>")
+        for sec in self.sections:
+            md += [f'## {sec.title} <a id="{sec.id}"></a>', ""]
+            body.append(f'<h2 id="{sec.id}">{html.escape(sec.title)}</h2>')
+            for block in sec.blocks:
+                if block.kind == "text":
+                    md += [block.text.strip(), ""]
+                    body.append(_paragraphs(block.text))
+                elif block.kind == "table":
+                    assert block.frame is not None
+                    if block.text:
+                        md += [f"**{block.text}**", ""]
+                    md += [markdown_table(block.frame), ""]
+                    body.append(_html_table(block.frame, block.text))
+                else:
+                    (img / f"{block.name}.png").write_bytes(block.png)
+                    md += [f"![{block.text or block.name}](img/{block.name}.png)", ""]
+                    if block.text:
+                        md += [f"*{block.text}*", ""]
+                    data = base64.b64encode(block.png).decode("ascii")
+                    body.append(
+                        f'<figure id="img-{block.name}"><img alt="{html.escape(block.name)}" '
+                        f'src="data:image/png;base64,{data}"><figcaption>{_inline(block.text)}'
+                        "</figcaption></figure>"
+                    )
+        md_path, html_path = out / "report.md", out / "report.html"
+        md_path.write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
+        page = (
+            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{html.escape(self.title)}</title><style>{_CSS}</style></head>"
+            f"<body>\n" + "\n".join(body) + "\n</body></html>\n"
+        )
+        html_path.write_text(page, encoding="utf-8")
+        return html_path, md_path

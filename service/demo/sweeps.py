@@ -1,0 +1,332 @@
+"""Sweeps: a width study or an optimiser study as a group of runs trained on Dask.
+
+A :class:`SweepSpec` (kind, shared ``base`` configuration, ``grid``) expands into labelled
+training configurations (:func:`expand`). :func:`register_sweep` records the sweep and
+its runs (QUEUED, tagged ``sweep:<id>``) in a run store; the service hands the runs to its
+job runner (``POST /sweeps``), and :func:`run_sweep_local` trains them on a Dask cluster
+(a ``LocalCluster`` of processes by default) writing into a local store. The study
+tables and plots come from :mod:`service.demo.studies` once the runs have finished.
+
+Optimiser grid: optimizer x grad clipping (off/on) x KL annealing (off/on) x learning-rate
+schedule (none/cosine) x prior (fixed/learnable) is 48 runs. ``design="half"`` (the
+default) keeps the half fraction with defining relation I = -ABC over the three on/off
+factors (clip, anneal, schedule): the 4 rows with 0 or 2 of them on (the plain baseline,
+clip+anneal, clip+schedule, anneal+schedule), crossed fully with optimizer and prior, so
+24 runs. Each main effect stays estimable (aliased with the other two factors'
+interaction), and every cell has its fixed and learnable pair.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from trainer.config import TrainConfig, parse_config
+from trainer.errors import BnnError
+from trainer.store import RunStatus, RunStore, SweepInfo
+
+__all__ = [
+    "OPTIM_GRID",
+    "SweepKind",
+    "SweepSpec",
+    "expand",
+    "register_sweep",
+    "run_sweep_local",
+    "train_stored_run",
+]
+
+SWEEP_TAG = "sweep:"
+OPTIM_GRID: dict[str, list[Any]] = {
+    "optimizer": ["sgd", "adam", "adamw"],
+    "grad_clip": [None, 1.0],
+    "kl_anneal_epochs": [0, None],  # None: a quarter of the epochs (at least 1)
+    "lr_schedule": ["none", "cosine"],
+    "prior": ["fixed", "learnable"],
+}
+WIDTH_GRID: dict[str, list[Any]] = {"widths": [25, 50, 100, 200, 400, 800], "prior": ["learnable"]}
+SGD_LR_FACTOR = 10.0  # SGD (momentum 0.9) gets 10x the dataset's Adam learning rate ...
+ADAMW_WEIGHT_DECAY = 1e-2  # ... and AdamW torch's default decoupled weight decay
+_ONOFF = ("grad_clip", "kl_anneal_epochs", "lr_schedule")
+
+
+class SweepKind(StrEnum):
+    WIDTH = "width"
+    OPTIM = "optim"
+
+
+class SweepSpec(BaseModel):
+    """What a sweep trains. ``grid`` keys (defaults in :data:`WIDTH_GRID` / :data:`OPTIM_GRID`):
+
+    - width: ``widths`` (hidden width w; every hidden layer of ``base`` gets w), ``prior``;
+    - optim: ``optimizer``, ``grad_clip``, ``kl_anneal_epochs``, ``lr_schedule``, ``prior``,
+      optionally ``lr`` as ``{optimizer: lr}``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: SweepKind
+    name: str | None = Field(default=None, max_length=200)
+    base: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields shared")
+    grid: dict[str, Any] = Field(default_factory=dict, description="the factors and levels")
+    design: Literal["full", "half"] = Field(default="half", description="optim: fraction")
+    target: float | None = Field(
+        default=None, description="accuracy (classification) or RMSE to reach; dataset default"
+    )
+
+    @field_validator("base")
+    @classmethod
+    def _base_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(value) - set(TrainConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown training configuration fields {unknown}")
+        return value
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_levels(cls, value: dict[str, Any]) -> dict[str, Any]:
+        allowed = set(OPTIM_GRID) | set(WIDTH_GRID) | {"lr"}
+        unknown = sorted(set(value) - allowed)
+        if unknown:
+            raise ValueError(f"unknown grid factors {unknown}; known: {sorted(allowed)}")
+        for key, levels in value.items():
+            if key == "lr":
+                if not isinstance(levels, dict):
+                    raise ValueError(f"grid.lr must map optimizer to lr, got {levels!r}")
+            elif not isinstance(levels, list) or not levels:
+                raise ValueError(f"grid.{key} must be a non-empty list, got {levels!r}")
+        return value
+
+    def factor(self, key: str) -> list[Any]:
+        default = (WIDTH_GRID if self.kind is SweepKind.WIDTH else OPTIM_GRID).get(key, [])
+        return list(self.grid.get(key, default))
+
+    def base_config(self) -> TrainConfig:
+        return parse_config(self.base)
+
+    def target_value(self) -> float:
+        if self.target is not None:
+            return self.target
+        return 0.9 if self.base_config().is_classification else 0.2
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _optim_rows(spec: SweepSpec, epochs: int) -> list[dict[str, Any]]:
+    onoff = {k: spec.factor(k) for k in _ONOFF}
+    if spec.design == "half":
+        bad = {k: v for k, v in onoff.items() if len(v) != 2}
+        if bad:
+            raise BnnError.invalid(
+                f"design 'half' needs exactly two levels (off, on) of {list(_ONOFF)}, got {bad}; "
+                "use design 'full'"
+            )
+    rows = []
+    for optimizer, clip, anneal, schedule, prior in itertools.product(
+        spec.factor("optimizer"), *onoff.values(), spec.factor("prior")
+    ):
+        on = [onoff["grad_clip"].index(clip), onoff["kl_anneal_epochs"].index(anneal)]
+        on.append(onoff["lr_schedule"].index(schedule))
+        if spec.design == "half" and sum(on) % 2:
+            continue
+        anneal_epochs = max(1, epochs // 4) if anneal is None else int(anneal)
+        rows.append(
+            {
+                "optimizer": optimizer,
+                "grad_clip": clip,
+                "kl_anneal_epochs": anneal_epochs,
+                "lr_schedule": schedule,
+                "prior": prior,
+                "_on": on,
+            }
+        )
+    return rows
+
+
+def _optim_label(row: dict[str, Any]) -> str:
+    parts = [row["optimizer"]]
+    if row["grad_clip"] is not None:
+        parts.append(f"clip{row['grad_clip']:g}")
+    if row["kl_anneal_epochs"]:
+        parts.append(f"anneal{row['kl_anneal_epochs']}")
+    if row["lr_schedule"] != "none":
+        parts.append(str(row["lr_schedule"]))
+    return "+".join(parts) + f"/{row['prior']}"
+
+
+def expand(spec: SweepSpec) -> list[tuple[str, dict[str, Any]]]:
+    """``[(label, training configuration)]`` in a stable order; each configuration valid."""
+    base = spec.base_config()
+    fields = {k: v for k, v in spec.base.items() if k not in ("name", "tags")}
+    depth = len(base.hidden)
+    out: list[tuple[str, dict[str, Any]]] = []
+    if spec.kind is SweepKind.WIDTH:
+        priors = spec.factor("prior")
+        for width in spec.factor("widths"):
+            if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+                raise BnnError.invalid(f"grid.widths must hold positive integers, got {width!r}")
+            for prior in priors:
+                label = f"w{width}" + (f"/{prior}" if len(priors) > 1 else "")
+                out.append((label, fields | {"widths": [width] * depth, "prior": prior}))
+    else:
+        lr_map = dict(spec.grid.get("lr", {}))
+        for row in _optim_rows(spec, base.epochs):
+            optimizer = row["optimizer"]
+            lr = lr_map.get(optimizer) or (
+                base.learning_rate * (SGD_LR_FACTOR if optimizer == "sgd" else 1.0)
+            )
+            cfg = fields | {k: v for k, v in row.items() if not k.startswith("_")} | {"lr": lr}
+            if optimizer == "adamw" and "weight_decay" not in spec.base:
+                cfg["weight_decay"] = ADAMW_WEIGHT_DECAY
+            out.append((_optim_label(row), cfg))
+    labels = [label for label, _ in out]
+    if len(set(labels)) != len(labels):
+        raise BnnError.invalid(f"the grid gives repeated runs: {labels}")
+    for _, cfg in out:
+        parse_config(cfg)  # INVALID_ARGUMENT naming the bad field before anything is stored
+    return out
+
+
+def register_sweep(
+    store: RunStore, spec: SweepSpec
+) -> tuple[SweepInfo, list[tuple[str, str, dict[str, Any]]]]:
+    """Record the sweep and its runs (QUEUED, tagged ``sweep:<id>``) in ``store``.
+
+    Returns the sweep and ``[(label, run_id, config)]`` for a job runner to start.
+    """
+    configs = expand(spec)
+    sweep = store.create_sweep(spec.kind.value, spec.to_json(), spec.name)
+    runs = []
+    for label, cfg in configs:
+        tags = [
+            *spec.base.get("tags", []),
+            f"{SWEEP_TAG}{sweep.id}",
+            f"{SWEEP_TAG}{spec.kind.value}",
+        ]
+        config = parse_config(cfg, name=f"{sweep.name}/{label}", tags=tags).to_json_dict()
+        run = store.create_run(config["name"], config, tags, RunStatus.QUEUED)
+        store.add_sweep_run(sweep.id, run.id, label)
+        runs.append((label, run.id, config))
+    return store.get_sweep(sweep.id), runs
+
+
+class _QueuedRunSink:
+    """A local store seen by the trainer as a sink whose run already exists (QUEUED)."""
+
+    def __init__(self, store: RunStore, run_id: str) -> None:
+        self.store, self.run_id = store, run_id
+
+    def create_run(self, name: str | None, config: dict[str, Any], tags: Any = ()) -> Any:
+        return self.store.set_status(self.run_id, RunStatus.RUNNING)
+
+    def write_epoch(self, run_id: str, snap: Any) -> Any:
+        return self.store.write_epoch(run_id, snap)
+
+    def heartbeat(self, run_id: str) -> None:
+        self.store.heartbeat(run_id)
+
+    def set_status(self, run_id: str, status: Any, error: str | None = None) -> Any:
+        return self.store.set_status(run_id, status, error=error)
+
+    def should_stop(self, run_id: str) -> bool:
+        return self.store.get_run(run_id).status is RunStatus.CANCELLED
+
+
+def train_stored_run(
+    run_id: str, config: dict[str, Any], data_dir: str, db_url: str | None = None, threads: int = 1
+) -> str:
+    """Train the QUEUED run ``run_id`` of the store at ``data_dir`` (a Dask task)."""
+    import torch
+
+    from trainer.train import Trainer
+
+    torch.set_num_threads(threads)
+    with RunStore(data_dir, db_url) as store:
+        if store.get_run(run_id).status is not RunStatus.QUEUED:
+            return store.get_run(run_id).status.value
+        try:
+            trainer = Trainer(
+                parse_config(config),
+                sink=_QueuedRunSink(store, run_id),
+                progress=False,
+                data_root=Path(data_dir) / "datasets",
+            )
+        except Exception as exc:
+            store.set_status(run_id, RunStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
+            raise
+        result = trainer.fit()  # a failure marks the run FAILED with the reason
+    return RunStatus.CANCELLED.value if result.cancelled else RunStatus.COMPLETED.value
+
+
+def run_sweep_local(
+    spec: SweepSpec,
+    data_dir: str | Path,
+    *,
+    db_url: str | None = None,
+    workers: int = 2,
+    scheduler: str | None = None,
+    log: Any = None,
+) -> SweepInfo:
+    """Register the sweep in the store at ``data_dir`` and train its runs on Dask: a
+    LocalCluster of ``workers`` processes, or the ``scheduler`` at an address (its workers
+    must reach the same ``data_dir`` and catalog, e.g. a shared folder and PostgreSQL)."""
+    from distributed import Client, LocalCluster, as_completed
+
+    say = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    data = Path(data_dir).resolve()
+    with RunStore(data, db_url) as store:
+        sweep, runs = register_sweep(store, spec)
+        say(
+            f"sweep {sweep.id} ({spec.kind.value}): {len(runs)} runs on "
+            + (f"the Dask scheduler {scheduler}" if scheduler else f"{workers} local Dask workers")
+        )
+        cluster = None
+        if scheduler is None:
+            cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            )
+        client = Client(cluster or scheduler, set_as_default=False)
+        t0 = time.perf_counter()
+        try:
+            futures = {
+                client.submit(
+                    train_stored_run,
+                    run_id,
+                    cfg,
+                    str(data),
+                    db_url,
+                    key=f"bnn-sweep-{run_id}",
+                    pure=False,
+                ): label
+                for label, run_id, cfg in runs
+            }
+            for done, future in enumerate(as_completed(futures, loop=client.loop), 1):
+                label = futures[future]
+                if future.status == "error":
+                    exc = future.exception()
+                    say(f"  [{done}/{len(runs)}] {label}: failed ({type(exc).__name__}: {exc})")
+                else:
+                    say(
+                        f"  [{done}/{len(runs)}] {label}: {future.result()} "
+                        f"({time.perf_counter() - t0:.0f} s)"
+                    )
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+        for _, run_id, _ in runs:  # a task lost with its worker leaves its run behind
+            if store.get_run(run_id).status.active:
+                store.set_status(run_id, RunStatus.FAILED, error="the Dask task did not finish")
+        return store.get_sweep(sweep.id)
