@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.ticker import NullFormatter
 
 from trainer.errors import BnnError
 from trainer.snapshot import EpochSnapshot
@@ -236,6 +237,10 @@ def plot_width_study(
             part = table[table.index.get_level_values("layer") == layer].sort_values("width")
             ax.plot(part["width"], part[f"{col} prior {stat}"], "-o", color=colours[i], label=layer)
         ax.set_xscale("log")
+        ticks = sorted({int(w) for w in table["width"] if np.isfinite(w) and w > 0})
+        if ticks:  # the widths themselves as plain numbers, no log-scale minor labels
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"learned {param} prior {stat} vs width", fontsize=9)
         ax.set_xlabel("network width (hidden units)")
         ax.set_ylabel(f"prior {stat}")
