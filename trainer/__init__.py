@@ -22,6 +22,9 @@ from trainer.models import bayesianize, deterministic_mlp, mlp, small_cnn
 from trainer.priors import GaussianPrior, LearnMode, PriorKind, PriorSpec
 from trainer.snapshot import EpochSnapshot, GradLevel
 
+# Bound eagerly: a lazy ``train`` would be shadowed by the submodule ``trainer.train``.
+from trainer.train import Trainer, TrainResult, train
+
 __all__ = [
     "BayesConv2d",
     "BayesLinear",
@@ -57,16 +60,12 @@ __all__ = [
     "use_mean",
 ]
 
-# The store (SQLAlchemy, h5py) and the training loop load on first use, so that
-# ``import trainer.layers`` stays light.
+# The store (SQLAlchemy, h5py) loads on first use.
 _LAZY = {
     "RunReader": "trainer.store",
     "RunStatus": "trainer.store",
     "RunStore": "trainer.store",
     "load_distribution_log": "trainer.store",
-    "Trainer": "trainer.train",
-    "TrainResult": "trainer.train",
-    "train": "trainer.train",
 }
 
 
