@@ -53,8 +53,14 @@ def _unwrap_optional(annotation: Any) -> Any:
     return annotation
 
 
+# Fields the trainer fills in itself.
+_NOT_OPTIONS = {"resolved_priors"}
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     for name, info in TrainConfig.model_fields.items():
+        if name in _NOT_OPTIONS:
+            continue
         flags = _ALIASES.get(name, [f"--{name.replace('_', '-')}"])
         ann = _unwrap_optional(info.annotation)
         default_text = "dataset default" if info.default is None else info.default
@@ -149,7 +155,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             base = json.loads(args.config.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise BnnError.invalid(f"cannot read config file {args.config}: {exc}") from None
-    overrides = {name: getattr(args, name) for name in TrainConfig.model_fields}
+    overrides = {name: getattr(args, name, None) for name in TrainConfig.model_fields}
     config = parse_config(base, **overrides)
     tracking_url = args.tracking_url or os.environ.get("BNN_TRACKING_URL")
     sink: Any

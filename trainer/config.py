@@ -6,6 +6,7 @@ epochs=5)`` is a complete configuration. Validation errors name the bad value.
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 from typing import Any
 
@@ -13,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from trainer.errors import BnnError
 from trainer.models import Activation
-from trainer.priors import EBSchedule, LearnMode, PriorKind, PriorSpec
+from trainer.priors import EBSchedule, LearnMode, PriorFamily, PriorKind, PriorScale, PriorSpec
 from trainer.snapshot import GradLevel
 
 __all__ = [
@@ -21,7 +22,9 @@ __all__ = [
     "Dataset",
     "LRSchedule",
     "ModelKind",
+    "ModelSelection",
     "Optimizer",
+    "PriorOptimizer",
     "TrainConfig",
     "parse_config",
 ]
@@ -45,6 +48,20 @@ class Optimizer(StrEnum):
     SGD = "sgd"  # with momentum
     ADAM = "adam"
     ADAMW = "adamw"
+
+
+class PriorOptimizer(StrEnum):
+    """The optimiser of the prior's own parameter group (gradient and hierarchical modes)."""
+
+    SGD = "sgd"  # plain, no momentum: the step follows the gradient's size
+    ADAM = "adam"
+
+
+class ModelSelection(StrEnum):
+    """Which weights the final test evaluation uses."""
+
+    BEST_VAL = "best_val"  # the epoch with the lowest validation NLL
+    LAST = "last"
 
 
 class LRSchedule(StrEnum):
@@ -73,14 +90,40 @@ class TrainConfig(BaseModel):
         default=None, description="hidden layer widths; None: the dataset's default"
     )
     activation: str = "relu"
-    # prior
+    # prior (see trainer.prior_spec for what each option means)
     prior: PriorKind = PriorKind.LEARNABLE
     prior_mode: LearnMode = LearnMode.GRADIENT
-    prior_mu0: float = 0.0
-    prior_sigma0: float = Field(default=1.0, gt=0)
+    prior_family: PriorFamily = PriorFamily.GAUSSIAN
+    prior_scale: PriorScale = Field(
+        default=PriorScale.ABSOLUTE,
+        description="'fan_in': prior sigma = prior_sigma0 / sqrt(fan_in) in every layer",
+    )
+    prior_mu0: float = Field(default=0.0, ge=-1e6, le=1e6)
+    prior_sigma0: float = Field(default=1.0, gt=1e-7, le=1e6)
+    prior_learn_mean: bool = Field(default=False, description="learn the prior mean too")
+    prior_min_group: int = Field(
+        default=10, ge=1, description="learnable priors on smaller groups are fixed instead"
+    )
+    prior_optimizer: PriorOptimizer = PriorOptimizer.ADAM
+    prior_lr: float | None = Field(
+        default=None, gt=0, le=1e3, description="learning rate of the prior group; None: lr"
+    )
+    prior_burnin_epochs: int = Field(
+        default=0, ge=0, description="epochs before empirical-Bayes / Laplace updates start"
+    )
     eb_every: EBSchedule = EBSchedule.STEP
-    hyper_alpha: float = Field(default=3.0, gt=0)
-    hyper_beta: float | None = Field(default=None, gt=0)
+    laplace_every: int = Field(default=1, ge=1, description="Laplace mode: update every K epochs")
+    laplace_examples: int = Field(default=5000, ge=1, le=1_000_000)
+    hyper_alpha: float | None = Field(default=None, gt=0, le=1e12)
+    hyper_beta: float | None = Field(default=None, gt=0, le=1e12)
+    hyper_strength: float = Field(
+        default=1.0, gt=0, le=1e6, description="hyperprior pseudo-observations per element"
+    )
+    mixture_pi: float = Field(default=0.5, gt=0, lt=1)
+    mixture_sigma2: float = Field(default=math.exp(-6), gt=1e-7, le=1e6)
+    resolved_priors: dict[str, str] | None = Field(
+        default=None, description="filled by the trainer: the prior each group actually got"
+    )
     # posterior
     posterior_sigma_init: float = Field(default=0.05, gt=0)
     local_reparam: bool = False
@@ -93,8 +136,18 @@ class TrainConfig(BaseModel):
     epochs: int = Field(default=20, ge=1)
     batch_size: int | None = Field(default=None, ge=1)
     mc_samples: int = Field(default=1, ge=1, description="posterior samples per training step")
-    eval_samples: int = Field(default=10, ge=1, description="posterior samples for evaluation")
-    kl_weight: float = Field(default=1.0, ge=0)
+    eval_samples: int = Field(
+        default=100, ge=1, le=10_000, description="posterior samples for the final test metrics"
+    )
+    val_samples: int = Field(
+        default=10, ge=1, le=10_000, description="posterior samples for the per-epoch validation"
+    )
+    kl_weight: float = Field(
+        default=1.0,
+        ge=0,
+        le=1e6,
+        description="posterior temperature: loss = NLL + kl_weight * KL / N (1: the exact ELBO)",
+    )
     kl_anneal_epochs: int = Field(default=0, ge=0, description="linear KL warm-up length")
     grad_clip: float | None = Field(default=None, gt=0, description="max gradient norm")
     seed: int = 0
@@ -102,6 +155,14 @@ class TrainConfig(BaseModel):
     # data size (None: the whole split)
     n_train: int | None = Field(default=None, ge=1)
     n_test: int | None = Field(default=None, ge=1)
+    n_val: int | None = Field(
+        default=None, ge=0, description="validation examples (None: 10k MNIST, 256 regression)"
+    )
+    # model selection on validation NLL
+    model_selection: ModelSelection = ModelSelection.BEST_VAL
+    early_stopping_patience: int | None = Field(
+        default=None, ge=1, description="stop after this many epochs without a better val NLL"
+    )
     # capture
     capture_every: int = Field(default=1, ge=1, description="capture every N epochs (and the last)")
     grad_capture: GradLevel = GradLevel.ELEMENT
@@ -144,6 +205,10 @@ class TrainConfig(BaseModel):
             self.lr = float(defaults["lr"])
         if self.model is ModelKind.CNN and self.dataset is Dataset.REGRESSION:
             raise ValueError("model 'cnn' needs an image dataset, not 'regression'")
+        try:
+            self.prior_spec()
+        except BnnError as exc:
+            raise ValueError(exc.message) from None
         return self
 
     @property
@@ -175,9 +240,15 @@ class TrainConfig(BaseModel):
             "sigma0": self.prior_sigma0,
             "eb_every": self.eb_every,
             "hyper_alpha": self.hyper_alpha,
+            "hyper_beta": self.hyper_beta,
+            "family": self.prior_family,
+            "scale": self.prior_scale,
+            "learn_mean": self.prior_learn_mean,
+            "min_group": self.prior_min_group,
+            "hyper_strength": self.hyper_strength,
+            "mixture_pi": self.mixture_pi,
+            "mixture_sigma2": self.mixture_sigma2,
         }
-        if self.hyper_beta is not None:
-            kwargs["hyper_beta"] = self.hyper_beta
         return PriorSpec(**kwargs)
 
     def to_json_dict(self) -> dict[str, Any]:

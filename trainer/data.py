@@ -32,6 +32,7 @@ __all__ = [
     "load_dataset",
     "load_mnist",
     "make_regression",
+    "ood_inputs",
     "regression_function",
 ]
 
@@ -45,7 +46,9 @@ REGRESSION_NOISE_SIGMA = 0.1
 
 @dataclass
 class DataSplits:
-    """Train and test tensors. x: (N, *input_shape); y: (N,) int64 labels or (N, 1) floats."""
+    """Train, validation and test tensors. x: (N, *input_shape); y: (N,) int64 labels or
+    (N, 1) floats. The validation split (``x_val``/``y_val``, None when absent) is for model
+    selection and tuning; the test split is for the final report only."""
 
     name: str
     x_train: Tensor
@@ -54,6 +57,12 @@ class DataSplits:
     y_test: Tensor
     num_outputs: int
     classification: bool
+    x_val: Tensor | None = None
+    y_val: Tensor | None = None
+
+    @property
+    def has_validation(self) -> bool:
+        return self.x_val is not None and self.y_val is not None and self.x_val.shape[0] > 0
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -77,10 +86,17 @@ def make_regression(
     *,
     seed: int = 0,
     noise_sigma: float = REGRESSION_NOISE_SIGMA,
+    n_val: int = 256,
 ) -> DataSplits:
-    """The 1-D synthetic regression task: x ~ U(-2, 2), y = f(x) + N(0, noise_sigma^2)."""
-    if n_train < 1 or n_test < 1:
-        raise BnnError.invalid(f"n_train and n_test must be >= 1, got {n_train} and {n_test}")
+    """The 1-D synthetic regression task: x ~ U(-2, 2), y = f(x) + N(0, noise_sigma^2).
+
+    Train, test and then validation examples are drawn in that order from one seeded stream
+    (so the train and test sets do not depend on ``n_val``).
+    """
+    if n_train < 1 or n_test < 1 or n_val < 0:
+        raise BnnError.invalid(
+            f"n_train and n_test must be >= 1 and n_val >= 0, got {n_train}, {n_test}, {n_val}"
+        )
     rng = np.random.default_rng(seed)
     lo, hi = REGRESSION_RANGE
 
@@ -91,7 +107,8 @@ def make_regression(
 
     x_tr, y_tr = draw(n_train)
     x_te, y_te = draw(n_test)
-    return DataSplits("regression", x_tr, y_tr, x_te, y_te, num_outputs=1, classification=False)
+    x_va, y_va = draw(n_val)
+    return DataSplits("regression", x_tr, y_tr, x_te, y_te, 1, False, x_val=x_va, y_val=y_va)
 
 
 def _mnist_file() -> Path:
@@ -161,24 +178,33 @@ def load_dataset(
     n_test: int | None = None,
     seed: int = 0,
     root: str | Path | None = None,
+    n_val: int | None = None,
 ) -> DataSplits:
     """Load a dataset by name. Image sets are normalised; ``flatten`` gives (N, 784) inputs.
 
-    ``n_train`` / ``n_test`` take the first N examples (the full split when ``None``).
+    ``n_train`` / ``n_val`` / ``n_test`` take the first N examples of each split (the full
+    split when ``None``). MNIST is split 50k/10k/10k as published; FashionMNIST and KMNIST keep
+    the last 10k training images for validation; the regression task draws 256 validation
+    examples unless ``n_val`` says otherwise.
     """
     if name == "regression":
-        return make_regression(n_train or 1024, n_test or 512, seed=seed)
+        return make_regression(
+            n_train or 1024, n_test or 512, seed=seed, n_val=256 if n_val is None else n_val
+        )
     if name == "mnist":
-        (x_tr, y_tr), _val, (x_te, y_te) = load_mnist()
+        (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = load_mnist()
     elif name in ("fashion_mnist", "kmnist"):
         base = Path(root or os.environ.get("BNN_DATASETS_DIR") or "bnn-data/datasets")
-        x_tr, y_tr, x_te, y_te = _torchvision(name, base)
+        x_all, y_all, x_te, y_te = _torchvision(name, base)
+        cut = len(x_all) - 10_000
+        x_tr, y_tr, x_va, y_va = x_all[:cut], y_all[:cut], x_all[cut:], y_all[cut:]
     else:
         raise BnnError.invalid(
             f"unknown dataset {name!r}; choose regression, mnist, fashion_mnist or kmnist",
             dataset=name,
         )
     x_tr, y_tr = x_tr[:n_train], y_tr[:n_train]
+    x_va, y_va = x_va[:n_val], y_va[:n_val]
     x_te, y_te = x_te[:n_test], y_te[:n_test]
     return DataSplits(
         name,
@@ -188,7 +214,23 @@ def load_dataset(
         torch.as_tensor(y_te, dtype=torch.int64),
         num_outputs=10,
         classification=True,
+        x_val=_images_to_tensor(x_va, flatten),
+        y_val=torch.as_tensor(y_va, dtype=torch.int64),
     )
+
+
+def ood_inputs(data: DataSplits, n: int = 2000, *, seed: int = 0) -> tuple[str, Tensor]:
+    """Out-of-distribution inputs for an image dataset: (name, x) with x shaped like x_test.
+
+    The first ``n`` test images with their pixels permuted by one fixed random permutation:
+    the same pixel statistics as the data, no digit structure, and no download needed.
+    """
+    if not data.classification:
+        raise BnnError.invalid(f"ood_inputs needs an image dataset (got {data.name!r})")
+    x = data.x_test[:n]
+    flat = x.reshape(x.shape[0], -1)
+    perm = torch.randperm(flat.shape[1], generator=torch.Generator().manual_seed(seed))
+    return "permuted-pixel " + data.name, flat[:, perm].reshape(x.shape).contiguous()
 
 
 def batches(

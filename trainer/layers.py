@@ -42,11 +42,14 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from trainer.errors import BnnError
+from trainer.mixture import ScaleMixturePrior
 from trainer.priors import (
     DEFAULT_PRIOR,
     EBSchedule,
     GaussianPrior,
+    LayerPrior,
     LearnMode,
+    PriorFamily,
     PriorSpec,
     inverse_positive,
     positive,
@@ -60,9 +63,11 @@ __all__ = [
     "empirical_bayes_step",
     "inverse_positive",
     "kl_by_layer",
+    "make_prior",
     "model_kl",
     "positive",
     "prior_penalty",
+    "resolved_priors",
     "use_mean",
 ]
 
@@ -107,6 +112,18 @@ def _sample(mu: Tensor, sigma: Tensor) -> Tensor:
     return torch.addcmul(mu, sigma, torch.randn_like(sigma))
 
 
+def make_prior(spec: PriorSpec, *, numel: int, fan_in: int) -> LayerPrior:
+    """The prior ``spec`` describes for a group of ``numel`` elements with this fan-in.
+
+    A learnable spec on a group smaller than ``spec.min_group`` gives a fixed prior of the same
+    family and scale (see :meth:`PriorSpec.for_group`).
+    """
+    spec = spec.for_group(numel)
+    if spec.family is PriorFamily.SCALE_MIXTURE:
+        return ScaleMixturePrior(spec, numel=numel, fan_in=fan_in)
+    return GaussianPrior(spec, numel=numel, fan_in=fan_in)
+
+
 def _drop_cached_sigma(cache: dict[str, Any], which: str, grad: Tensor) -> None:
     cache.pop(which, None)
 
@@ -122,8 +139,8 @@ class BayesianLayer(nn.Module):
     weight_rho: nn.Parameter
     bias_mu: nn.Parameter | None
     bias_rho: nn.Parameter | None
-    weight_prior: GaussianPrior
-    bias_prior: GaussianPrior | None
+    weight_prior: LayerPrior
+    bias_prior: LayerPrior | None
 
     def __init__(
         self,
@@ -141,11 +158,12 @@ class BayesianLayer(nn.Module):
         self._sigma_cache: dict[str, tuple[tuple[int, int], Tensor]] = {}
         self.weight_mu = nn.Parameter(torch.empty(weight_shape))
         self.weight_rho = nn.Parameter(torch.empty(weight_shape))
-        self.weight_prior = GaussianPrior(prior)
+        fan_in = math.prod(weight_shape[1:])
+        self.weight_prior = make_prior(prior, numel=math.prod(weight_shape), fan_in=fan_in)
         if bias:
             self.bias_mu = nn.Parameter(torch.empty(weight_shape[0]))
             self.bias_rho = nn.Parameter(torch.empty(weight_shape[0]))
-            self.bias_prior = GaussianPrior(prior)
+            self.bias_prior = make_prior(prior, numel=weight_shape[0], fan_in=fan_in)
         else:
             self.register_parameter("bias_mu", None)
             self.register_parameter("bias_rho", None)
@@ -207,7 +225,7 @@ class BayesianLayer(nn.Module):
         """Posterior standard deviations of the biases, shape (out,), or None."""
         return None if self.bias_rho is None else positive(self.bias_rho)
 
-    def priors(self) -> dict[str, GaussianPrior]:
+    def priors(self) -> dict[str, LayerPrior]:
         """``{"weight": weight_prior, "bias": bias_prior}`` ("bias" absent without bias)."""
         out = {"weight": self.weight_prior}
         if self.bias_prior is not None:
@@ -258,6 +276,8 @@ class BayesianLayer(nn.Module):
         wanted = None if schedule is None else EBSchedule(schedule)
         with torch.no_grad():
             for name, prior in self.priors().items():
+                if not isinstance(prior, GaussianPrior):
+                    continue
                 if prior.mode is not LearnMode.EMPIRICAL_BAYES:
                     continue
                 if wanted is not None and prior.eb_every is not wanted:
@@ -421,6 +441,19 @@ def prior_penalty(model: nn.Module) -> Tensor:
     for _, layer in bayesian_layers(model):
         total = total + layer.prior_penalty()
     return total
+
+
+def resolved_priors(model: nn.Module) -> dict[str, str]:
+    """``"layer.weight"`` / ``"layer.bias"`` -> the prior that group got (after the
+    ``min_group`` fallback), e.g. ``"learnable/gradient"`` or ``"fixed (1 < min_group 10)"``."""
+    out = {}
+    for name, layer in bayesian_layers(model):
+        for which, prior in layer.priors().items():
+            text = prior.spec.describe()
+            if layer.prior_spec.learnable and not prior.spec.learnable:
+                text += f" ({prior.numel} < min_group {prior.spec.min_group})"
+            out[f"{name}.{which}"] = text
+    return out
 
 
 def empirical_bayes_step(model: nn.Module, schedule: EBSchedule | str | None = None) -> None:

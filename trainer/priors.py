@@ -1,22 +1,27 @@
 """Gaussian priors shared by all weights (or all biases) of one Bayesian layer.
 
-A layer holds two :class:`GaussianPrior` modules, ``weight_prior`` and ``bias_prior``; each is one
+A layer holds two priors, ``weight_prior`` and ``bias_prior``; a :class:`GaussianPrior` is one
 scalar Gaussian N(mu_p, sigma_p^2) shared by every element of that parameter tensor (the seed's
-"Bayesian information sharing"). The prior is either
+"Bayesian information sharing"; the options are described in :mod:`trainer.prior_spec`, the
+scale-mixture family in :mod:`trainer.mixture`). The prior is either
 
 * ``fixed``: ``mu`` and ``sigma`` are buffers (no parameters, never trained), or
-* ``learnable``: ``mu`` and ``rho`` are parameters, ``sigma = positive(rho)``, learned by
+* ``learnable``: ``rho`` is a parameter, ``sigma = factor * positive(rho)`` (factor 1, or
+  1/sqrt(fan_in) on the ``fan_in`` scale); ``mu`` a parameter only with ``learn_mean``. Modes:
 
-  - ``gradient``: jointly with the posteriors by gradient descent on the ELBO (default);
+  - ``gradient``: jointly with the posteriors by gradient descent on the ELBO, in an optimiser
+    group of its own (``TrainConfig.prior_lr`` / ``prior_optimizer``);
   - ``empirical_bayes``: set in closed form to the minimiser of the layer's KL given the current
-    posteriors, mu_p = mean(mu_i), sigma_p^2 = mean(sigma_i^2 + (mu_i - mu_p)^2), every step or
-    every epoch (``PriorSpec.eb_every``; the trainer calls
-    :func:`trainer.layers.empirical_bayes_step`); the parameters then have ``requires_grad=False``;
+    posteriors, sigma_p^2 = mean(sigma_i^2 + (mu_i - mu_p)^2), every step or every epoch after
+    ``TrainConfig.prior_burnin_epochs`` (the trainer calls
+    :func:`trainer.layers.empirical_bayes_step`); the parameters have ``requires_grad=False``;
   - ``hierarchical``: by gradient, plus an inverse-gamma hyperprior on the prior variance,
-    sigma_p^2 ~ InvGamma(hyper_alpha, hyper_beta), which adds ``-log p(sigma_p^2)`` to the loss so
-    the prior cannot collapse onto the posteriors. Defaults: ``hyper_alpha = 3`` and
-    ``hyper_beta = (hyper_alpha + 1) * sigma0^2``, which puts the hyperprior's mode at the initial
-    prior variance ``sigma0^2``.
+    sigma_p^2 ~ InvGamma(alpha, beta), which adds ``-log p(sigma_p^2)`` to the loss. alpha is
+    ``hyper_strength * numel / 2`` (pseudo-observations in proportion to the group's size, so
+    it constrains a large layer as much as a small one) unless ``hyper_alpha`` is given;
+    beta = (alpha + 1) * sigma_init^2 puts the hyperprior's mode at the initial prior variance;
+  - ``laplace``: set by the trainer every K epochs from a Laplace/GGN marginal-likelihood
+    estimate (:mod:`trainer.laplace`).
 
 sigma is always a standard deviation; variance = sigma^2.
 """
@@ -24,23 +29,35 @@ sigma is always a standard deviation; variance = sigma^2.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from enum import Enum, StrEnum
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.errors import BnnError
+from trainer.prior_spec import (
+    DEFAULT_PRIOR,
+    SIGMA_FLOOR,
+    EBSchedule,
+    LayerPrior,
+    LearnMode,
+    PriorFamily,
+    PriorKind,
+    PriorScale,
+    PriorSpec,
+)
 
 __all__ = [
     "DEFAULT_PRIOR",
     "SIGMA_FLOOR",
     "EBSchedule",
     "GaussianPrior",
+    "LayerPrior",
     "LearnMode",
+    "PriorFamily",
     "PriorKind",
+    "PriorScale",
     "PriorSpec",
     "inverse_positive",
     "kl_normal",
@@ -48,9 +65,6 @@ __all__ = [
     "kl_normal_sum_fused",
     "positive",
 ]
-
-SIGMA_FLOOR = 1e-8
-"""Added to softplus(rho), so no sigma is ever exactly 0 (and log(sigma) stays finite)."""
 
 
 def positive(rho: Tensor) -> Tensor:
@@ -131,8 +145,8 @@ class _SharedPriorKL(torch.autograd.Function):
     dKL/dmu_i = (mu_i - mu_p) / sigma_p^2,   dKL/dsigma_i = sigma_i / sigma_p^2 - 1 / sigma_i,
     dKL/dmu_p = -sum_i (mu_i - mu_p) / sigma_p^2,
     dKL/dsigma_p = n / sigma_p - sum_i (sigma_i^2 + (mu_i - mu_p)^2) / sigma_p^3.
-    Sums are float32 cascades combined in float64; deviations are taken from mu_p before
-    squaring, so nothing cancels.
+    Every sum is accumulated in float64 (a float32 sum of 1.4M squares is off by ~100 nats);
+    deviations are taken from mu_p before squaring, so nothing cancels.
     """
 
     @staticmethod
@@ -140,11 +154,11 @@ class _SharedPriorKL(torch.autograd.Function):
         n = mu_q.numel()
         d = mu_q - mu_p.detach().reshape(())
         sp = sigma_p.detach().reshape(()).to(torch.float64)
-        sum_log = torch.log(sigma_q).sum().to(torch.float64)
+        sum_log = torch.log(sigma_q).sum(dtype=torch.float64)
         second = (
-            torch.linalg.vector_norm(sigma_q).to(torch.float64).square()
-            + torch.linalg.vector_norm(d).to(torch.float64).square()
-        )  # sum_i sigma_i^2 + (mu_i - mu_p)^2
+            torch.linalg.vector_norm(sigma_q, dtype=torch.float64).square()
+            + torch.linalg.vector_norm(d, dtype=torch.float64).square()
+        )  # sum_i sigma_i^2 + (mu_i - mu_p)^2, accumulated in float64
         kl = n * torch.log(sp) - sum_log + second / (2 * sp * sp) - 0.5 * n
         ctx.save_for_backward(d, sigma_q, sigma_p)
         ctx.n, ctx.second = n, second
@@ -162,7 +176,7 @@ class _SharedPriorKL(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             g_sigma = torch.reciprocal(sigma_q).mul_(-grad).add_(sigma_q * scale)
         if ctx.needs_input_grad[2]:
-            sum_d = d.sum().to(torch.float64)
+            sum_d = d.sum(dtype=torch.float64)
             g_mup = (-sum_d * scale.to(torch.float64)).to(sigma_p.dtype).reshape(sigma_p.shape)
         if ctx.needs_input_grad[3]:
             sp = sigma_p.detach().to(torch.float64)
@@ -183,127 +197,37 @@ def kl_normal_sum_fused(mu_q: Tensor, sigma_q: Tensor, mu_p: Tensor, sigma_p: Te
     return out
 
 
-class PriorKind(StrEnum):
-    """Whether the layer prior is a fixed Gaussian or learned."""
-
-    FIXED = "fixed"
-    LEARNABLE = "learnable"
-
-
-class LearnMode(StrEnum):
-    """How a learnable prior is learned (see the module docstring)."""
-
-    GRADIENT = "gradient"
-    EMPIRICAL_BAYES = "empirical_bayes"
-    HIERARCHICAL = "hierarchical"
-
-
-class EBSchedule(StrEnum):
-    """When the trainer applies the closed-form empirical-Bayes update."""
-
-    STEP = "step"
-    EPOCH = "epoch"
-
-
-_E = TypeVar("_E", bound=Enum)
-
-
-def _as_enum(enum: type[_E], value: Any, name: str) -> _E:
-    try:
-        return enum(value)
-    except ValueError:
-        options = ", ".join(repr(e.value) for e in enum)
-        raise BnnError.invalid(
-            f"{name} must be one of {options} (got {value!r})", **{name: value}
-        ) from None
-
-
-def _finite(value: Any, name: str, *, positive_only: bool) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (positive_only and value <= 0):
-        what = "a finite number > 0" if positive_only else "a finite number"
-        raise BnnError.invalid(f"{name} must be {what} (got {value!r})", **{name: value})
-    return float(value)
-
-
-@dataclass(frozen=True)
-class PriorSpec:
-    """Configuration of the priors of a layer (the same spec builds its weight and bias prior).
-
-    Strings are accepted for the enum fields (``PriorSpec("fixed", sigma0=0.1)``).
-    ``hyper_beta=None`` means ``(hyper_alpha + 1) * sigma0**2`` (see :attr:`resolved_hyper_beta`).
-    """
-
-    kind: PriorKind = PriorKind.LEARNABLE
-    mode: LearnMode = LearnMode.GRADIENT
-    mu0: float = 0.0
-    sigma0: float = 1.0
-    eb_every: EBSchedule = EBSchedule.STEP
-    hyper_alpha: float = 3.0
-    hyper_beta: float | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "kind", _as_enum(PriorKind, self.kind, "kind"))
-        object.__setattr__(self, "mode", _as_enum(LearnMode, self.mode, "mode"))
-        object.__setattr__(self, "eb_every", _as_enum(EBSchedule, self.eb_every, "eb_every"))
-        object.__setattr__(self, "mu0", _finite(self.mu0, "mu0", positive_only=False))
-        sigma0 = _finite(self.sigma0, "sigma0", positive_only=True)
-        if sigma0 <= 10 * SIGMA_FLOOR:
-            raise BnnError.invalid(f"sigma0 must be > {10 * SIGMA_FLOOR:g} (got {sigma0!r})")
-        object.__setattr__(self, "sigma0", sigma0)
-        alpha = _finite(self.hyper_alpha, "hyper_alpha", positive_only=True)
-        object.__setattr__(self, "hyper_alpha", alpha)
-        if self.hyper_beta is not None:
-            beta = _finite(self.hyper_beta, "hyper_beta", positive_only=True)
-            object.__setattr__(self, "hyper_beta", beta)
-
-    @property
-    def learnable(self) -> bool:
-        return self.kind is PriorKind.LEARNABLE
-
-    @property
-    def resolved_hyper_beta(self) -> float:
-        """Inverse-gamma scale: ``hyper_beta`` or, when None, ``(hyper_alpha + 1) * sigma0^2``."""
-        if self.hyper_beta is not None:
-            return self.hyper_beta
-        return (self.hyper_alpha + 1.0) * self.sigma0**2
-
-    @classmethod
-    def fixed(cls, mu0: float = 0.0, sigma0: float = 1.0) -> PriorSpec:
-        """A fixed N(mu0, sigma0^2) prior."""
-        return cls(PriorKind.FIXED, mu0=mu0, sigma0=sigma0)
-
-    def describe(self) -> str:
-        """Short text, e.g. ``"learnable/gradient"`` or ``"fixed"``."""
-        return f"learnable/{self.mode.value}" if self.learnable else "fixed"
-
-
-DEFAULT_PRIOR = PriorSpec()
-"""The default spec: a learnable N(0, 1) prior learned by gradient."""
-
-
-class GaussianPrior(nn.Module):
+class GaussianPrior(LayerPrior):
     """One scalar Gaussian prior N(mu, sigma^2) shared by all elements of one parameter tensor.
 
-    Fixed: buffers ``mu`` and ``sigma`` of shape (1,). Learnable: parameters ``mu`` and ``rho`` of
-    shape (1,) and ``sigma = positive(rho)``. ``mode`` is None for a fixed prior.
+    ``numel`` and ``fan_in`` describe the group (they size the hierarchical hyperprior and the
+    ``fan_in`` scale). Fixed: buffers ``mu`` and ``sigma`` of shape (1,). Learnable: parameter
+    ``rho`` of shape (1,) with ``sigma = factor * positive(rho)`` (``factor`` = 1/sqrt(fan_in)
+    for the ``fan_in`` scale, else 1), and ``mu`` a parameter when ``spec.learn_mean`` (else a
+    buffer at ``mu0``). ``mode`` is None for a fixed prior.
     """
 
-    mu: Tensor
     rho: nn.Parameter | None
 
-    def __init__(self, spec: PriorSpec = DEFAULT_PRIOR) -> None:
+    def __init__(self, spec: PriorSpec = DEFAULT_PRIOR, *, numel: int = 1, fan_in: int = 1) -> None:
         super().__init__()
         if not isinstance(spec, PriorSpec):
             raise BnnError.invalid(f"prior must be a PriorSpec (got {spec!r})")
         self.spec = spec
+        self.numel, self.fan_in = int(numel), int(fan_in)
+        self.factor = (
+            1.0 / math.sqrt(max(1, self.fan_in)) if spec.scale is PriorScale.FAN_IN else 1.0
+        )
         self.learnable = spec.learnable
         self.mode: LearnMode | None = spec.mode if spec.learnable else None
         self.eb_every = spec.eb_every
         if self.learnable:
-            trainable = self.mode is not LearnMode.EMPIRICAL_BAYES
-            self.mu = nn.Parameter(torch.empty(1), requires_grad=trainable)
-            self.rho = nn.Parameter(torch.empty(1), requires_grad=trainable)
+            by_gradient = self.mode in (LearnMode.GRADIENT, LearnMode.HIERARCHICAL)
+            self.rho = nn.Parameter(torch.empty(1), requires_grad=by_gradient)
+            if spec.learn_mean:
+                self.mu = nn.Parameter(torch.empty(1), requires_grad=by_gradient)
+            else:
+                self.register_buffer("mu", torch.empty(1))
         else:
             self.register_parameter("rho", None)
             self.register_buffer("mu", torch.empty(1))
@@ -314,7 +238,8 @@ class GaussianPrior(nn.Module):
     def sigma(self) -> Tensor:
         """Prior standard deviation, shape (1,)."""
         if self.rho is not None:
-            return positive(self.rho)
+            s = positive(self.rho)
+            return s if self.factor == 1.0 else s * self.factor
         buffer = self._buffers.get("sigma")
         if buffer is None:  # only while __init__ registers the buffer
             raise AttributeError("sigma")
@@ -325,15 +250,21 @@ class GaussianPrior(nn.Module):
         """sigma^2, shape (1,)."""
         return self.sigma.square()
 
+    @property
+    def base_sigma(self) -> float:
+        """The initial prior sigma: ``sigma0`` (times 1/sqrt(fan_in) on the ``fan_in`` scale)."""
+        return self.spec.sigma0 * self.factor
+
     def reset_parameters(self) -> None:
-        """Set the prior back to N(mu0, sigma0^2)."""
+        """Set the prior back to its initial N(mu0, base_sigma^2)."""
         with torch.no_grad():
             self.mu.fill_(self.spec.mu0)
             if self.rho is not None:
-                sigma0 = torch.tensor(self.spec.sigma0, dtype=torch.float64)
-                self.rho.copy_(inverse_positive(sigma0))
+                self.rho.copy_(
+                    inverse_positive(torch.tensor(self.spec.sigma0, dtype=torch.float64))
+                )
             else:
-                self.sigma.fill_(self.spec.sigma0)
+                self.sigma.fill_(self.base_sigma)
 
     def kl(self, mu_q: Tensor, sigma_q: Tensor) -> Tensor:
         """sum_i KL(N(mu_q[i], sigma_q[i]^2) || prior), a scalar; mu_q, sigma_q: any shape."""
@@ -344,16 +275,28 @@ class GaussianPrior(nn.Module):
         return kl_normal_sum_fused(mu_q, sigma_q, self.mu, self.sigma)
 
     @torch.no_grad()
+    def set_sigma_(self, sigma: float | Tensor) -> None:
+        """Set a learnable prior's sigma (what the Laplace mode does every K epochs)."""
+        if self.rho is None:
+            raise BnnError.invalid("set_sigma_ needs a learnable prior (this one is fixed)")
+        value = torch.as_tensor(sigma, dtype=torch.float64).reshape(()) / self.factor
+        self.rho.copy_(inverse_positive(value).reshape(1))
+
+    @torch.no_grad()
     def empirical_bayes_(self, mu_q: Tensor, sigma_q: Tensor) -> None:
         """Set the prior to the minimiser of :meth:`kl` for the given posteriors (any shape).
 
-        mu_p = mean(mu_q), sigma_p^2 = mean(sigma_q^2 + (mu_q - mu_p)^2), summed in float64.
+        mu_p = mean(mu_q) when the mean is learned (else it stays mu0),
+        sigma_p^2 = mean(sigma_q^2 + (mu_q - mu_p)^2), summed in float64.
         """
         if self.rho is None:
             raise BnnError.invalid("empirical_bayes_ needs a learnable prior (this one is fixed)")
         if mu_q.numel() == 0:
             raise BnnError.invalid("empirical_bayes_ needs at least one posterior (got none)")
-        mu_p = mu_q.mean(dtype=torch.float64)
+        if self.spec.learn_mean:
+            mu_p = mu_q.mean(dtype=torch.float64)
+        else:
+            mu_p = torch.tensor(self.spec.mu0, dtype=torch.float64, device=mu_q.device)
         d = mu_q - mu_p.to(mu_q.dtype)
         var_p = torch.addcmul(sigma_q.square(), d, d).mean(dtype=torch.float64)
         if not bool(torch.isfinite(mu_p + var_p)):  # one device sync
@@ -361,9 +304,13 @@ class GaussianPrior(nn.Module):
                 "empirical_bayes_ got non-finite posteriors "
                 f"(mean mu={float(mu_p)!r}, mean second moment={float(var_p)!r})"
             )
-        sigma_p = var_p.sqrt().clamp_min(10 * SIGMA_FLOOR)  # > floor: invertible
+        c = (var_p.sqrt() / self.factor).clamp_min(10 * SIGMA_FLOOR)  # > floor: invertible
         self.mu.copy_(mu_p.reshape(1))
-        self.rho.copy_(_inverse_positive_unchecked(sigma_p).reshape(1))
+        self.rho.copy_(_inverse_positive_unchecked(c).reshape(1))
+
+    def hyperprior(self) -> tuple[float, float]:
+        """(alpha, beta) of the inverse-gamma hyperprior on sigma^2 (``PriorSpec.hyperprior``)."""
+        return self.spec.hyperprior(self.numel, self.base_sigma)
 
     def log_hyperprior(self) -> Tensor:
         """log InvGamma(sigma^2 | alpha, beta) when hierarchical, else 0; a scalar.
@@ -372,7 +319,7 @@ class GaussianPrior(nn.Module):
         """
         if self.mode is not LearnMode.HIERARCHICAL:
             return self.mu.new_zeros(())
-        alpha, beta = self.spec.hyper_alpha, self.spec.resolved_hyper_beta
+        alpha, beta = self.hyperprior()
         sigma = self.sigma.reshape(())
         log_var = 2 * torch.log(sigma)
         const = alpha * math.log(beta) - math.lgamma(alpha)
@@ -380,14 +327,14 @@ class GaussianPrior(nn.Module):
 
     def extra_repr(self) -> str:
         text = f"kind={self.spec.kind.value}"
+        if self.spec.scale is not PriorScale.ABSOLUTE:
+            text += f", scale={self.spec.scale.value} (fan_in={self.fan_in})"
         if self.mode is not None:
-            text += f", mode={self.mode.value}"
+            text += f", mode={self.mode.value}, learn_mean={self.spec.learn_mean}"
             if self.mode is LearnMode.EMPIRICAL_BAYES:
                 text += f", eb_every={self.eb_every.value}"
             if self.mode is LearnMode.HIERARCHICAL:
-                text += (
-                    f", hyper_alpha={self.spec.hyper_alpha:g}"
-                    f", hyper_beta={self.spec.resolved_hyper_beta:g}"
-                )
+                alpha, beta = self.hyperprior()
+                text += f", hyper_alpha={alpha:g}, hyper_beta={beta:g}"
         with torch.no_grad():
             return text + f", mu={float(self.mu):.4g}, sigma={float(self.sigma):.4g}"

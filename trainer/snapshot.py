@@ -16,6 +16,11 @@ have shape ``(1,)``. ``"bias"`` is absent for a layer without bias.
 At level ``"element"`` the statistic arrays have the parameter's shape; at level
 ``"layer"`` they are 0-d (the layer's mean |g|, max |g|, non-finite count).
 ``rho`` is the unconstrained parameter behind sigma (sigma = softplus(rho)).
+
+``evaluation`` (the last epoch of a run only; None elsewhere) holds the final test evaluation
+per test example, one float64 array of shape (N,) per quantity: ``nll``, ``error``, ``brier``
+(classification) or ``nll``, ``sq_error``, ``coverage_50|90|95`` (regression). Studies
+bootstrap over these.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class EpochSnapshot:
     gradients: dict[str, dict[str, Any]] | None = None
     grad_level: GradLevel = GradLevel.NONE
     layer_types: dict[str, str] = field(default_factory=dict)
+    evaluation: dict[str, np.ndarray] | None = None  # per-test-example arrays, (N,) each
 
     @property
     def layers(self) -> list[str]:

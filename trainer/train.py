@@ -3,13 +3,24 @@
 Each step minimises ``loss = NLL + kl_weight_t * (KL + prior_penalty) / N_train`` (the one
 formula, see :mod:`trainer.layers`), with NLL averaged over the batch and over
 ``mc_samples`` posterior samples. ``kl_weight_t`` ramps linearly from 0 to ``kl_weight``
-over ``kl_anneal_epochs``. Every ``capture_every`` epochs (and at the last epoch) the
-trainer captures the seed's distribution parameters, the gradient statistics and the
-metrics, and hands them to a run sink (a local :class:`~trainer.store.RunStore`).
+(the posterior temperature; 1 is the exact ELBO) over ``kl_anneal_epochs``. The priors'
+parameters have an optimiser of their own (``prior_optimizer``, ``prior_lr``).
+
+After each epoch the model is scored on the validation split (``val_*``, ``val_samples``
+posterior samples); the epoch with the lowest validation NLL is kept (``model_selection``),
+training may stop early (``early_stopping_patience``), and the test split is evaluated once,
+at the end, on the selected weights with ``eval_samples`` samples (:mod:`trainer.evaluation`).
+Its ``test_*`` metrics and ``selected_epoch`` are stored with the last epoch, whose file also
+holds the per-test-example arrays; its parameters are the last epoch's.
+
+Every ``capture_every`` epochs (and at the last epoch) the trainer captures the seed's
+distribution parameters, the gradient statistics and the metrics, and hands them to a run sink
+(a local :class:`~trainer.store.RunStore`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import time
@@ -26,9 +37,18 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from trainer.capture import GradientRecorder, get_all_distribution_params, is_capture_epoch
-from trainer.config import LRSchedule, ModelKind, Optimizer, TrainConfig, parse_config
+from trainer.config import (
+    LRSchedule,
+    ModelKind,
+    ModelSelection,
+    Optimizer,
+    PriorOptimizer,
+    TrainConfig,
+    parse_config,
+)
 from trainer.data import DataSplits, batches, load_dataset, num_batches
 from trainer.errors import BnnError
+from trainer.evaluation import Evaluation, final_evaluation, quick_metrics
 from trainer.layers import (
     bayesian_layers,
     empirical_bayes_step,
@@ -36,10 +56,11 @@ from trainer.layers import (
     model_kl,
     positive,
     prior_penalty,
+    resolved_priors,
 )
-from trainer.metrics import expected_calibration_error, gaussian_nll, predictive_gaussian
+from trainer.metrics import gaussian_nll
 from trainer.models import mlp, small_cnn
-from trainer.priors import EBSchedule, LearnMode, PriorKind
+from trainer.priors import EBSchedule, GaussianPrior, LayerPrior, LearnMode, PriorKind
 from trainer.snapshot import EpochSnapshot, GradLevel
 
 __all__ = ["RunSink", "TrainResult", "Trainer", "build_model", "train"]
@@ -68,6 +89,8 @@ class TrainResult:
     captured_epochs: list[int] = field(default_factory=list)
     noise_sigma: float | None = None
     cancelled: bool = False  # the sink asked to stop before the last epoch
+    selected_epoch: int | None = None  # whose weights the test metrics are of
+    evaluation: Evaluation | None = None  # the final test evaluation
 
 
 def build_model(config: TrainConfig, data: DataSplits) -> nn.Module:
@@ -150,6 +173,7 @@ class Trainer:
             flatten=config.model is ModelKind.MLP,
             n_train=config.n_train,
             n_test=config.n_test,
+            n_val=config.n_val,
             seed=config.seed,
             root=data_root,
         )
@@ -161,12 +185,19 @@ class Trainer:
             init = torch.log(torch.expm1(torch.tensor([0.5])))
             self.noise_rho = nn.Parameter(init.to(self.device))
             params.append(self.noise_rho)
-        self.optimizer = self._make_optimizer(params)
+        prior_ids = {
+            id(p) for m in self.model.modules() if isinstance(m, LayerPrior) for p in m.parameters()
+        }
+        self.optimizer = self._make_optimizer([p for p in params if id(p) not in prior_ids])
+        self.prior_optimizer = self._make_prior_optimizer(
+            [p for p in params if id(p) in prior_ids and p.requires_grad]
+        )
         self.scheduler = self._make_scheduler()
         self.recorder = GradientRecorder(self.model, config.grad_capture)
-        self.eb_mode = (
-            config.prior is PriorKind.LEARNABLE and config.prior_mode is LearnMode.EMPIRICAL_BAYES
-        )
+        learnable = config.prior is PriorKind.LEARNABLE
+        self.eb_mode = learnable and config.prior_mode is LearnMode.EMPIRICAL_BAYES
+        self.laplace_mode = learnable and config.prior_mode is LearnMode.LAPLACE
+        self.config = config.model_copy(update={"resolved_priors": resolved_priors(self.model)})
 
     # -- set-up ---------------------------------------------------------------------------
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -179,6 +210,20 @@ class Trainer:
         if c.optimizer is Optimizer.ADAMW:
             return torch.optim.AdamW(trainable, lr=c.learning_rate, weight_decay=c.weight_decay)
         return torch.optim.Adam(trainable, lr=c.learning_rate, weight_decay=c.weight_decay)
+
+    def _make_prior_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer | None:
+        """The prior parameters' own optimiser (None when no prior is learned by gradient)."""
+        if not params:
+            return None
+        c = self.config
+        lr = c.prior_lr if c.prior_lr is not None else c.learning_rate
+        if c.prior_optimizer is PriorOptimizer.SGD:
+            return torch.optim.SGD(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr)
+
+    def _prior_updates_on(self, epoch: int) -> bool:
+        """Empirical-Bayes and Laplace updates start after ``prior_burnin_epochs``."""
+        return epoch >= self.config.prior_burnin_epochs
 
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None:
         c = self.config
@@ -213,6 +258,7 @@ class Trainer:
         model, n_train = self.model, self.data.n_train
         model.train()
         kl_w = self.kl_weight_at(epoch)
+        eb_on = self.eb_mode and self._prior_updates_on(epoch)
         record = capture and self.recorder.level is not GradLevel.NONE
         if record:
             self.recorder.reset()
@@ -224,6 +270,8 @@ class Trainer:
         ):
             xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
+            if self.prior_optimizer is not None:
+                self.prior_optimizer.zero_grad(set_to_none=True)
             nll = torch.zeros((), device=self.device)
             fit = torch.zeros((), dtype=torch.float64, device=self.device)
             for _ in range(c.mc_samples):
@@ -243,13 +291,18 @@ class Trainer:
             if c.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
             self.optimizer.step()
-            if self.eb_mode and c.eb_every is EBSchedule.STEP:
+            if self.prior_optimizer is not None:
+                self.prior_optimizer.step()
+            if eb_on and c.eb_every is EBSchedule.STEP:
                 empirical_bayes_step(model)
             b = xb.shape[0]
             seen += b
             sums += torch.stack([loss.detach() * b, nll.detach() * b, fit / c.mc_samples])
-        if self.eb_mode and c.eb_every is EBSchedule.EPOCH:
+        if eb_on and c.eb_every is EBSchedule.EPOCH:
             empirical_bayes_step(model)
+        burnt_in = epoch - c.prior_burnin_epochs
+        if self.laplace_mode and burnt_in >= 0 and burnt_in % c.laplace_every == 0:
+            self.laplace_update(epoch)
         if self.scheduler is not None:
             self.scheduler.step()
         loss_sum, nll_sum, fit_sum = sums.tolist()
@@ -264,39 +317,57 @@ class Trainer:
             for name, value in per_layer.items():
                 metrics[f"kl/{name}"] = float(value)
             metrics["prior_penalty"] = float(prior_penalty(model))
+        # the untempered ELBO per training example (epoch-average likelihood term)
+        metrics["elbo"] = -(metrics["nll"] + (metrics["kl"] + metrics["prior_penalty"]) / n_train)
         metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
         if self.noise_sigma is not None:
             metrics["noise_sigma"] = self.noise_sigma
         return metrics
 
-    @torch.no_grad()
-    def evaluate(
-        self, x: Tensor | None = None, y: Tensor | None = None, samples: int | None = None
-    ) -> dict[str, float]:
-        """Test metrics from ``samples`` MC forward passes (``eval_samples`` by default)."""
-        x = self.data.x_test if x is None else x
-        y = self.data.y_test if y is None else y
-        s = samples or self.config.eval_samples
-        self.model.eval()
-        outs = []
-        for start in range(0, x.shape[0], 2048):
-            xb = x[start : start + 2048].to(self.device)
-            outs.append(torch.stack([self.model(xb) for _ in range(s)]).cpu())
-        pred = torch.cat(outs, dim=1)  # (S, N, out)
-        y = y.cpu()
-        if self.data.classification:
-            probs = torch.softmax(pred, dim=-1).mean(0)
-            nll = F.nll_loss(torch.log(probs.clamp_min(1e-12)), y)
-            return {
-                "test_acc": float((probs.argmax(1) == y).double().mean()),
-                "test_nll": float(nll),
-                "test_ece": expected_calibration_error(probs, y),
-            }
-        mean, variance = predictive_gaussian(pred, self.noise_sigma or 0.0)
-        return {
-            "test_rmse": float(((mean - y) ** 2).mean().sqrt()),
-            "test_nll": float(gaussian_nll(mean, variance, y).mean()),
-        }
+    def laplace_update(self, epoch: int) -> None:
+        """Set every Laplace-mode prior's sigma from the GGN marginal likelihood (see
+        :func:`trainer.laplace.laplace_prior_sigmas`)."""
+        from trainer.laplace import laplace_prior_sigmas
+
+        sigmas = laplace_prior_sigmas(
+            self.model,
+            self.data.x_train,
+            self.data.y_train,
+            likelihood="classification" if self.data.classification else "regression",
+            noise_sigma=self.noise_sigma,
+            max_examples=self.config.laplace_examples,
+            seed=self.config.seed + epoch,
+        )
+        for name, layer in bayesian_layers(self.model):
+            for which, prior in layer.priors().items():
+                if isinstance(prior, GaussianPrior) and prior.mode is LearnMode.LAPLACE:
+                    prior.set_sigma_(sigmas[name][which])
+
+    def validate(self) -> dict[str, float]:
+        """``val_*`` metrics from ``val_samples`` passes ({} without a validation split)."""
+        d = self.data
+        if not d.has_validation:
+            return {}
+        assert d.x_val is not None and d.y_val is not None
+        return quick_metrics(
+            self.model,
+            d.x_val,
+            d.y_val,
+            classification=d.classification,
+            samples=self.config.val_samples,
+            device=self.device,
+            noise_sigma=self.noise_sigma,
+        )
+
+    def evaluate(self, samples: int | None = None) -> Evaluation:
+        """The test metrics of the current weights (``eval_samples`` samples by default)."""
+        return final_evaluation(
+            self.model,
+            self.data,
+            samples=samples or self.config.eval_samples,
+            device=self.device,
+            noise_sigma=self.noise_sigma,
+        )
 
     def snapshot(self, epoch: int, metrics: dict[str, float], recorded: bool) -> EpochSnapshot:
         params = get_all_distribution_params(self.model, epoch, force=True)
@@ -332,31 +403,39 @@ class Trainer:
                 bar = tqdm(
                     range(c.epochs), desc=desc, unit="epoch", disable=not self.progress, leave=False
                 )
+                best = _Best()
                 for epoch in bar:
                     t0 = time.perf_counter()
-                    capture = is_capture_epoch(epoch, c.capture_every, last_epoch=c.epochs - 1)
-                    metrics = self.train_epoch(epoch, capture)
-                    metrics.update(self.evaluate())
+                    metrics = self.train_epoch(
+                        epoch, is_capture_epoch(epoch, c.capture_every, last_epoch=c.epochs - 1)
+                    )
+                    metrics.update(self.validate())
+                    best.update(epoch, metrics.get("val_nll"), self)
+                    stop_early = best.stale(epoch, c.early_stopping_patience)
+                    last = epoch == c.epochs - 1 or stop_early
                     metrics["epoch_time_s"] = time.perf_counter() - t0
                     metrics["steps"] = float(steps)
-                    result.history.append({"epoch": float(epoch), **metrics})
+                    capture = last or is_capture_epoch(epoch, c.capture_every)
+                    snap = None
                     if capture:
                         snap = self.snapshot(
                             epoch, metrics, recorded=self.recorder.level is not GradLevel.NONE
                         )
+                    if last:
+                        self._final_test(epoch, best, metrics, result, snap)
+                    result.history.append({"epoch": float(epoch), **metrics})
+                    if snap is not None:
                         if self.sink is not None and run_id is not None:
                             self.sink.write_epoch(run_id, snap)
                         result.captured_epochs.append(epoch)
-                    key = "test_acc" if self.data.classification else "test_rmse"
-                    bar.set_postfix({"loss": f"{metrics['loss']:.4g}", key: f"{metrics[key]:.4g}"})
+                    key = "acc" if self.data.classification else "rmse"
+                    shown = metrics.get(f"val_{key}", metrics.get(f"train_{key}", math.nan))
+                    bar.set_postfix({"loss": f"{metrics['loss']:.4g}", key: f"{shown:.4g}"})
                     if self.on_epoch is not None:
                         self.on_epoch(epoch, metrics)
-                    if (
-                        should_stop is not None
-                        and run_id is not None
-                        and epoch < c.epochs - 1
-                        and should_stop(run_id)
-                    ):
+                    if last:
+                        break
+                    if should_stop is not None and run_id is not None and should_stop(run_id):
                         result.cancelled = True
                         break
         except KeyboardInterrupt:
@@ -370,6 +449,27 @@ class Trainer:
         result.noise_sigma = self.noise_sigma
         return result
 
+    def _final_test(
+        self,
+        epoch: int,
+        best: _Best,
+        metrics: dict[str, float],
+        result: TrainResult,
+        snap: EpochSnapshot | None,
+    ) -> None:
+        """Evaluate the test split once, on the weights ``model_selection`` picks."""
+        selected = epoch
+        if self.config.model_selection is ModelSelection.BEST_VAL and best.state is not None:
+            best.restore(self)
+            selected = best.epoch
+        evaluation = self.evaluate()
+        metrics.update(evaluation.metrics)
+        metrics["selected_epoch"] = float(selected)
+        result.selected_epoch, result.evaluation = selected, evaluation
+        if snap is not None:
+            snap.metrics = dict(metrics)
+            snap.evaluation = dict(evaluation.per_example)
+
     def _finish(self, run_id: str | None, status: str, error: str | None) -> None:
         if self.sink is None or run_id is None:
             return
@@ -378,6 +478,38 @@ class Trainer:
         except Exception:
             if error is None:  # the run itself succeeded: a failed status update must be seen
                 raise
+
+
+class _Best:
+    """The epoch with the lowest validation NLL so far and a copy of its weights."""
+
+    def __init__(self) -> None:
+        self.epoch = -1
+        self.value = math.inf
+        self.state: dict[str, Any] | None = None
+
+    def update(self, epoch: int, val_nll: float | None, trainer: Trainer) -> None:
+        if val_nll is None or not math.isfinite(val_nll) or val_nll >= self.value:
+            return
+        self.epoch, self.value = epoch, val_nll
+        if trainer.config.model_selection is ModelSelection.BEST_VAL:
+            self.state = {
+                "model": copy.deepcopy(trainer.model.state_dict()),
+                "noise_rho": None
+                if trainer.noise_rho is None
+                else trainer.noise_rho.detach().clone(),
+            }
+
+    def stale(self, epoch: int, patience: int | None) -> bool:
+        """True when ``patience`` epochs have passed without a better validation NLL."""
+        return patience is not None and self.epoch >= 0 and epoch - self.epoch >= patience
+
+    def restore(self, trainer: Trainer) -> None:
+        assert self.state is not None
+        trainer.model.load_state_dict(self.state["model"])
+        if trainer.noise_rho is not None and self.state["noise_rho"] is not None:
+            with torch.no_grad():
+                trainer.noise_rho.copy_(self.state["noise_rho"])
 
 
 def train(

@@ -106,7 +106,9 @@ def width_table(store: RunStore, sweep: SweepInfo) -> pd.DataFrame:
 
 
 def _epochs_to(store: RunStore, run_id: str, key: str, target: float) -> float:
-    better = (lambda v: v >= target) if key == "test_acc" else (lambda v: v <= target)
+    """First epoch (1-based) whose validation metric reaches the target (the test split is
+    evaluated once, at the end, so the per-epoch curve is the validation one)."""
+    better = (lambda v: v >= target) if key.endswith("acc") else (lambda v: v <= target)
     for info in store.list_epochs(run_id):
         value = info.metrics.get(key)
         if value is not None and math.isfinite(value) and better(value):
@@ -126,9 +128,9 @@ def optim_table(store: RunStore, sweep: SweepInfo) -> pd.DataFrame:
         last = store.list_epochs(run_id)[-1].metrics
         row = {f: cfg.get(f) for f in FACTORS} | {"lr": cfg.get("lr"), key: value}
         row |= {m: last.get(m, math.nan) for m in ("test_nll", "test_ece", "loss") if m in last}
-        row[f"epochs to {key} {'>=' if key == 'test_acc' else '<='} {target:g}"] = _epochs_to(
-            store, run_id, key, target
-        )
+        val_key = key.replace("test_", "val_")
+        sign = ">=" if key == "test_acc" else "<="
+        row[f"epochs to {val_key} {sign} {target:g}"] = _epochs_to(store, run_id, val_key, target)
         row["grad_clip"] = "off" if row["grad_clip"] is None else row["grad_clip"]
         if cfg.get("grad_capture", "element") != "none":
             with store.reader(run_id) as reader:

@@ -26,8 +26,9 @@ def test_serve_trains_lists_cancels_and_interrupts_runs_on_a_local_cluster(
     assert run["status"] == "completed", run["error"]
     assert run["epochs"] == [0, 1, 2] and run["train_host"] and run["finished_at"]
     assert [e["epoch"] for e in http.get(f"/runs/{run_id}/epochs").json()] == [0, 1, 2]
-    series = http.get(f"/runs/{run_id}/metrics?names=loss,test_rmse").json()["series"]
-    assert len(series["loss"]) == 3 and all(v > 0 for v in series["test_rmse"])
+    series = http.get(f"/runs/{run_id}/metrics?names=loss,val_rmse,test_rmse").json()["series"]
+    assert len(series["loss"]) == 3 and all(v > 0 for v in series["val_rmse"])
+    assert series["test_rmse"][:2] == [None, None] and series["test_rmse"][2] > 0  # once, last
     assert "Dask LocalCluster of 1 processes" in http.get("/healthz").json()["jobs"]["backend"]
     assert http.get("/runs?tag=local").json()["total"] == 1
     # its analysis: the pairwise KL table at an epoch, gradient outliers and a plot as PNG

@@ -109,7 +109,7 @@ def test_width_and_optim_sweeps_on_a_local_dask_cluster(tmp_path: Path) -> None:
         }
         opt = study_table(store, store.get_sweep(sweep2.id))
         assert len(opt) == 8 and set(opt["optimizer"]) == {"adam"}
-        assert (opt["epochs to test_rmse <= 10"] == 1).all()  # a target every run reaches
+        assert (opt["epochs to val_rmse <= 10"] == 1).all()  # a target every run reaches
         assert {"exploding layer1", "exploding layer2", "vanishing (all layers)"} <= set(
             opt.columns
         )

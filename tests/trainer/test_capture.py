@@ -70,7 +70,8 @@ def test_element_statistics_match_a_manual_computation() -> None:
     assert stats["nonfinite"].sum() == 0
     assert res["layer2"]["step_norm"].shape == (4,)
     assert set(res["layer1"]) >= {"weight", "bias", "step_norm", "prior"}
-    assert res["layer1"]["prior"]["weight"]["mu"].shape == (4,)
+    assert "mu" not in res["layer1"]["prior"]["weight"]  # the prior mean is fixed by default
+    assert res["layer1"]["prior"]["weight"]["rho"].shape == (4,)
     assert np.isfinite(res["layer1"]["prior"]["weight"]["rho"]).all()
     assert np.abs(res["layer1"]["prior"]["weight"]["rho"]).sum() > 0
 
@@ -107,7 +108,7 @@ def test_fixed_prior_has_no_prior_gradients_and_none_level_records_nothing() -> 
 
 
 def test_step_series_grow_past_their_initial_capacity() -> None:
-    layer = BayesLinear(2, 1)
+    layer = BayesLinear(2, 1, prior=PriorSpec(learn_mean=True, min_group=1))
     model = torch.nn.Sequential(layer)
     rec = GradientRecorder(model, GradLevel.LAYER)
     norms = []

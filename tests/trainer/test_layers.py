@@ -272,8 +272,8 @@ def test_prior_penalty_sums_hierarchical_priors() -> None:
 
 
 def test_empirical_bayes_step_respects_schedule() -> None:
-    step_model = _net(PriorSpec(mode="empirical_bayes", eb_every="step"))
-    epoch_model = _net(PriorSpec(mode="empirical_bayes", eb_every="epoch"))
+    step_model = _net(PriorSpec(mode="empirical_bayes", eb_every="step", learn_mean=True))
+    epoch_model = _net(PriorSpec(mode="empirical_bayes", eb_every="epoch", learn_mean=True))
     empirical_bayes_step(step_model, EBSchedule.EPOCH)  # wrong schedule: untouched
     empirical_bayes_step(epoch_model, "epoch")
     untouched = bayesian_layers(step_model)[1][1]
@@ -322,7 +322,7 @@ def _reference_grads(layer: BayesLinear, x: torch.Tensor, seed: int) -> list[tor
 
 def test_shared_sigma_gives_the_textbook_gradients_step_after_step() -> None:
     torch.manual_seed(0)
-    layer = BayesLinear(6, 4, prior=PriorSpec(kind="learnable"))
+    layer = BayesLinear(6, 4, prior=PriorSpec(kind="learnable", learn_mean=True, min_group=1))
     opt = torch.optim.SGD(layer.parameters(), lr=0.05)
     x = torch.randn(5, 6)
     for step in range(3):

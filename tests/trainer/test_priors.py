@@ -43,10 +43,13 @@ def test_spec_accepts_strings_and_defaults() -> None:
         LearnMode.GRADIENT,
         EBSchedule.STEP,
     )
+    assert (default.learn_mean, default.min_group, default.scale) == (False, 10, "absolute")
     # hyperprior mode defaults to the initial prior variance: beta / (alpha + 1) = sigma0^2
-    spec = PriorSpec(sigma0=0.5, hyper_alpha=3.0)
-    assert spec.resolved_hyper_beta / (spec.hyper_alpha + 1) == pytest.approx(0.25)
-    assert PriorSpec(hyper_beta=2.0).resolved_hyper_beta == 2.0
+    alpha, beta = PriorSpec(sigma0=0.5, hyper_alpha=3.0).hyperprior(1000, 0.5)
+    assert (alpha, beta / (alpha + 1)) == (3.0, pytest.approx(0.25))
+    assert PriorSpec(hyper_beta=2.0).hyperprior(10, 1.0)[1] == 2.0
+    # without hyper_alpha the hyperprior is worth hyper_strength pseudo-observations per element
+    assert PriorSpec(hyper_strength=0.5).hyperprior(1000, 1.0)[0] == 250.0
 
 
 @pytest.mark.parametrize(
@@ -138,14 +141,14 @@ def test_empirical_bayes_is_the_optimum_gradient_descent_reaches() -> None:
     mu_q = 0.3 + 0.2 * torch.randn(40, 10, dtype=torch.float64)
     sigma_q = 0.05 + 0.1 * torch.rand(40, 10, dtype=torch.float64)
 
-    eb = GaussianPrior(PriorSpec(mode="empirical_bayes")).double()
+    eb = GaussianPrior(PriorSpec(mode="empirical_bayes", learn_mean=True)).double()
     eb.empirical_bayes_(mu_q, sigma_q)
     mu_expected = mu_q.mean()
     sigma_expected = (sigma_q.square() + (mu_q - mu_expected).square()).mean().sqrt()
     assert eb.mu.item() == pytest.approx(mu_expected.item(), rel=1e-9)
     assert eb.sigma.item() == pytest.approx(sigma_expected.item(), rel=1e-9)
 
-    gd = GaussianPrior(PriorSpec(mode="gradient")).double()
+    gd = GaussianPrior(PriorSpec(mode="gradient", learn_mean=True)).double()
     opt = torch.optim.Adam(gd.parameters(), lr=0.05)
     for _ in range(1500):
         opt.zero_grad()
@@ -161,7 +164,7 @@ def test_empirical_bayes_is_the_optimum_gradient_descent_reaches() -> None:
 
 
 def test_empirical_bayes_prior_is_not_trained_by_gradient_and_fixed_refuses() -> None:
-    eb = GaussianPrior(PriorSpec(mode="empirical_bayes"))
+    eb = GaussianPrior(PriorSpec(mode="empirical_bayes", learn_mean=True))
     assert all(isinstance(p, torch.nn.Parameter) for p in (eb.mu, eb.rho))
     assert not any(p.requires_grad for p in eb.parameters())
     fixed = GaussianPrior(PriorSpec.fixed(0.0, 0.1))
@@ -186,7 +189,7 @@ def _train_tiny_elbo(layer: BayesLinear, steps: int = 25) -> None:
 
 
 def test_learnable_prior_moves_and_fixed_prior_does_not() -> None:
-    learn = BayesLinear(3, 1, prior=PriorSpec(mu0=0.0, sigma0=1.0))
+    learn = BayesLinear(3, 1, prior=PriorSpec(mu0=0.0, sigma0=1.0, learn_mean=True, min_group=1))
     before = (learn.weight_prior.mu.item(), learn.weight_prior.sigma.item())
     bias_before = learn.bias_prior.sigma.item() if learn.bias_prior is not None else None
     _train_tiny_elbo(learn)
@@ -236,12 +239,12 @@ def test_hierarchical_hyperprior_keeps_prior_from_collapsing() -> None:
     n, s = 50, 0.01  # identical posteriors N(0.3, 0.01^2)
     mu_q = torch.full((n,), 0.3, dtype=torch.float64)
     sigma_q = torch.full((n,), s, dtype=torch.float64)
-    collapsed = _fit_prior(PriorSpec(mode="gradient"), mu_q, sigma_q)
+    collapsed = _fit_prior(PriorSpec(mode="gradient", learn_mean=True), mu_q, sigma_q)
     assert collapsed == pytest.approx(s, rel=1e-2)  # the KL alone collapses onto the posteriors
 
-    spec = PriorSpec(mode="hierarchical", sigma0=1.0, hyper_alpha=3.0)
+    spec = PriorSpec(mode="hierarchical", sigma0=1.0, hyper_alpha=3.0, learn_mean=True)
     held = _fit_prior(spec, mu_q, sigma_q)
-    alpha, beta = spec.hyper_alpha, spec.resolved_hyper_beta
+    alpha, beta = spec.hyperprior(n, 1.0)
     # stationary point of KL - log InvGamma(v): v = (n s^2 + 2 beta) / (n + 2 alpha + 2)
     expected = math.sqrt((n * s**2 + 2 * beta) / (n + 2 * alpha + 2))
     assert held == pytest.approx(expected, rel=1e-2)

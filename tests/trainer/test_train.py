@@ -53,7 +53,8 @@ def test_capture_every_n_keeps_the_last_epoch(tmp_path: Path) -> None:
 
 
 def test_learnable_prior_moves_and_fixed_prior_does_not() -> None:
-    learn = train({**TINY, "epochs": 3, "prior": "learnable", "lr": 0.01}, progress=False).model
+    learn_cfg = {**TINY, "epochs": 3, "prior": "learnable", "lr": 0.01, "prior_learn_mean": True}
+    learn = train(learn_cfg, progress=False).model
     fixed = train({**TINY, "epochs": 3, "prior": "fixed", "lr": 0.01}, progress=False).model
     assert float(learn.layer1.weight_prior.mu.detach().abs().sum()) > 0
     assert float(fixed.layer1.weight_prior.mu.abs().sum()) == 0
@@ -62,7 +63,14 @@ def test_learnable_prior_moves_and_fixed_prior_does_not() -> None:
 
 def test_empirical_bayes_prior_is_the_closed_form_of_the_posteriors() -> None:
     model = train(
-        {**TINY, "epochs": 2, "prior_mode": "empirical_bayes", "eb_every": "epoch"}, progress=False
+        {
+            **TINY,
+            "epochs": 2,
+            "prior_mode": "empirical_bayes",
+            "eb_every": "epoch",
+            "prior_learn_mean": True,
+        },
+        progress=False,
     ).model
     layer = model.layer1
     mu = layer.weight_mu.detach().double()
@@ -91,16 +99,25 @@ def test_mnist_classification_metrics(tmp_path: Path) -> None:
         "widths": [32],
         "epochs": 2,
         "n_train": 512,
+        "n_val": 256,
         "n_test": 256,
         "eval_samples": 2,
         "grad_clip": 5.0,
         "optimizer": "adamw",
+        "lr": 3e-3,
     }
     result = train(cfg, sink=store, progress=False)
     m = result.history[-1]
-    for key in ("train_acc", "test_acc", "test_nll", "test_ece"):
+    keys = ("train_acc", "val_acc", "val_nll", "test_acc", "test_nll", "test_ece", "test_brier")
+    for key in (*keys, "test_ood_auroc", "elbo"):
         assert np.isfinite(m[key]), key
     assert 0 <= m["test_ece"] <= 1 and m["test_acc"] > 0.3
+    assert "test_acc" not in result.history[0]  # the test split is evaluated once, at the end
+    assert m["selected_epoch"] in (0.0, 1.0)
+    evaluation = store.reader(result.run_id).evaluation()
+    assert evaluation is not None and set(evaluation) == {"nll", "error", "brier"}
+    assert evaluation["nll"].shape == (256,)
+    assert evaluation["error"].mean() == pytest.approx(1 - m["test_acc"])
     log = load_distribution_log(result.run_id, data_dir=tmp_path, epochs=[1])
     assert log[1]["layer1"]["posterior"]["weight"]["mu"].shape == (32, 784)
 

@@ -22,6 +22,7 @@ __all__ = [
     "GRAD_STATS",
     "PARAMS",
     "STATS",
+    "check_evaluation",
     "check_gradients",
     "check_name",
     "check_params",
@@ -33,6 +34,8 @@ DISTS = ("posterior", "prior")
 PARAMS = ("weight", "bias")
 STATS = ("mu", "sigma")
 GRAD_PARAMS = ("mu", "rho")
+#: learnable prior parameters: Gaussian (mu, rho) and scale mixture (logit_pi, rho1, rho2)
+PRIOR_GRAD_PARAMS = ("mu", "rho", "logit_pi", "rho1", "rho2")
 GRAD_STATS = ("mean_abs", "max_abs", "nonfinite")
 Fail = Callable[[str], BnnError]
 
@@ -135,12 +138,29 @@ def check_gradients(
         prior = g.get("prior", {})
         _check_keys(prior, params, (), f"gradients/{layer}/prior", fail)
         for param, pg in prior.items():
-            _check_keys(pg, GRAD_PARAMS, (), f"gradients/{layer}/prior/{param}", fail)
+            _check_keys(pg, PRIOR_GRAD_PARAMS, (), f"gradients/{layer}/prior/{param}", fail)
             for gp, arr in pg.items():
                 _check_array(arr, f"gradients/{layer}/prior/{param}/{gp}", "f", None, fail)
                 if len(arr.shape) != 1:
                     where = f"gradients/{layer}/prior/{param}/{gp}"
                     raise fail(f"{where} must be 1-D, got shape {tuple(arr.shape)}")
+
+
+def check_evaluation(evaluation: Mapping[str, Any], fail: Fail) -> dict[str, np.ndarray]:
+    """Per-example evaluation arrays: names are plain, arrays 1-D float of one length."""
+    out: dict[str, np.ndarray] = {}
+    lengths = set()
+    for key, value in evaluation.items():
+        if not isinstance(key, str) or not key or "/" in key:
+            raise fail(f"bad evaluation name {key!r}")
+        arr = np.asarray(value)
+        if arr.ndim != 1 or arr.dtype.kind not in "fiub":
+            raise fail(f"evaluation/{key} must be a 1-D numeric array, got {arr.dtype} {arr.shape}")
+        lengths.add(arr.shape[0])
+        out[key] = arr.astype(np.float64, copy=False)
+    if len(lengths) > 1:
+        raise fail(f"evaluation arrays must have one length, got {sorted(lengths)}")
+    return out
 
 
 def clean_metrics(metrics: Mapping[str, Any], fail: Fail) -> dict[str, float]:
@@ -189,4 +209,6 @@ def validate_snapshot(snap: EpochSnapshot) -> EpochSnapshot:
     types = dict(snap.layer_types)
     if set(types) - set(shapes) or not all(isinstance(t, str) for t in types.values()):
         raise fail(f"layer_types {types!r} must map known layers {list(shapes)} to strings")
-    return EpochSnapshot(snap.epoch, params, clean_metrics(snap.metrics, fail), grads, level, types)
+    evaluation = None if snap.evaluation is None else check_evaluation(snap.evaluation, fail)
+    metrics = clean_metrics(snap.metrics, fail)
+    return EpochSnapshot(snap.epoch, params, metrics, grads, level, types, evaluation)

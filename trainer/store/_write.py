@@ -72,6 +72,8 @@ def write_epoch_file(path: str | Path, snap: EpochSnapshot, *, run_id: str = "")
                 _put_tree(group, log)
             if snap.gradients is not None:
                 _put_tree(f.create_group("gradients"), snap.gradients)
+            if snap.evaluation:
+                _put_tree(f.create_group("evaluation"), snap.evaluation)
             metrics = f.create_group("metrics", track_order=True)
             for key, value in snap.metrics.items():
                 metrics.attrs[key] = np.float64(value)

@@ -11,6 +11,7 @@ Layout (any HDF5 tool can read it)::
         /step_norm                                    (steps,) float
         /prior/<weight|bias>/<mu|rho>                 (steps,) float, learnable priors only
     /metrics              attrs: one float64 per metric (NaN/Inf kept), in insertion order
+    /evaluation/<name>    (last epoch only) per-test-example float64 arrays, all (N,)
 
 Arrays are stored uncompressed by default: on float32 weights gzip+shuffle saves only
 15-20% of the size but made the write of a 784-1200-1200-10 epoch with per-element
@@ -44,6 +45,7 @@ from ._schema import (
     DISTS,
     PARAMS,
     STATS,
+    check_evaluation,
     check_gradients,
     check_name,
     check_params,
@@ -370,11 +372,13 @@ class EpochFile:
                 return {key: tree(self._child(node, key)) for key in node}
             return node
 
-        extra = set(self._f) - {"params", "gradients", "metrics"}
+        extra = set(self._f) - {"params", "gradients", "metrics", "evaluation"}
         if extra:
             raise self._corrupt(f"unexpected root objects {sorted(extra)}")
         params = self._guard(lambda: tree(self._node("params")))
         shapes = check_params(params, self._corrupt)
+        if "evaluation" in self._f:
+            check_evaluation(self._guard(lambda: tree(self._node("evaluation"))), self._corrupt)
         if self.header.has_gradients:
             check_gradients(
                 self._guard(lambda: tree(self._node("gradients"))),
@@ -382,6 +386,18 @@ class EpochFile:
                 self.header.grad_level,
                 self._corrupt,
             )
+
+    def evaluation(self) -> dict[str, np.ndarray] | None:
+        """The per-test-example arrays of the final evaluation, or None when absent."""
+
+        def read() -> dict[str, np.ndarray] | None:
+            node = self._node("evaluation")
+            if node is None:
+                return None
+            return {key: np.asarray(self._child(node, key)[()]) for key in node}
+
+        out: dict[str, np.ndarray] | None = self._guard(read)
+        return out
 
     def snapshot(
         self, layers: Iterable[str] | None = None, gradients: bool = True
@@ -400,6 +416,7 @@ class EpochFile:
             grads,
             h.grad_level,
             {k: v for k, v in h.layer_types.items() if k in params},
+            self.evaluation(),
         )
 
 

@@ -192,6 +192,17 @@ class RunReader:
         with self.open(epoch) as ef:
             return ef.gradient_array(layer, *path)
 
+    def evaluation(self, epoch: int | None = None) -> dict[str, np.ndarray] | None:
+        """The final test evaluation's per-example arrays (stored with the run's last epoch;
+        ``epoch`` defaults to it), or None when the epoch has none."""
+        if epoch is None:
+            epochs = self.epochs
+            if not epochs:
+                return None
+            epoch = epochs[-1]
+        with self.open(epoch) as ef:
+            return ef.evaluation()
+
     def snapshot(
         self, epoch: int, layers: Iterable[str] | None = None, gradients: bool = True
     ) -> EpochSnapshot:
