@@ -31,6 +31,7 @@ from .plots_runs import (
     plot_prior_trajectories,
     plot_width_study,
 )
+from .scales import SCALE_COLUMNS, plot_scale_diagnostics, scale_diagnostics
 from .source import DictSource, DistType, ReaderSource, RunLike, RunSource, as_source, open_source
 from .stats import (
     PERCENTILE_COLUMNS,
@@ -39,10 +40,19 @@ from .stats import (
     prior_trajectories,
 )
 from .summary import clear_cache
+from .uncertainty import (
+    bootstrap_mean_ci,
+    comparison_table,
+    paired_difference_ci,
+    paired_seed_difference_ci,
+    seed_mean_ci,
+    t_quantile,
+)
 
 __all__ = [
     "KL_COLUMNS",
     "PERCENTILE_COLUMNS",
+    "SCALE_COLUMNS",
     "TB_PERCENTILES",
     "DictSource",
     "DistType",
@@ -53,8 +63,10 @@ __all__ = [
     "RunLike",
     "RunSource",
     "as_source",
+    "bootstrap_mean_ci",
     "clear_cache",
     "compare_gradient_outliers",
+    "comparison_table",
     "compute_layer_kl_divergences",
     "gaussian_sums",
     "get_overall_weight_stats",
@@ -64,6 +76,8 @@ __all__ = [
     "kl_between_runs",
     "kl_to_prior",
     "open_source",
+    "paired_difference_ci",
+    "paired_seed_difference_ci",
     "pairwise_kl_trajectory",
     "pairwise_symmetric_kl",
     "pairwise_symmetric_kl_reference",
@@ -75,8 +89,12 @@ __all__ = [
     "plot_params_log_distributions",
     "plot_percentile_bands",
     "plot_prior_trajectories",
+    "plot_scale_diagnostics",
     "plot_width_study",
     "prior_gradient_series",
     "prior_trajectories",
+    "scale_diagnostics",
+    "seed_mean_ci",
+    "t_quantile",
     "width_study",
 ]

@@ -120,6 +120,10 @@ class PriorOptions(TrajectoryOptions):
     param: ParamKind = ParamKind.WEIGHT
 
 
+class ScaleOptions(PriorOptions):
+    """Prior sigma vs posterior sigma (RMS) and RMS of the means per layer over epochs."""
+
+
 class GradientOptions(PriorOptions):
     """Per-step gradient norms and per-element gradient magnitudes per layer over epochs."""
 
@@ -188,6 +192,12 @@ RUN_PLOTS: dict[str, RunPlot] = {
             r, eps, layers=_names(o.layers), param=o.param.value, dpi=o.dpi
         ),
     ),
+    "scales": RunPlot(
+        ScaleOptions,
+        lambda r, o, eps: an.plot_scale_diagnostics(
+            r, eps, layers=_names(o.layers), param=o.param.value, dpi=o.dpi
+        ),
+    ),
     "gradients": RunPlot(
         GradientOptions,
         lambda r, o, eps: an.plot_gradient_magnitudes(
@@ -197,7 +207,11 @@ RUN_PLOTS: dict[str, RunPlot] = {
     ),
 }  # fmt: skip
 
-COMPARE_PLOTS: dict[str, type[PlotOptions]] = {"width": WidthOptions, "priors": PriorOptions}
+COMPARE_PLOTS: dict[str, type[PlotOptions]] = {
+    "width": WidthOptions,
+    "priors": PriorOptions,
+    "scales": ScaleOptions,
+}
 
 
 def describe(kinds: Mapping[str, type[PlotOptions]], intro: str) -> str:
@@ -289,8 +303,9 @@ async def run_plot(
 ) -> Response:
     """Kinds: ``evolution`` (chosen parameters over epochs), ``epoch`` (all distributions at
     one epoch), ``bands`` (percentile bands), ``kl`` (KL over epochs), ``priors`` (prior
-    trajectories), ``gradients`` (gradient magnitudes). Options as query parameters (see
-    the 422 of an unknown option for a kind's list)."""
+    trajectories), ``scales`` (prior sigma vs posterior scales), ``gradients`` (gradient
+    magnitudes). Options as query parameters (see the 422 of an unknown option for a
+    kind's list)."""
     _kind(kind, RUN_PLOTS, "a run")
     spec = RUN_PLOTS[kind]
     opts = parse_options(spec.options, kind, _query(request))
@@ -313,8 +328,12 @@ def _draw_compare(
     with readers(store, found) as rs:
         if kind == "width":
             return an.plot_width_study(rs, opts.epoch, param=opts.param.value, dpi=opts.dpi)
-        # each run's own epochs: plot_prior_trajectories applies one list to every run
+        # each run's own epochs: the trajectory plots apply one list to every run
         wanted = None if opts.epochs is None else eps[0]
+        if kind == "scales":
+            return an.plot_scale_diagnostics(
+                rs, wanted, layers=_names(opts.layers), param=opts.param.value, dpi=opts.dpi
+            )
         return an.plot_prior_trajectories(
             rs, wanted, layers=_names(opts.layers), param=opts.param.value, dpi=opts.dpi
         )
@@ -338,8 +357,9 @@ async def compare_plot(
     runs: RunsQuery,
     download: DownloadQuery = False,
 ) -> Response:
-    """Kinds: ``width`` (learned prior against width, one point per run) and ``priors``
-    (prior trajectories of all runs overlaid). ``runs``: comma-separated run ids."""
+    """Kinds: ``width`` (learned prior against width, one point per run), ``priors``
+    (prior trajectories of all runs overlaid) and ``scales`` (prior sigma vs posterior
+    scales of all runs overlaid). ``runs``: comma-separated run ids."""
     _kind(kind, COMPARE_PLOTS, "comparisons")
     opts = parse_options(COMPARE_PLOTS[kind], kind, _query(request))
     found = await load_runs(request, runs)

@@ -42,6 +42,8 @@ RUN_CASES = [
     ("kl", ""),
     ("kl", "layers=layer2&epochs=2,4&dpi=50"),
     ("priors", "param=bias"),
+    ("scales", ""),
+    ("scales", "layers=layer2&param=bias&epochs=0,4&dpi=60"),
     ("gradients", ""),
     ("gradients", "grad_param=rho&stat=max_abs&layers=layer1"),
 ]
@@ -62,7 +64,7 @@ def test_run_plots_are_pngs(stored: Stored, kind: str, query: str) -> None:
 
 def test_every_kind_is_tested() -> None:
     assert {kind for kind, _ in RUN_CASES} == set(RUN_PLOTS)
-    assert set(COMPARE_PLOTS) == {"width", "priors"}
+    assert set(COMPARE_PLOTS) == {"width", "priors", "scales"}
 
 
 @pytest.mark.parametrize("query", ["", "epochs=0,4&layers=layer1&param=bias"])
@@ -72,6 +74,27 @@ def test_compare_prior_trajectories(stored: Stored, query: str) -> None:
     assert response.status_code == 200, response.text
     png_size(response.content)
     assert response.headers["content-disposition"] == 'inline; filename="compare_priors.png"'
+
+
+@pytest.mark.parametrize("query", ["", "epochs=2,4&layers=layer2&param=bias"])
+def test_compare_scale_diagnostics(stored: Stored, query: str) -> None:
+    pair = f"{stored.ids['main']},{stored.ids['fixed']}"
+    response = stored.client.get(f"/compare/plots/scales.png?runs={pair}&{query}")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    png_size(response.content)
+    assert response.headers["content-disposition"] == 'inline; filename="compare_scales.png"'
+
+
+def test_scale_plot_is_cached_with_an_etag(stored: Stored) -> None:
+    url = f"/runs/{stored.ids['main']}/plots/scales.png?layers=layer1&dpi=40"
+    first = stored.client.get(url)
+    cache = stored.client.app.state.analysis_cache  # type: ignore[attr-defined]
+    misses = cache.misses
+    again = stored.client.get(url)
+    assert again.content == first.content and cache.misses == misses
+    etag = {"If-None-Match": first.headers["etag"]}
+    assert stored.client.get(url, headers=etag).status_code == 304
 
 
 def test_compare_width_plot_downloads_as_an_attachment(stored: Stored) -> None:
@@ -101,7 +124,11 @@ def test_dpi_changes_the_size_and_results_are_cached(stored: Stored) -> None:
     ("url", "status", "needle"),
     [
         ("/runs/{main}/plots/violin.png", 404, "kinds are ['bands', 'epoch', 'evolution'"),
-        ("/compare/plots/kl.png?runs={main},{fixed}", 404, "kinds are ['priors', 'width']"),
+        (
+            "/compare/plots/kl.png?runs={main},{fixed}",
+            404,
+            "kinds are ['priors', 'scales', 'width']",
+        ),
         ("/runs/{main}/plots/kl.png?colour=red", 422, "colour: unknown option for plot 'kl'"),
         ("/runs/{main}/plots/kl.png?format=csv", 422, "format: unknown option"),
         ("/runs/{main}/plots/epoch.png?alpha=2", 422, "alpha"),
@@ -126,6 +153,9 @@ def test_dpi_changes_the_size_and_results_are_cached(stored: Stored) -> None:
         ("/compare/plots/width.png?runs={main}", 422, "2 to 16 runs"),
         ("/compare/plots/width.png?runs={main},{fixed}&epoch=3", 404, "has no epoch 3"),
         ("/compare/plots/priors.png?runs={main},{fixed}&layers=nope", 404, "unknown layer"),
+        ("/runs/{main}/plots/scales.png?layers=nope", 404, "unknown layer 'nope'"),
+        ("/runs/{main}/plots/scales.png?dist=prior", 422, "dist: unknown option"),
+        ("/compare/plots/scales.png?runs={main},{fixed}&layers=nope", 404, "unknown layer"),
     ],
 )
 def test_plot_errors(stored: Stored, url: str, status: int, needle: str) -> None:
