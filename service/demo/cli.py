@@ -115,11 +115,119 @@ def _sweep_parser(sub: Any) -> None:
     )
 
 
+def _study_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "study",
+        help="arms x paired seeds, tuned on validation, with 95%% CIs and paired differences",
+        description=(
+            "Train a study on Dask and write its report. --preset regression|mnist is the "
+            "project's seven-arm comparison of priors (service.demo.protocol); --spec FILE "
+            "reads a StudySpec JSON instead."
+        ),
+    )
+    p.add_argument("--preset", choices=["regression", "mnist"], help="the standard comparison")
+    p.add_argument("--spec", type=Path, help="a StudySpec JSON file (instead of --preset)")
+    p.add_argument("--arms", type=_names, help="preset: a subset of the arms, comma-separated")
+    p.add_argument("--seeds", type=_ints, help="evaluation seeds (regression 0-4, mnist 0-2)")
+    p.add_argument("--temper", action="store_true", help="preset: add kl_weight 0.1/1 to grids")
+    p.add_argument("--tune-epochs", type=int, help="epochs of each tuning run (default: epochs)")
+    for flag, typ in (
+        ("--epochs", int),
+        ("--n-train", int),
+        ("--n-test", int),
+        ("--eval-samples", int),
+        ("--capture-every", int),
+    ):
+        p.add_argument(flag, type=typ)
+    p.add_argument("--widths", type=_ints, metavar="N,N", help="hidden widths")
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--name", help="study name")
+    p.add_argument("--out", type=Path, help="report folder (default: study-<id>)")
+    p.add_argument("--data-dir", help="run store (default: $BNN_DATA_DIR or ./bnn-data)")
+    p.add_argument("--db-url", help="catalog URL (default: $BNN_DATABASE_URL or SQLite)")
+    p.add_argument("--workers", type=int, default=2, help="local Dask worker processes")
+    p.add_argument("--dask-scheduler", help="a Dask scheduler address instead of a local cluster")
+
+
 def add_demo_commands(sub: Any) -> dict[str, Handler]:
-    """Add ``demo`` and ``sweep`` to ``bnn``'s subparsers; returns their handlers."""
+    """Add ``demo``, ``sweep`` and ``study`` to ``bnn``'s subparsers; returns the handlers."""
     _demo_parser(sub)
     _sweep_parser(sub)
-    return {"demo": _cmd_demo, "sweep": _cmd_sweep}
+    _study_parser(sub)
+    return {"demo": _cmd_demo, "sweep": _cmd_sweep, "study": _cmd_study}
+
+
+def study_spec_from_args(args: argparse.Namespace) -> Any:
+    """The StudySpec that ``bnn study`` options describe."""
+    from service.demo.protocol import protocol_spec
+    from service.demo.study import StudySpec
+
+    overrides = {
+        key: value
+        for key, value in {
+            "epochs": args.epochs,
+            "n_train": args.n_train,
+            "n_test": args.n_test,
+            "eval_samples": args.eval_samples,
+            "capture_every": args.capture_every,
+            "widths": args.widths,
+            "device": args.device,
+        }.items()
+        if value is not None
+    }
+    try:
+        if args.spec is not None:
+            if args.preset:
+                raise BnnError.invalid("give either --preset or --spec, not both")
+            data = json.loads(args.spec.read_text())
+            data["base"] = {**data.get("base", {}), **overrides}
+            if args.seeds:
+                data["seeds"] = args.seeds
+            return StudySpec.model_validate(data)
+        if not args.preset:
+            raise BnnError.invalid("`bnn study` needs --preset regression|mnist or --spec FILE")
+        return protocol_spec(
+            args.preset,
+            seeds=args.seeds,
+            base=overrides,
+            arms=args.arms,
+            temper=args.temper,
+            tune_epochs=args.tune_epochs,
+            name=args.name,
+        )
+    except (ValueError, OSError) as exc:
+        raise BnnError.invalid(f"bad study: {exc}") from None
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from service.demo.study import run_study_local
+    from service.demo.study_report import (
+        collect_study,
+        display_summary,
+        significance_sentences,
+        write_study_report,
+    )
+    from trainer.store import RunStore
+
+    spec = study_spec_from_args(args)
+    data_dir = Path(args.data_dir or os.environ.get("BNN_DATA_DIR") or "bnn-data")
+    db_url = args.db_url or os.environ.get("BNN_DATABASE_URL")
+    t0 = time.perf_counter()
+    sweep = run_study_local(
+        spec, data_dir, db_url=db_url, workers=args.workers, scheduler=args.dask_scheduler
+    )
+    out = args.out or Path(f"study-{sweep.id}")
+    command = "bnn " + " ".join(sys.argv[1:]) if sys.argv[1:] else None
+    with RunStore(data_dir, db_url) as store:
+        sweep = store.get_sweep(sweep.id)
+        html, _md, tables = write_study_report(store, sweep, out, command=command)
+        data = collect_study(store, sweep)
+    print(display_summary(data, tables).to_string(), file=sys.stderr)
+    for line in significance_sentences(data, tables):
+        print(line.replace("**", ""), file=sys.stderr)
+    print(f"study {sweep.id} in {time.perf_counter() - t0:.0f} s: report {html}", file=sys.stderr)
+    print(sweep.id)
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -22,6 +22,8 @@ import itertools
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -36,9 +38,11 @@ __all__ = [
     "OPTIM_GRID",
     "SweepKind",
     "SweepSpec",
+    "dask_client",
     "expand",
     "register_sweep",
     "run_sweep_local",
+    "train_on_dask",
     "train_stored_run",
 ]
 
@@ -265,6 +269,63 @@ def train_stored_run(
     return RunStatus.CANCELLED.value if result.cancelled else RunStatus.COMPLETED.value
 
 
+@contextmanager
+def dask_client(workers: int = 2, scheduler: str | None = None) -> Iterator[Any]:
+    """A Dask client: of a LocalCluster of ``workers`` single-threaded processes, or of the
+    ``scheduler`` at an address; both closed on exit."""
+    from distributed import Client, LocalCluster
+
+    cluster = None
+    if scheduler is None:
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
+    client = Client(cluster or scheduler, set_as_default=False)
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def train_on_dask(
+    client: Any,
+    store: RunStore,
+    runs: list[tuple[str, str, dict[str, Any]]],
+    data_dir: str,
+    db_url: str | None,
+    say: Callable[[str], None],
+    t0: float,
+) -> None:
+    """Train the QUEUED ``runs`` ``[(label, run_id, config)]`` on ``client``'s workers, one
+    line of progress each; a run whose task was lost with its worker is marked FAILED."""
+    from distributed import as_completed
+
+    futures = {
+        client.submit(
+            train_stored_run, run_id, cfg, data_dir, db_url, key=f"bnn-run-{run_id}", pure=False
+        ): label
+        for label, run_id, cfg in runs
+    }
+    for done, future in enumerate(as_completed(futures, loop=client.loop), 1):
+        label = futures[future]
+        if future.status == "error":
+            exc = future.exception()
+            say(f"  [{done}/{len(runs)}] {label}: failed ({type(exc).__name__}: {exc})")
+        else:
+            took = time.perf_counter() - t0
+            say(f"  [{done}/{len(runs)}] {label}: {future.result()} ({took:.0f} s)")
+    for _, run_id, _ in runs:
+        if store.get_run(run_id).status.active:
+            store.set_status(run_id, RunStatus.FAILED, error="the Dask task did not finish")
+
+
 def run_sweep_local(
     spec: SweepSpec,
     data_dir: str | Path,
@@ -277,8 +338,6 @@ def run_sweep_local(
     """Register the sweep in the store at ``data_dir`` and train its runs on Dask: a
     LocalCluster of ``workers`` processes, or the ``scheduler`` at an address (its workers
     must reach the same ``data_dir`` and catalog, e.g. a shared folder and PostgreSQL)."""
-    from distributed import Client, LocalCluster, as_completed
-
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     data = Path(data_dir).resolve()
     with RunStore(data, db_url) as store:
@@ -287,46 +346,6 @@ def run_sweep_local(
             f"sweep {sweep.id} ({spec.kind.value}): {len(runs)} runs on "
             + (f"the Dask scheduler {scheduler}" if scheduler else f"{workers} local Dask workers")
         )
-        cluster = None
-        if scheduler is None:
-            cluster = LocalCluster(
-                n_workers=workers,
-                threads_per_worker=1,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address=None,
-                silence_logs=logging.ERROR,
-            )
-        client = Client(cluster or scheduler, set_as_default=False)
-        t0 = time.perf_counter()
-        try:
-            futures = {
-                client.submit(
-                    train_stored_run,
-                    run_id,
-                    cfg,
-                    str(data),
-                    db_url,
-                    key=f"bnn-sweep-{run_id}",
-                    pure=False,
-                ): label
-                for label, run_id, cfg in runs
-            }
-            for done, future in enumerate(as_completed(futures, loop=client.loop), 1):
-                label = futures[future]
-                if future.status == "error":
-                    exc = future.exception()
-                    say(f"  [{done}/{len(runs)}] {label}: failed ({type(exc).__name__}: {exc})")
-                else:
-                    say(
-                        f"  [{done}/{len(runs)}] {label}: {future.result()} "
-                        f"({time.perf_counter() - t0:.0f} s)"
-                    )
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
-        for _, run_id, _ in runs:  # a task lost with its worker leaves its run behind
-            if store.get_run(run_id).status.active:
-                store.set_status(run_id, RunStatus.FAILED, error="the Dask task did not finish")
+        with dask_client(workers, scheduler) as client:
+            train_on_dask(client, store, runs, str(data), db_url, say, time.perf_counter())
         return store.get_sweep(sweep.id)
