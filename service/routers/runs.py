@@ -66,9 +66,12 @@ def check_limits(config: TrainConfig, settings: Settings) -> None:
         ("widths", max(config.hidden, default=0), settings.max_width, "BNN_MAX_WIDTH"),
         ("mc_samples", config.mc_samples, settings.max_mc_samples, "BNN_MAX_MC_SAMPLES"),
         ("eval_samples", config.eval_samples, settings.max_mc_samples, "BNN_MAX_MC_SAMPLES"),
+        ("val_samples", config.val_samples, settings.max_mc_samples, "BNN_MAX_MC_SAMPLES"),
+        ("laplace_examples", config.laplace_examples, settings.max_n_train, "BNN_MAX_N_TRAIN"),
         ("batch_size", config.batch, settings.max_batch_size, "BNN_MAX_BATCH_SIZE"),
         ("n_train", config.n_train or 0, settings.max_n_train, "BNN_MAX_N_TRAIN"),
         ("n_test", config.n_test or 0, settings.max_n_train, "BNN_MAX_N_TRAIN"),
+        ("n_val", config.n_val or 0, settings.max_n_train, "BNN_MAX_N_TRAIN"),
     ]
     for field, value, limit, setting in checks:
         if value > limit:
