@@ -4,7 +4,9 @@
 
 At start the run store opens (Alembic migrations run), leftover upload files are removed
 and runs still QUEUED by an earlier process are handed to Dask again; the Dask cluster
-itself starts with the first job. OpenAPI at ``/docs``, liveness at ``/healthz``.
+itself starts with the first job. A background thread (every ``BNN_STUDY_POLL_S`` seconds,
+and once at start) starts the evaluation runs of studies whose tuning has ended. OpenAPI at
+``/docs``, liveness at ``/healthz``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from fastapi.concurrency import run_in_threadpool
 from service.deps import StoreDep
 from service.errors import BodyLimit, install_error_handlers
 from service.jobs import JobRunner
-from service.routers import analysis, compare, epochs, plots, runs, sweeps
+from service.routers import analysis, compare, epochs, plots, runs, studies, sweeps
 from service.settings import Settings, get_settings
 from trainer.store import RunStore
 
@@ -58,10 +60,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = await run_in_threadpool(_open_store, settings)
         jobs = JobRunner(settings, store)
         app.state.store, app.state.jobs = store, jobs
+        advancer = studies.StudyAdvancer(
+            store, lambda: studies.jobs_of(app), studies.poll_seconds(settings)
+        )
+        app.state.study_advancer = advancer
         try:
             await run_in_threadpool(jobs.resume_queued)
+            await run_in_threadpool(advancer.tick)  # studies whose tuning ended while down
+            advancer.start()
             yield
         finally:
+            await run_in_threadpool(advancer.stop)
             await run_in_threadpool(jobs.close)
             store.close()
 
@@ -87,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(compare.router)
     app.include_router(plots.router)
     app.include_router(sweeps.router)
+    app.include_router(studies.router)
 
     @app.get("/healthz", tags=["service"], summary="Liveness and catalog check")
     def healthz(request: Request, store: StoreDep) -> dict[str, Any]:

@@ -389,7 +389,7 @@ class Trainer:
             run = self.sink.create_run(c.name, c.to_json_dict(), tags=c.tags)
             run_id = run.id
         result = TrainResult(run_id=run_id, model=self.model)
-        if self.eb_mode:
+        if self.eb_mode and self._prior_updates_on(0):
             empirical_bayes_step(self.model)
         steps = num_batches(self.data.n_train, c.batch)
         should_stop = getattr(self.sink, "should_stop", None)

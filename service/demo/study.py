@@ -91,7 +91,7 @@ class ArmSpec(BaseModel):
     @property
     def budget(self) -> int:
         """Runs spent on tuning (0 for an untuned arm)."""
-        return len(self.grid()) if self.tune else 0
+        return math.prod(len(v) for v in self.tune.values()) if self.tune else 0
 
 
 class StudySpec(BaseModel):
@@ -139,6 +139,10 @@ class StudySpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> StudySpec:
+        # sizes first (from the level counts, without building any grid)
+        total = sum(a.budget for a in self.arms.values()) + len(self.arms) * len(self.seeds)
+        if total > MAX_RUNS:
+            raise ValueError(f"the study would train {total} runs (at most {MAX_RUNS})")
         if self.baseline is None:
             self.baseline = next(iter(self.arms))
         if self.baseline not in self.arms:
@@ -151,9 +155,6 @@ class StudySpec(BaseModel):
                 f"tuned arms must have the same tuning budget (grid size), got {budgets}; "
                 "set equal_budget false to allow it"
             )
-        total = sum(budgets.values()) + len(self.arms) * len(self.seeds)
-        if total > MAX_RUNS:
-            raise ValueError(f"the study would train {total} runs (at most {MAX_RUNS})")
         return self
 
     def to_json(self) -> dict[str, Any]:
