@@ -22,7 +22,19 @@ __all__ = [
 ]
 
 DPI = 80
-COLOURS = {"fixed": "tab:blue", "learnable": "tab:orange"}
+#: One colour per arm of the standard protocol (and the old fixed/learnable pair), so that an
+#: arm looks the same in every demo figure; other labels take tab10 by position.
+COLOURS = {
+    "fixed": "tab:blue",
+    "learnable": "tab:orange",
+    "fixed N(0,1)": "tab:blue",
+    "fixed tuned": "tab:cyan",
+    "fixed mixture": "tab:purple",
+    "learnable gradient": "tab:orange",
+    "EB burn-in": "tab:red",
+    "hierarchical scaled": "tab:green",
+    "fan-in learnable": "tab:brown",
+}
 
 
 def figure(nrows: int, ncols: int, panel: tuple[float, float] = (4.6, 3.2)) -> tuple[Figure, Any]:
@@ -109,7 +121,7 @@ def plot_regression_fit(
         spread = float(np.nanmax(np.abs(truth[1]))) * 1.6 + 1
         ax.set_ylim(-spread, spread)
         ax.set_xlim(lo_all, hi_all)
-        ax.set_title(f"{label} prior", fontsize=10)
+        ax.set_title(label, fontsize=10)
         ax.set_xlabel("x")
         ax.set_ylabel("y")
         ax.legend(fontsize=7, loc="upper left")
@@ -171,7 +183,7 @@ def plot_reliability(
         ax2.set_ylim(0, 1)
         ax2.set_ylabel("share of examples", fontsize=8)
         ece = float(np.sum(b["count"][ok] * np.abs(conf - acc)[ok]) / max(1.0, b["count"].sum()))
-        ax.set_title(f"{label} prior: ECE {100 * ece:.2f}%", fontsize=10)
+        ax.set_title(f"{label}: ECE {100 * ece:.2f}%", fontsize=10)
         ax.set_xlabel("confidence")
         ax.set_ylabel("accuracy")
         ax.set_xlim(0, 1)
@@ -199,7 +211,7 @@ def plot_entropy_histograms(entropies: Mapping[str, Mapping[str, np.ndarray]]) -
                 label=name,
             )
         ax.set_yscale("log")
-        ax.set_title(f"{label} prior: predictive entropy", fontsize=10)
+        ax.set_title(f"{label}: predictive entropy", fontsize=10)
         ax.set_xlabel("entropy (nats; max log 10 = 2.30)")
         ax.set_ylabel("density")
         ax.legend(fontsize=7)

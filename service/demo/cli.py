@@ -32,24 +32,60 @@ def _names(text: str) -> list[str]:
     return [p for p in text.replace(" ", "").split(",") if p]
 
 
+def _arm_names(text: str) -> list[str]:
+    """Comma-separated arm names; commas inside parentheses belong to the name, as in
+    ``fixed N(0,1)``."""
+    names, depth, part = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth <= 0:
+            names.append(part.strip())
+            part = ""
+        else:
+            part += ch
+    return [n for n in [*names, part.strip()] if n]
+
+
 def _demo_parser(sub: Any) -> None:
-    p = sub.add_parser("demo", help="fixed vs learnable prior with every diagnostic, as a report")
+    p = sub.add_parser(
+        "demo",
+        help="the seven priors compared (paired seeds, 95%% CIs) with every diagnostic, a report",
+        description=(
+            "Run the standard comparison of priors (service.demo.protocol) on Dask into "
+            "OUT/bnn-data and write OUT/report.html, report.md and summary.json: results with "
+            "95% CIs, which differences are significant, then the predictive fit (regression) "
+            "or calibration and OOD entropy (mnist) and the diagnostics of the first seed's runs."
+        ),
+    )
     p.add_argument("task", choices=["regression", "mnist"])
     p.add_argument(
         "--out", required=True, type=Path, help="folder for report.html/.md, img/, bnn-data/"
     )
-    p.add_argument("--full", action="store_true", help="mnist: 784-1200-1200-10, 100 epochs")
-    p.add_argument("--epochs", type=int, help="epochs per model (regression 300, mnist 10)")
+    p.add_argument(
+        "--full", action="store_true", help="mnist: 784-1200-1200-10, 50 epochs (GPU-sized)"
+    )
+    p.add_argument(
+        "--seeds", type=_ints, metavar="S,S", help="paired seeds (regression 0-4, mnist 0-2)"
+    )
+    p.add_argument(
+        "--arms",
+        type=_arm_names,
+        metavar="A,B",
+        help="a subset of the arms, comma-separated (e.g. 'fixed N(0,1),EB burn-in')",
+    )
+    p.add_argument("--workers", type=int, default=2, help="local Dask worker processes (2)")
+    p.add_argument("--tune-epochs", type=int, help="epochs of each tuning run (mnist 3, full 20)")
+    p.add_argument("--temper", action="store_true", help="add kl_weight 0.1/1 to every tuning grid")
+    p.add_argument("--epochs", type=int, help="epochs per run (regression 100, mnist 5, full 50)")
     p.add_argument("--widths", type=_ints, metavar="N,N", help="hidden widths")
     p.add_argument("--n-train", type=int, help="training examples (default: all)")
     p.add_argument("--n-test", type=int, help="test examples (default: all)")
+    p.add_argument("--eval-samples", type=int, help="posterior samples for the test metrics")
+    p.add_argument("--capture-every", type=int, help="capture every N epochs (25 / 1 / 5)")
+    p.add_argument("--device", help="auto, cpu or cuda (default auto)")
     p.add_argument("--n-ood", type=int, default=2000, help="mnist: images per OOD set")
-    p.add_argument("--eval-samples", type=int, help="posterior samples for the report (200 / 20)")
-    p.add_argument("--capture-every", type=int, help="capture every N epochs (10 / 1)")
     p.add_argument("--fashion-dir", help="mnist: folder with t10k-images-idx3-ubyte[.gz]")
-    p.add_argument("--device", help="mnist: auto, cpu or cuda")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
 
 
 def _sweep_parser(sub: Any) -> None:
@@ -127,7 +163,11 @@ def _study_parser(sub: Any) -> None:
     )
     p.add_argument("--preset", choices=["regression", "mnist"], help="the standard comparison")
     p.add_argument("--spec", type=Path, help="a StudySpec JSON file (instead of --preset)")
-    p.add_argument("--arms", type=_names, help="preset: a subset of the arms, comma-separated")
+    p.add_argument(
+        "--arms",
+        type=_arm_names,
+        help="preset: a subset of the arms, e.g. 'fixed N(0,1),EB burn-in'",
+    )
     p.add_argument("--seeds", type=_ints, help="evaluation seeds (regression 0-4, mnist 0-2)")
     p.add_argument("--temper", action="store_true", help="preset: add kl_weight 0.1/1 to grids")
     p.add_argument("--tune-epochs", type=int, help="epochs of each tuning run (default: epochs)")
@@ -231,39 +271,44 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import shlex
+
     kwargs: dict[str, Any] = {
+        "seeds": args.seeds,
+        "arms": args.arms,
         "epochs": args.epochs,
         "widths": args.widths,
         "n_train": args.n_train,
         "n_test": args.n_test,
         "capture_every": args.capture_every,
+        "eval_samples": args.eval_samples,
+        "tune_epochs": args.tune_epochs,
+        "temper": args.temper,
+        "device": args.device,
+        "workers": args.workers,
+        "progress": not args.no_progress,
+        "command": ("bnn " + shlex.join(sys.argv[1:]) if Path(sys.argv[0]).name == "bnn" else None),
     }
-    if args.eval_samples is not None:
-        kwargs["eval_samples"] = args.eval_samples
     t0 = time.perf_counter()
     if args.task == "regression":
         from service.demo.regression import run_regression_demo
 
         if args.full:
             raise BnnError.invalid("--full is for `bnn demo mnist`")
-        result = run_regression_demo(
-            args.out, seed=args.seed, progress=not args.no_progress, **kwargs
-        )
+        result = run_regression_demo(args.out, **kwargs)
     else:
         from service.demo.mnist import run_mnist_demo
 
         result = run_mnist_demo(
-            args.out,
-            full=args.full,
-            n_ood=args.n_ood,
-            fashion_dir=args.fashion_dir,
-            device=args.device,
-            seed=args.seed,
-            progress=not args.no_progress,
-            **kwargs,
+            args.out, full=args.full, n_ood=args.n_ood, fashion_dir=args.fashion_dir, **kwargs
         )
-    print(result.metrics.to_string(float_format=lambda v: f"{v:.4g}"), file=sys.stderr)
-    print(f"report written in {time.perf_counter() - t0:.0f} s: {result.html}", file=sys.stderr)
+    print(result.summary.to_string(), file=sys.stderr)
+    for line in result.significance:
+        print(line.replace("**", ""), file=sys.stderr)
+    print(
+        f"study {result.study_id} and report in {time.perf_counter() - t0:.0f} s: {result.html}",
+        file=sys.stderr,
+    )
     print(result.html)
     return 0
 

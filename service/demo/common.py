@@ -1,17 +1,27 @@
-"""What both demos share: training the fixed/learnable pair on the same data and seed, and
-the diagnostic sections of the report (priors, stats, KL, evolution, gradients)."""
+"""What both demos share: the seven-arm study protocol run into the demo's own store, one
+report around it, the diagnostic sections of stored runs, and a trained model rebuilt from a
+stored epoch (for the plots that need predictions).
+
+    result = run_protocol_demo(out, spec, title=..., intro=..., curve_keys=[...])
+    model = model_from_run(store, run_id, data_for_run(store, run_id))
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import torch
+from torch import nn
 
 from service.analysis import (
     compare_gradient_outliers,
@@ -26,20 +36,47 @@ from service.analysis import (
     plot_params_log_distributions,
     plot_percentile_bands,
     plot_prior_trajectories,
+    plot_scale_diagnostics,
     prior_trajectories,
+    scale_diagnostics,
 )
 from service.demo._plots import plot_training_curves
 from service.demo.report import Report
-from trainer.config import TrainConfig, parse_config
-from trainer.data import DataSplits
+from service.demo.study import StudySpec
+from trainer.config import ModelKind, TrainConfig, parse_config
+from trainer.data import DataSplits, load_dataset
+from trainer.errors import BnnError
+from trainer.layers import bayesian_layers
+from trainer.priors import SIGMA_FLOOR, GaussianPrior, inverse_positive
 from trainer.store import RunReader, RunStore
-from trainer.train import Trainer
+from trainer.train import build_model
 
-__all__ = ["PRIORS", "DemoResult", "DemoRun", "add_diagnostics", "config_table", "train_pair"]
+__all__ = [
+    "DIAGNOSTIC_ARMS",
+    "DemoResult",
+    "add_diagnostics",
+    "burnin_note",
+    "data_for_run",
+    "demo_spec",
+    "model_from_run",
+    "pick_arms",
+    "plot_epoch",
+    "run_protocol_demo",
+    "say",
+    "slug",
+]
 
-PRIORS = ("fixed", "learnable")
+#: The arms whose seed-0 runs get the diagnostic sections (those present, in this order).
+DIAGNOSTIC_ARMS = (
+    "fixed N(0,1)",
+    "learnable gradient",
+    "EB burn-in",
+    "hierarchical scaled",
+    "fan-in learnable",
+)
 DPI = 80
 GRAD_COLUMNS = [
+    "level",
     "elements",
     "exploding",
     "vanishing",
@@ -56,183 +93,301 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-@dataclass
-class DemoRun:
-    """One trained model of a demo: its stored run and the live trainer (model, data)."""
+def slug(label: str) -> str:
+    """``label`` as an image-name part: runs of other characters become ``_``."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_") or "run"
 
-    label: str
-    run_id: str
-    config: TrainConfig
-    trainer: Trainer
-    history: list[dict[str, float]]
-    seconds: float
+
+def pick_arms(arms: Sequence[str], preferred: Sequence[str], n: int) -> list[str]:
+    """Up to ``n`` of ``arms``: the ``preferred`` ones present first, then the others."""
+    chosen = [a for a in preferred if a in arms]
+    chosen += [a for a in arms if a not in chosen]
+    return chosen[:n]
+
+
+def burnin_note(spec: StudySpec) -> str:
+    """A sentence when some EB burn-in level is not shorter than the tuning runs (those grid
+    points then never update the prior after its initial empirical-Bayes fit)."""
+    arm = spec.arms.get("EB burn-in")
+    length = spec.tune_epochs or int(spec.base.get("epochs", 0))
+    levels = [] if arm is None else arm.tune.get("prior_burnin_epochs", [])
+    late = [int(v) for v in levels if length and int(v) >= length]
+    if not late:
+        return ""
+    return (
+        f" EB burn-in levels {late} are not shorter than the {length}-epoch tuning runs: at "
+        "those grid points the prior keeps its initial empirical-Bayes fit during tuning."
+    )
+
+
+def demo_spec(dataset: str, **options: Any) -> StudySpec:
+    """:func:`~service.demo.protocol.protocol_spec`, a bad option (an unknown arm, repeated
+    seeds, a bad size) as INVALID_ARGUMENT before anything is trained."""
+    from service.demo.protocol import protocol_spec
+
+    try:
+        spec = protocol_spec(dataset, **options)
+        spec.validate_configs()
+    except ValueError as exc:
+        raise BnnError.invalid(f"bad demo: {exc}") from None
+    return spec
+
+
+def _json_ready(value: Any) -> Any:
+    """NaN/inf as None, numpy scalars as Python numbers (summary.json is strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _rows(frame: pd.DataFrame) -> dict[str, Any]:
+    out = frame.to_dict(orient="index")
+    return {" / ".join(map(str, k)) if isinstance(k, tuple) else str(k): v for k, v in out.items()}
 
 
 @dataclass
 class DemoResult:
-    """What a demo wrote and measured."""
+    """What a demo trained, wrote and measured."""
 
     out_dir: Path
     html: Path
     markdown: Path
-    runs: dict[str, str]
-    metrics: pd.DataFrame
-    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    study_id: str
+    runs: dict[str, str]  # arm -> run id of the diagnostic seed's evaluation run
+    summary: pd.DataFrame  # arm x metric, "mean [lo, hi]" strings
+    significance: list[str]
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # summary (numbers), ...
     seconds: dict[str, float] = field(default_factory=dict)
     sections: list[str] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
 
-    def write_summary(self, **extra: Any) -> Path:
-        """``summary.json`` beside the report: runs, timings, metric tables, sections."""
-
-        def rows(frame: pd.DataFrame) -> dict[str, Any]:
-            out = frame.to_dict(orient="index")
-            return {
-                " / ".join(map(str, k)) if isinstance(k, tuple) else str(k): v
-                for k, v in out.items()
-            }
-
+    def write_summary(self) -> Path:
+        """``summary.json`` beside the report: the study id, the per-arm summary with CIs
+        (``summary``: numbers with ``lo``/``hi`` columns; ``summary_text``: as printed), the
+        paired differences, the significance sentences, runs, timings, sections."""
         summary = {
+            "study_id": self.study_id,
+            **self.info,
             "runs": self.runs,
             "seconds": self.seconds,
-            "metrics": rows(self.metrics),
-            **{name: rows(frame) for name, frame in self.tables.items()},
+            "summary_text": _rows(self.summary),
+            **{name: _rows(frame) for name, frame in self.tables.items()},
+            "significance": [s.replace("**", "") for s in self.significance],
             "sections": self.sections,
-            **extra,
+            "images": self.images,
         }
         path = self.out_dir / "summary.json"
-        path.write_text(json.dumps(summary, indent=2, default=str))
+        path.write_text(json.dumps(_json_ready(summary), indent=2, default=str, allow_nan=False))
         return path
 
 
-def train_pair(
-    base: Mapping[str, Any],
-    data: DataSplits,
+# -- rebuilding a stored model ----------------------------------------------------------------
+def data_for_run(store: RunStore, run_id: str) -> DataSplits:
+    """The data splits the run was trained on (the trainer's own ``load_dataset`` call)."""
+    cfg = parse_config(store.get_run(run_id).config)
+    return load_dataset(
+        cfg.dataset.value,
+        flatten=cfg.model is ModelKind.MLP,
+        n_train=cfg.n_train,
+        n_test=cfg.n_test,
+        n_val=cfg.n_val,
+        seed=cfg.seed,
+        root=store.data_dir / "datasets",
+    )
+
+
+def plot_epoch(reader: RunReader) -> int:
+    """The epoch whose weights the run's test metrics are of (``selected_epoch``) when it was
+    captured, else the last captured epoch."""
+    epochs = reader.epochs
+    if not epochs:
+        raise BnnError.not_found(f"run {reader.run_id!r} has no captured epoch")
+    selected = reader.metrics(epochs[-1]).get("selected_epoch")
+    if selected is not None and math.isfinite(selected) and int(selected) in epochs:
+        return int(selected)
+    return epochs[-1]
+
+
+def _sigma_to_rho(sigma: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    s = torch.as_tensor(np.asarray(sigma), dtype=torch.float64)
+    # a sigma stored at the floor (softplus(rho) + 1e-8 rounded to float32) has no finite
+    # inverse; one float32 step above the floor is the same standard deviation
+    s = torch.where(s > SIGMA_FLOOR, s, torch.full_like(s, SIGMA_FLOOR * (1 + 2**-20)))
+    return inverse_positive(s).to(like.dtype).reshape(like.shape)
+
+
+@torch.no_grad()
+def model_from_run(
     store: RunStore,
+    run_id: str,
+    data: DataSplits,
     *,
-    progress: bool = True,
-    log: Callable[[str], None] = say,
-) -> dict[str, DemoRun]:
-    """Train ``base`` once with a fixed and once with a learnable prior: same data, seed,
-    architecture and optimiser; both runs stored in ``store``."""
-    runs: dict[str, DemoRun] = {}
-    for prior in PRIORS:
-        cfg = parse_config(dict(base), prior=prior, name=f"{base.get('name', 'demo')}-{prior}")
-        log(
-            f"training the {prior}-prior BNN: {cfg.dataset.value}, widths {cfg.hidden}, "
-            f"{cfg.epochs} epochs, {data.n_train} examples"
+    epoch: int | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """The run's Bayesian network with the stored posteriors of ``epoch`` (default: the last
+    captured one): ``build_model(config, data)``, then every layer's posterior mu copied into
+    ``*_mu`` and sigma into ``*_rho`` (``inverse_positive``); a learnable Gaussian prior gets
+    its stored sigma (and mu when learned). Returned in eval mode on ``device``."""
+    config: TrainConfig = parse_config(store.get_run(run_id).config)
+    with store.reader(run_id) as reader:
+        epochs = reader.epochs
+        if not epochs:
+            raise BnnError.not_found(f"run {run_id!r} has no captured epoch", run_id=run_id)
+        params = reader.epoch_params(epochs[-1] if epoch is None else epoch)
+    model = build_model(config, data)
+    layers = dict(bayesian_layers(model))
+    if list(layers) != list(params):
+        raise BnnError.invalid(
+            f"run {run_id!r}: stored layers {list(params)} differ from the model's {list(layers)}"
         )
-        trainer = Trainer(cfg, sink=store, data=data, progress=progress)
-        t0 = time.perf_counter()
-        result = trainer.fit()
-        seconds = time.perf_counter() - t0
-        assert result.run_id is not None
-        log(f"  {prior}: run {result.run_id}, {seconds:.1f} s")
-        runs[prior] = DemoRun(prior, result.run_id, cfg, trainer, result.history, seconds)
-    return runs
+    for name, layer in layers.items():
+        log = params[name]
+        priors = layer.priors()
+        for which, post in log["posterior"].items():
+            mu, rho = getattr(layer, f"{which}_mu"), getattr(layer, f"{which}_rho")
+            mu.copy_(torch.as_tensor(np.asarray(post["mu"])).reshape(mu.shape))
+            rho.copy_(_sigma_to_rho(post["sigma"], rho))
+            prior, stored = priors.get(which), log.get("prior", {}).get(which)
+            if isinstance(prior, GaussianPrior) and prior.rho is not None and stored is not None:
+                prior.set_sigma_(float(np.asarray(stored["sigma"]).reshape(-1)[0]))
+                if isinstance(prior.mu, nn.Parameter):
+                    prior.mu.fill_(float(np.asarray(stored["mu"]).reshape(-1)[0]))
+    return model.to(device).eval()
 
 
-def config_table(runs: Mapping[str, DemoRun]) -> pd.DataFrame:
-    """The fields of the two configurations side by side (they differ only in the prior)."""
-    keys = [
-        "dataset",
-        "widths",
-        "prior",
-        "prior_mode",
-        "prior_mu0",
-        "prior_sigma0",
-        "posterior_sigma_init",
-        "optimizer",
-        "lr",
-        "epochs",
-        "batch_size",
-        "mc_samples",
-        "eval_samples",
-        "kl_weight",
-        "capture_every",
-        "grad_capture",
-        "n_train",
-        "n_test",
-        "seed",
-    ]
-    rows = {}
-    for label, run in runs.items():
-        cfg = run.config.to_json_dict()
-        rows[label] = {k: str(cfg.get(k)) for k in keys} | {"run id": run.run_id}
-        rows[label]["train time (s)"] = f"{run.seconds:.1f}"
-    frame = pd.DataFrame(rows)
-    frame.index.name = "setting"
-    return frame
-
-
-def _readers(store: RunStore, runs: Mapping[str, DemoRun]) -> dict[str, RunReader]:
-    return {label: store.reader(run.run_id) for label, run in runs.items()}
-
-
+# -- the diagnostic sections ------------------------------------------------------------------
 def add_diagnostics(
-    report: Report, store: RunStore, runs: Mapping[str, DemoRun], curve_keys: list[str]
+    report: Report,
+    store: RunStore,
+    runs: Mapping[str, str],
+    curve_keys: Sequence[str],
+    *,
+    note: str = "",
 ) -> None:
-    """The sections every demo has: training curves, learned priors, posterior statistics,
-    KL tables, parameter evolution and gradient outliers of the two runs compared."""
-    readers = _readers(store, runs)
+    """The sections every demo has, for stored runs ``{label: run_id}`` (the first label is
+    the reference of the between-run KL): metrics over the captured epochs, prior vs
+    posterior scales, learned priors, posterior statistics, KL tables, parameter evolution
+    and gradient outliers."""
+    readers = {label: store.reader(run_id) for label, run_id in runs.items()}
+    try:
+        _diagnostics(report, readers, list(curve_keys), note)
+    finally:
+        for reader in readers.values():
+            reader.close()
+
+
+def _diagnostics(
+    report: Report, readers: dict[str, RunReader], curve_keys: list[str], note: str
+) -> None:
     last = {label: r.epochs[-1] for label, r in readers.items()}
+    labels = list(readers)
+    ref = labels[0]
 
     sec = report.section("training", "Training curves")
     sec.text(
-        "Per-epoch loss (the ELBO: NLL + KL/N), its KL term and the test metrics of both "
-        "models, from the trainer's history."
+        "Diagnostics of one evaluation run per arm (the runs below). "
+        + note
+        + " Per-epoch loss (NLL + KL/N), its KL term and the validation metrics at the "
+        "captured epochs, from the stored metrics."
+    )
+    sec.table(
+        pd.DataFrame(
+            {
+                "run id": [r.run_id for r in readers.values()],
+                "captured epochs": [", ".join(map(str, r.epochs)) for r in readers.values()],
+            },
+            index=pd.Index(labels, name="arm"),
+        ),
+        "runs shown in the diagnostic sections",
+    )
+    histories = {label: r.metrics_table() for label, r in readers.items()}
+    keys = [k for k in curve_keys if any(k in h for hist in histories.values() for h in hist)]
+    if keys:
+        sec.image(
+            "training_curves",
+            plot_training_curves(histories, keys),
+            "metrics at the captured epochs (colour: arm)",
+        )
+
+    sec = report.section("scales", "Prior scale against posterior scales")
+    sec.text(
+        "Why a learnable prior underfits: per layer, the prior sigma, the RMS of the posterior "
+        "sigmas and the RMS of the posterior means over epochs. Fitting one prior per layer by "
+        "the ELBO drives the prior sigma to the empirical-Bayes value sqrt(mean(sigma_i^2 + "
+        "mu_i^2)), which the posterior noise dominates; the KL then pulls the means to zero "
+        "like strong weight decay. 'prior / EB sigma' = 1 is that fixed point."
     )
     sec.image(
-        "training_curves",
-        plot_training_curves({k: r.history for k, r in runs.items()}, curve_keys),
-        "training curves (blue: fixed prior, orange: learnable prior)",
+        "scale_diagnostics",
+        plot_scale_diagnostics(readers, dpi=DPI),
+        "weight scales per layer over epochs (colour: arm; line style: quantity)",
     )
+    scale = pd.concat(
+        {
+            label: scale_diagnostics(r, [last[label]]).xs(last[label], level="epoch")
+            for label, r in readers.items()
+        },
+        names=["arm", "layer"],
+    )
+    sec.table(scale, "weight scales at the last captured epoch")
 
     sec = report.section("priors", "Learned priors")
     sec.text(
-        "Each layer's weights share one Gaussian prior and its biases another. The fixed "
-        "model keeps N(mu0, sigma0^2); the learnable model learns mu and sigma per layer "
-        "jointly with the posteriors by the ELBO gradient."
+        "Each layer's weights share one Gaussian prior and its biases another. Fixed arms keep "
+        "N(mu0, sigma0^2); learnable arms learn sigma per layer (by gradient, empirical Bayes "
+        "after a burn-in, under a hyperprior, or on the fan-in scale)."
     )
     for label, reader in readers.items():
         traj = prior_trajectories(reader)
-        first, final = traj.xs(traj.index[0][0], level="epoch"), traj.xs(last[label], level="epoch")
+        first = traj.xs(traj.index[0][0], level="epoch")
+        final = traj.xs(last[label], level="epoch")
         table = final.add_suffix(" (last)").join(first.add_suffix(" (first)"))
-        sec.table(table, f"{label} prior: shared priors per layer, last vs first captured epoch")
+        sec.table(table, f"{label}: shared priors per layer, last vs first captured epoch")
     sec.image(
         "prior_trajectories",
         plot_prior_trajectories(readers, dpi=DPI),
-        "learned prior mu and sigma per layer over epochs (line style: run)",
+        "prior mu and sigma per layer over epochs (line style: arm)",
     )
 
     sec = report.section("stats", "Posterior statistics")
     sec.text(
         "The seed's table: mean and std of the posterior mu's and sigma's, overall and per "
-        "layer, at the last epoch."
+        "layer, at the last captured epoch."
     )
     for label, reader in readers.items():
-        sec.table(get_overall_weight_stats(reader), f"{label} prior, epoch {last[label]}")
+        sec.table(get_overall_weight_stats(reader), f"{label}, epoch {last[label]}")
 
     sec = report.section("kl", "KL divergences")
     sec.text(
         "Pairwise: the seed's table, the symmetric KL summed over all pairs of posteriors "
         "within a layer (exact, linear time) and its average per pair; a small average means "
         "the layer's posteriors are alike. To the prior: KL(q || p) per layer, the ELBO's KL "
-        "term split up. Between runs: KL between the two models' posteriors element by "
-        "element (same architecture)."
+        f"term split up. Between runs: KL between each arm's posteriors and {ref}'s, element "
+        "by element (same architecture, same seed)."
     )
     for label, reader in readers.items():
-        sec.table(compute_layer_kl_divergences(reader), f"{label} prior: pairwise symmetric KL")
+        sec.table(compute_layer_kl_divergences(reader), f"{label}: pairwise symmetric KL")
     for label, reader in readers.items():
         table = kl_to_prior(reader, [last[label]]).xs(last[label], level="epoch")
-        sec.table(table, f"{label} prior: KL(posterior || layer prior), epoch {last[label]}")
-    if set(readers) >= {"fixed", "learnable"}:
+        sec.table(table, f"{label}: KL(posterior || layer prior), epoch {last[label]}")
+    for label in labels[1:]:
         sec.table(
-            kl_between_runs(readers["learnable"], readers["fixed"]),
-            "between runs: learnable (a) vs fixed (b) posteriors",
+            kl_between_runs(readers[label], readers[ref]),
+            f"between runs: {label} (a) vs {ref} (b) posteriors",
         )
     for label, reader in readers.items():
         sec.image(
-            f"kl_{label}", plot_kl_over_epochs(reader, dpi=DPI), f"{label} prior: KL over epochs"
+            f"kl_{slug(label)}",
+            plot_kl_over_epochs(reader, dpi=DPI),
+            f"{label}: KL over epochs",
         )
 
     sec = report.section("evolution", "Parameter evolution")
@@ -243,48 +398,172 @@ def add_diagnostics(
         "of all). Percentile bands: min-max and the 7/16/31 % bands of mu and sigma over epochs."
     )
     for label, reader in readers.items():
+        name = slug(label)
         sec.image(
-            f"evolution_{label}",
+            f"evolution_{name}",
             plot_params_log_distributions(reader, top_k=4, criterion="mu_change", dpi=DPI),
-            f"{label} prior: evolution of the 4 weights that moved most",
+            f"{label}: evolution of the 4 weights that moved most",
         )
         sec.image(
-            f"overlay_{label}",
+            f"overlay_{name}",
             plot_epoch_distributions(reader, max_curves=60, dpi=DPI),
-            f"{label} prior: posteriors at epoch {last[label]}",
+            f"{label}: posteriors at epoch {last[label]}",
         )
         sec.image(
-            f"bands_{label}",
+            f"bands_{name}",
             plot_percentile_bands(reader, dpi=DPI),
-            f"{label} prior: percentile bands over epochs",
+            f"{label}: percentile bands over epochs",
         )
 
     sec = report.section("gradients", "Gradient outliers compared")
     sec.text(
-        "Per-element gradient statistics of the last epoch. An element is flagged exploding "
-        "(vanishing) when its robust z-score of log10 mean |g| within its layer is above "
-        "(below) the threshold, when |g| > 1e2 (< 1e-10), or when a step's gradient was "
-        "non-finite (exactly zero). The table ranks each model's top exploding candidates "
-        "and shows the same weights in the other model."
+        "Gradient statistics of the last captured epoch. Per element (grad_capture "
+        "'element'): an element is flagged exploding (vanishing) when its robust z-score of "
+        "log10 mean |g| within its layer is above (below) the threshold, when |g| > 1e2 "
+        "(< 1e-10), or when a step's gradient was non-finite (exactly zero). Per layer (the "
+        "protocol's 'layer' capture): only the absolute thresholds and non-finite counts apply."
     )
+    per_element = True
     for label, reader in readers.items():
         diag = gradient_diagnostics(reader, [last[label]]).xs(last[label], level="epoch")
+        per_element &= bool((diag["level"] == "element").all())
         sec.table(
             diag[[c for c in GRAD_COLUMNS if c in diag.columns]],
-            f"{label} prior: gradient diagnostics",
+            f"{label}: gradient diagnostics",
         )
-    if len(readers) >= 2:
-        cmp = compare_gradient_outliers(readers, k=5)
+    if not per_element:
+        sec.text(
+            "The runs captured per-layer gradient statistics only, so the comparison of "
+            "individual exploding elements across runs is left out (it needs "
+            "grad_capture 'element')."
+        )
+    elif len(readers) >= 2:
+        cmp = compare_gradient_outliers(readers, k=3)
         sec.table(cmp.counts, "flagged elements per layer and run")
+        keep = ["run", "rank", "layer", "index"] + [
+            f"{col} ({label})" for label in labels for col in ("robust z", "|g|")
+        ]
         sec.table(
-            cmp.table.drop(columns=["flat index"]),
-            "top-5 exploding candidates of each run, beside the other run",
+            cmp.table[[c for c in keep if c in cmp.table.columns]],
+            "top-3 exploding candidates of each run, beside the other runs (robust z and "
+            "|g| of the same weight in every run)",
         )
     for label, reader in readers.items():
         sec.image(
-            f"gradients_{label}",
+            f"gradients_{slug(label)}",
             plot_gradient_magnitudes(reader, dpi=DPI),
-            f"{label} prior: gradient magnitudes",
+            f"{label}: gradient magnitudes",
         )
-    for reader in readers.values():
-        reader.close()
+
+
+# -- the demo itself --------------------------------------------------------------------------
+#: ``extra(report, store, runs) -> tables``: the task's own sections (fit, calibration) from
+#: the diagnostic seed's evaluation runs ``{arm: run_id}``.
+ExtraSections = Callable[[Report, RunStore, dict[str, str]], dict[str, pd.DataFrame]]
+
+
+def run_protocol_demo(
+    out_dir: str | Path,
+    spec: StudySpec,
+    *,
+    title: str,
+    intro: str,
+    curve_keys: Sequence[str],
+    extra: ExtraSections | None = None,
+    workers: int = 2,
+    progress: bool = True,
+    command: str | None = None,
+    info: dict[str, Any] | None = None,
+) -> DemoResult:
+    """Run ``spec`` with :func:`~service.demo.study.run_study_local` into ``<out>/bnn-data``,
+    then write one report: the study's sections (protocol, tuning, results with CIs,
+    significance, runs), the task's ``extra`` sections and the diagnostics of the first seed's
+    evaluation runs; ``summary.json`` and the study's CSV tables beside it."""
+    from service.demo.study import run_study_local
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = say if progress else (lambda _m: None)
+    sweep = run_study_local(spec, out / "bnn-data", workers=workers, log=log)
+    t_study = time.perf_counter()
+    log("writing the report")
+    threads = torch.get_num_threads()
+    # one thread: the rebuilt models' forward passes are small, and two OpenMP threads
+    # competing with other processes for 2 cores ran them 5x slower (measured)
+    torch.set_num_threads(1)
+    try:
+        with RunStore(out / "bnn-data") as store:
+            result = _report(out, store, sweep.id, title, intro, curve_keys, extra, command)
+    finally:
+        torch.set_num_threads(threads)
+    t_end = time.perf_counter()
+    result.seconds = {"study": t_study - t0, "report": t_end - t_study, "total": t_end - t0}
+    result.info = {"study_name": result.info.pop("study_name"), **(info or {}), **result.info}
+    result.write_summary()
+    return result
+
+
+def _report(
+    out: Path,
+    store: RunStore,
+    study_id: str,
+    title: str,
+    intro: str,
+    curve_keys: Sequence[str],
+    extra: ExtraSections | None,
+    command: str | None,
+) -> DemoResult:
+    from service.demo.study_report import (
+        add_study_sections,
+        collect_study,
+        display_summary,
+        significance_sentences,
+        study_tables,
+    )
+
+    sweep = store.get_sweep(study_id)
+    data = collect_study(store, sweep)
+    tables = study_tables(data)
+    report = Report(title, out, intro=intro)
+    add_study_sections(report, data, tables, command=command)
+    seed = data.seeds[0]
+    runs = {arm: sweep.labels[f"{arm}/s{seed}"] for arm in data.spec.arms}
+    extra_tables = extra(report, store, runs) if extra is not None else {}
+    shown = pick_arms(list(runs), DIAGNOSTIC_ARMS, len(DIAGNOSTIC_ARMS))
+    add_diagnostics(
+        report,
+        store,
+        {arm: runs[arm] for arm in shown},
+        curve_keys,
+        note=f"Seed {seed}; same data, data order and initial means for every arm.",
+    )
+    html, md = report.write()
+    for name, frame in tables.items():
+        frame.to_csv(out / f"study_{name}.csv")
+    data.runs.to_csv(out / "study_runs.csv", index=False)
+    return DemoResult(
+        out,
+        html,
+        md,
+        sweep.id,
+        runs,
+        display_summary(data, tables),
+        significance_sentences(data, tables),
+        tables={**tables, **extra_tables},
+        sections=report.section_ids,
+        images=report.images(),
+        info={
+            "study_name": sweep.name,
+            "arms": list(data.spec.arms),
+            "seeds": data.seeds,
+            "baseline": data.spec.baseline,
+            "diagnostic_seed": seed,
+            "tuning_runs": sum(1 for label, _ in sweep.runs if label.startswith("tune/")),
+            "evaluation_runs": data.runs[["arm", "seed", "run_id"]].to_dict(orient="records"),
+            "base": data.spec.base,
+            "tune_epochs": data.spec.tune_epochs,
+            "chosen": data.chosen,
+            "command": command,
+        },
+    )

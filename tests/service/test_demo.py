@@ -1,155 +1,303 @@
-"""``bnn demo regression|mnist`` end to end on tiny settings: every report section is there,
-in HTML (PNGs embedded) and Markdown (PNGs beside it); and the pieces they are built from."""
+"""``bnn demo regression|mnist`` end to end on tiny studies: the study's sections (protocol,
+results with CIs, significance) and the diagnostics are in the report, in HTML (PNGs embedded)
+and Markdown (PNGs beside it); every study run is an ordinary stored run; a model rebuilt from a
+stored run has the stored posteriors. And the pieces the demos are built from."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from service.cli import main
+from service.demo.common import (
+    burnin_note,
+    data_for_run,
+    model_from_run,
+    pick_arms,
+    plot_epoch,
+    slug,
+)
 from service.demo.mnist import auroc, find_fashion_mnist, read_idx_images, run_mnist_demo
-from service.demo.regression import run_regression_demo
+from service.demo.protocol import protocol_spec
 from service.demo.report import Report, markdown_table
+from trainer.config import parse_config
+from trainer.layers import bayesian_layers, use_mean
+from trainer.priors import GaussianPrior
+from trainer.store import RunStatus, RunStore
+from trainer.train import Trainer
 
-DIAGNOSTICS = ["training", "priors", "stats", "kl", "evolution", "gradients"]
-REGRESSION_SECTIONS = ["setup", "fit", "metrics", *DIAGNOSTICS]
-MNIST_SECTIONS = ["setup", "metrics", "calibration", "ood", *DIAGNOSTICS]
-DIAGNOSTIC_IMAGES = {"training_curves", "prior_trajectories"} | {
-    f"{kind}_{prior}"
-    for kind in ("kl", "evolution", "overlay", "bands", "gradients")
-    for prior in ("fixed", "learnable")
-}
-# words each section must hold (tables and plots by their captions)
+STUDY = ["protocol", "results", "significance", "runs"]
+DIAGNOSTICS = ["training", "scales", "priors", "stats", "kl", "evolution", "gradients"]
+REG_ARMS = ["fixed N(0,1)", "learnable gradient", "fan-in learnable"]
+MNIST_ARMS = ["fixed N(0,1)", "learnable gradient"]
+PNG = b"\x89PNG\r\n\x1a\n"
+# words the report must hold (tables and plots by their captions)
 REQUIRED_TEXT = [
+    "Test metrics per arm, mean [95% CI] over seeds",
+    "Paired differences (arm minus baseline)",
+    "weight scales per layer over epochs",
     "pairwise symmetric KL",
     "KL(posterior || layer prior)",
     "between runs",
     "gradient diagnostics",
-    "flagged elements per layer and run",
-    "top-5 exploding candidates",
     "Weight prior sigma",
     "Weight mu mean",
 ]
 
 
-def _check_report(out: Path, sections: list[str], images: set[str]) -> tuple[str, str]:
+def _diagnostic_images(arms: list[str]) -> set[str]:
+    kinds = ("kl", "evolution", "overlay", "bands", "gradients")
+    return {"training_curves", "scale_diagnostics", "prior_trajectories"} | {
+        f"{kind}_{slug(arm)}" for kind in kinds for arm in arms
+    }
+
+
+def _check_report(out: Path, sections: list[str], images: set[str]) -> tuple[str, str, dict]:
     html = (out / "report.html").read_text()
     md = (out / "report.md").read_text()
     assert re.findall(r'<h2 id="([a-z_]+)">', html) == sections
     assert re.findall(r'^## .* <a id="([a-z_]+)"></a>$', md, flags=re.M) == sections
     figure = r'<figure id="img-([A-Za-z0-9_.-]+)"><img [^>]*src="data:image/png;base64,'
-    embedded = set(re.findall(figure, html))
-    assert embedded == images
+    assert set(re.findall(figure, html)) == images
     assert set(re.findall(r"\]\(img/([A-Za-z0-9_.-]+)\.png\)", md)) == images
+    assert {p.stem for p in (out / "img").glob("*.png")} == images
     for name in images:
-        assert (out / "img" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / "img" / f"{name}.png").read_bytes()[:8] == PNG
     for words in REQUIRED_TEXT:
         assert words in md and words in html, words
+    # the significance section says plainly, per arm and headline metric, what differs
+    sig = md.split('<a id="significance"></a>')[1].split("\n## ")[0]
+    verdicts = re.findall(r"p=[0-9.e+-]+: (significantly better|significantly worse|no sig)", sig)
+    assert verdicts
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["sections"] == sections and set(summary["runs"]) == {"fixed", "learnable"}
-    return html, md
+    assert summary["sections"] == sections and sorted(summary["images"]) == sorted(images)
+    assert summary["significance"] and all("**" not in s for s in summary["significance"])
+    return html, md, summary
 
 
-def test_regression_demo_tiny(tmp_path: Path) -> None:
-    out = tmp_path / "reg"
-    result = run_regression_demo(
-        out,
-        epochs=3,
-        widths=[6, 6],
-        n_train=96,
-        n_test=48,
-        capture_every=2,
-        eval_samples=8,
-        progress=False,
-    )
-    assert result.sections == REGRESSION_SECTIONS
-    _, md = _check_report(out, REGRESSION_SECTIONS, DIAGNOSTIC_IMAGES | {"regression_fit"})
-    m = result.metrics
-    assert list(m.index.names) == ["prior", "test inputs"] and len(m) == 4
-    assert list(m.columns) == [
-        "RMSE",
-        "NLL",
-        "coverage +-2 sigma",
-        "mean sigma",
-        "mean epistemic sigma",
-    ]
-    assert ((m["coverage +-2 sigma"] >= 0) & (m["coverage +-2 sigma"] <= 1)).all()
-    assert (m["mean sigma"] >= m["mean epistemic sigma"]).all()
-    for words in (
-        "inside [-2, 2]",
-        "outside [-4, -2) U (2, 4]",
-        "nominal 95.4%",
-        "Learned noise sigma",
-    ):
+def _check_cis(summary: dict[str, Any], differences: dict[str, Any]) -> int:
+    """lo <= mean <= hi for every metric of every arm, and for every paired difference."""
+    checked = 0
+    for row in summary.values():
+        for key, lo in row.items():
+            if not key.endswith(" lo") or lo is None:
+                continue
+            metric = key[: -len(" lo")]
+            mean, hi = row[metric], row[f"{metric} hi"]
+            assert lo <= mean + 1e-12 and mean <= hi + 1e-12, (metric, lo, mean, hi)
+            checked += 1
+    for row in differences.values():
+        for key, diff in row.items():
+            if key.endswith(" diff") and diff is not None:
+                metric = key[: -len(" diff")]
+                lo, hi = row[f"{metric} lo"], row[f"{metric} hi"]
+                assert lo <= diff + 1e-12 and diff <= hi + 1e-12, (metric, lo, diff, hi)
+                checked += 1
+    return checked
+
+
+@pytest.fixture(scope="module")
+def regression_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """``bnn demo regression`` on a tiny study: 3 arms x 2 seeds, 3 epochs, one worker."""
+    out = tmp_path_factory.mktemp("demo") / "reg"
+    args = ["demo", "regression", "--out", str(out), "--epochs", "3", "--n-train", "128"]
+    args += ["--n-test", "64", "--seeds", "0,1", "--arms", ",".join(REG_ARMS)]
+    args += ["--workers", "1", "--eval-samples", "8", "--capture-every", "1", "--no-progress"]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        assert main(args) == 0, stderr.getvalue()
+    return out, stdout.getvalue(), stderr.getvalue()
+
+
+def test_regression_demo_report(regression_demo: tuple[Path, str, str]) -> None:
+    out, stdout, stderr = regression_demo
+    assert stdout.strip() == str(out / "report.html")
+    sections = [*STUDY, "fit", *DIAGNOSTICS]
+    images = _diagnostic_images(REG_ARMS) | {"study_metrics", "study_differences"}
+    _, md, summary = _check_report(out, sections, images | {"regression_fit"})
+    for words in ("inside [-2, 2]", "outside [-4, -2) U (2, 4]", "nominal 95.4%"):
         assert words in md, words
-    # both runs are stored with the captured epochs (0, 2 and the last)
-    from trainer.store import RunStore
+    assert "top-3 exploding candidates" in md  # per-element gradients in the regression demo
+    # the command prints the summary table and the significance sentences
+    assert "fan-in learnable" in stderr and "vs fixed N(0,1), test NLL" in stderr
+    assert f"study {summary['study_id']}" in stderr and "**" not in stderr
+    # summary.json: the study, the per-arm table with CIs, the differences, timings
+    assert summary["task"] == "regression" and summary["arms"] == REG_ARMS
+    assert summary["seeds"] == [0, 1] and summary["tuning_runs"] == 6
+    assert set(summary["summary"]) == set(REG_ARMS) == set(summary["summary_text"])
+    assert set(summary["differences"]) == set(REG_ARMS[1:])
+    assert set(summary["runs"]) == set(REG_ARMS) and len(summary["evaluation_runs"]) == 6
+    assert summary["seconds"]["total"] >= summary["seconds"]["study"] > 0
+    assert summary["sizes"]["epochs"] == 3 and summary["sizes"]["widths"] == [32, 32]
+    assert _check_cis(summary["summary"], summary["differences"]) >= 3 * 7
+    assert {(r, w) for r in REG_ARMS for w in ("inside [-2, 2]", "outside [-4, -2) U (2, 4]")} == {
+        tuple(k.split(" / ")) for k in summary["fit"]
+    }
+    for name in ("summary", "differences", "settings", "runs"):
+        assert (out / f"study_{name}.csv").is_file()
 
+
+def test_regression_demo_runs_are_stored_runs(regression_demo: tuple[Path, str, str]) -> None:
+    out, _, _ = regression_demo
+    study_id = json.loads((out / "summary.json").read_text())["study_id"]
     with RunStore(out / "bnn-data") as store:
-        for run_id in result.runs.values():
-            assert [e.epoch for e in store.list_epochs(run_id)] == [0, 2]
-            assert store.get_run(run_id).status.value == "completed"
+        sweep = store.get_sweep(study_id)
+        assert len(sweep.runs) == 6 + 6 and len(store.list_runs()) == 12
+        for label, run_id in sweep.runs:
+            run = store.get_run(run_id)
+            assert run.status is RunStatus.COMPLETED, (label, run.error)
+            assert f"study:{study_id}" in run.tags and "demo:regression" in run.tags
+            epochs = [e.epoch for e in store.list_epochs(run_id)]
+            assert epochs == [0, 1, 2], label
+            with store.reader(run_id) as reader:
+                reader.verify()  # checksums and schema of every epoch file
+                assert reader.layers() == ["layer1", "layer2", "layer3"]
+                assert reader.evaluation() is not None
+
+
+def test_regression_model_rebuilt_from_a_study_run(regression_demo: tuple[Path, str, str]) -> None:
+    out, _, _ = regression_demo
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    with RunStore(out / "bnn-data") as store:
+        for arm in ("learnable gradient", "fan-in learnable"):
+            run_id = runs[arm]
+            data = data_for_run(store, run_id)
+            assert data.n_train == 128 and data.x_test.shape[0] == 64
+            model = model_from_run(store, run_id, data)
+            learned = 0
+            with store.reader(run_id) as reader:
+                last = reader.epochs[-1]
+                assert plot_epoch(reader) in reader.epochs
+                for name, layer in bayesian_layers(model):
+                    for which in ("weight", "bias"):
+                        stored_mu = reader.array(last, name, "posterior", which, "mu")
+                        stored_sigma = reader.array(last, name, "posterior", which, "sigma")
+                        mu, sigma = layer.posterior(which)
+                        assert np.array_equal(mu.detach().numpy(), stored_mu)
+                        np.testing.assert_allclose(sigma.detach().numpy(), stored_sigma, rtol=1e-5)
+                        prior = layer.priors()[which]
+                        stored = reader.array(last, name, "prior", which, "sigma")
+                        assert isinstance(prior, GaussianPrior)
+                        learned += prior.learnable  # small groups fall back to a fixed prior
+                        np.testing.assert_allclose(prior.sigma.detach().numpy(), stored, rtol=1e-5)
+            assert learned >= 3 and not model.training
+
+
+def test_model_from_run_predicts_like_the_trained_model(tmp_path: Path) -> None:
+    cfg = parse_config(
+        {
+            "dataset": "regression",
+            "widths": [5, 4],
+            "prior": "learnable",
+            "prior_scale": "fan_in",
+            "epochs": 2,
+            "n_train": 48,
+            "n_test": 16,
+            "eval_samples": 2,
+            "model_selection": "last",
+            "grad_capture": "none",
+        }
+    )
+    with RunStore(tmp_path) as store:
+        trainer = Trainer(cfg, sink=store, progress=False)
+        run_id = trainer.fit().run_id
+        assert run_id is not None
+        model = model_from_run(store, run_id, trainer.data)
+        x = torch.linspace(-3, 3, 50).unsqueeze(1)
+        with use_mean(trainer.model), use_mean(model), torch.no_grad():
+            assert torch.equal(model(x), trainer.model(x))
+        for (_, a), (_, b) in zip(
+            bayesian_layers(model), bayesian_layers(trainer.model), strict=True
+        ):
+            torch.testing.assert_close(a.weight_sigma, b.weight_sigma, rtol=1e-5, atol=0)
+            torch.testing.assert_close(a.weight_prior.sigma, b.weight_prior.sigma)
+        with pytest.raises(Exception, match="epoch"):
+            model_from_run(store, run_id, trainer.data, epoch=7)
 
 
 def test_mnist_demo_tiny_with_fashion_files(tmp_path: Path) -> None:
     fashion = tmp_path / "fashion" / "FashionMNIST" / "raw"
     fashion.mkdir(parents=True)
-    images = np.random.default_rng(0).integers(0, 256, size=(40, 28, 28), dtype=np.uint8)
+    pixels = np.random.default_rng(0).integers(0, 256, size=(40, 28, 28), dtype=np.uint8)
     header = np.array([2051, 40, 28, 28], dtype=">i4").tobytes()
-    (fashion / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images.tobytes()))
+    (fashion / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + pixels.tobytes()))
     out = tmp_path / "mnist"
     result = run_mnist_demo(
         out,
+        seeds=[0, 1],
+        arms=MNIST_ARMS,
         epochs=1,
         widths=[8],
         n_train=256,
-        n_test=100,
-        n_ood=40,
+        n_test=128,
         eval_samples=3,
+        plot_samples=3,
+        n_ood=40,
         fashion_dir=tmp_path / "fashion",
+        workers=1,
         progress=False,
     )
-    assert result.sections == MNIST_SECTIONS
-    _, md = _check_report(out, MNIST_SECTIONS, DIAGNOSTIC_IMAGES | {"reliability", "entropy"})
-    assert list(result.metrics.index) == ["fixed", "learnable"]
-    assert {"test accuracy", "test NLL", "ECE %", "Brier"} <= set(result.metrics.columns)
+    sections = [*STUDY, "calibration", "ood", *DIAGNOSTICS]
+    images = _diagnostic_images(MNIST_ARMS) | {"study_metrics", "study_differences"}
+    assert result.sections == sections
+    _, md, summary = _check_report(out, sections, images | {"reliability", "entropy"})
+    assert summary["tune_epochs"] == 1 and summary["sizes"]["epochs"] == 1  # min(3, epochs)
+    assert "left out (it needs grad_capture 'element')" in md  # per-layer gradients
+    # the numeric tables behind the report: lo <= mean <= hi
+    tables = {k: v for k, v in result.tables.items() if k in ("summary", "differences")}
+    rows = {k: json.loads(v.to_json(orient="index")) for k, v in tables.items()}
+    assert _check_cis(rows["summary"], rows["differences"]) >= 2 * 7
+    for metric in ("nll", "error", "test_ece", "test_ood_auroc"):
+        assert metric in result.tables["summary"].columns
+    assert list(result.summary.index) == MNIST_ARMS and "test NLL" in result.summary.columns
     ood = result.tables["ood"]
-    sets = set(ood.index.get_level_values("OOD inputs"))
-    assert sets == {"rotated 90 deg", "uniform noise", "FashionMNIST"}
+    assert set(ood.index.get_level_values("OOD inputs")) == {
+        "rotated 90 deg",
+        "uniform noise",
+        "FashionMNIST",
+    }
     assert ((ood["AUROC (entropy)"] >= 0) & (ood["AUROC (entropy)"] <= 1)).all()
-    assert "AUROC" in md and "FashionMNIST was not found" not in md
+    assert list(result.tables["calibration"].index) == MNIST_ARMS
+    assert "FashionMNIST was not found" not in md and summary["fashion_mnist"]
+    with RunStore(out / "bnn-data") as store:
+        sweep = store.get_sweep(result.study_id)
+        assert len(sweep.runs) == 3 + 4  # one tuned arm x 3 grid points, 2 arms x 2 seeds
+        assert all(store.get_run(r).status is RunStatus.COMPLETED for _, r in sweep.runs)
 
 
-def test_bnn_demo_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "cli"
-    args = [
-        "demo",
-        "regression",
-        "--out",
-        str(out),
-        "--epochs",
-        "2",
-        "--widths",
-        "4",
-        "--n-train",
-        "64",
-        "--n-test",
-        "32",
-        "--eval-samples",
-        "4",
-        "--no-progress",
-    ]
-    assert main(args) == 0
-    assert capsys.readouterr().out.strip() == str(out / "report.html")
-    assert (out / "report.md").exists() and (out / "img" / "regression_fit.png").exists()
-    assert main(["demo", "regression", "--out", str(out), "--full"]) == 2
+def test_bnn_demo_command_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = str(tmp_path / "x")
+    assert main(["demo", "regression", "--out", out, "--full"]) == 2
     assert "--full is for" in capsys.readouterr().err
+    assert main(["demo", "regression", "--out", out, "--arms", "fixed N(0,1),nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown arms ['nope']" in err and "'fixed N(0,1)'" in err
+    assert main(["demo", "mnist", "--out", out, "--epochs", "0", "--seeds", "1,1"]) == 2
+    assert "seeds must be distinct" in capsys.readouterr().err
+    assert main(["demo", "regression", "--out", out, "--epochs", "0"]) == 2
+    assert "epochs" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing trained or written
+
+
+def test_demo_helpers() -> None:
+    assert slug("fixed N(0,1)") == "fixed_N_0_1" and slug("EB burn-in") == "EB_burn_in"
+    assert slug("()") == "run"
+    arms = ["fixed tuned", "EB burn-in", "fixed N(0,1)"]
+    assert pick_arms(arms, ["fixed N(0,1)", "absent"], 2) == ["fixed N(0,1)", "fixed tuned"]
+    spec = protocol_spec("mnist", base={"epochs": 5}, tune_epochs=3)
+    assert "[3]" in burnin_note(spec)  # the 3-epoch burn-in never ends in a 3-epoch tuning run
+    assert burnin_note(protocol_spec("regression", base={"epochs": 100})) == ""
+    assert protocol_spec("regression").seeds == [0, 1, 2, 3, 4]
 
 
 def test_auroc_idx_reader_and_fashion_lookup(
