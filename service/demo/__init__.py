@@ -1,9 +1,12 @@
 """Demos and studies: fixed vs learnable shared priors with every diagnostic, as reports.
 
     from service.demo import run_regression_demo, run_mnist_demo
-    run_regression_demo("out/regression")     # report.html (PNGs embedded), report.md, img/
-    run_mnist_demo("out/mnist")               # 784-400-400-10; full=True: 784-1200-1200-10
+    run_regression_demo("out/regression")     # the seven priors, 5 paired seeds, CIs + diagnostics
+    run_mnist_demo("out/mnist")               # 784-400-400-10, 3 seeds; full=True: 2x1200, GPU
 
+Studies (arms x paired seeds, tuned on validation, 95% CIs): :mod:`service.demo.study`
+(``StudySpec``, ``run_study_local``), :mod:`service.demo.protocol` (``protocol_spec``: the
+seven-arm comparison of priors) and :mod:`service.demo.study_report` (tables, plots, report).
 Sweeps (width and optimiser studies on Dask): :mod:`service.demo.sweeps` (spec, runs) and
 :mod:`service.demo.studies` (tables, plots, report). Names load on first use, so that the
 command line starts fast.
@@ -20,10 +23,15 @@ __all__ = [
     "REGRESSION_DEFAULTS",
     "DemoResult",
     "Report",
+    "StudySpec",
     "SweepSpec",
+    "collect_study",
+    "protocol_spec",
     "run_mnist_demo",
     "run_regression_demo",
+    "run_study_local",
     "run_sweep_local",
+    "study_tables",
     "write_study_report",
 ]
 
@@ -38,6 +46,11 @@ _LAZY = {
     "SweepSpec": "service.demo.sweeps",
     "run_sweep_local": "service.demo.sweeps",
     "write_study_report": "service.demo.studies",
+    "StudySpec": "service.demo.study",
+    "run_study_local": "service.demo.study",
+    "protocol_spec": "service.demo.protocol",
+    "collect_study": "service.demo.study_report",
+    "study_tables": "service.demo.study_report",
 }
 
 
