@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from trainer.errors import BnnError, ErrorCode
 from trainer.layers import BayesConv2d, BayesianLayer, BayesLinear, bayesian_layers
+from trainer.prior_spec import as_enum
 
 __all__ = ["INSTALL_COMMAND", "HessianStructure", "Likelihood", "laplace_prior_sigmas"]
 
@@ -98,16 +99,6 @@ def _positive_int(value: Any, name: str) -> int:
             f"{name} must be a positive integer (got {value!r})", **{name: value}
         )
     return int(value)
-
-
-def _option(enum: type[StrEnum], value: Any, name: str) -> Any:
-    try:
-        return enum(value)
-    except ValueError:
-        options = ", ".join(repr(e.value) for e in enum)
-        raise BnnError.invalid(
-            f"{name} must be one of {options} (got {value!r})", **{name: value}
-        ) from None
 
 
 def _twin_layer(layer: BayesianLayer) -> nn.Module:
@@ -265,8 +256,8 @@ def laplace_prior_sigmas(
         BnnError: INVALID_ARGUMENT for a bad option, data or an unsupported module; UNAVAILABLE
             when laplace-torch is not installed.
     """
-    lik = _option(Likelihood, likelihood, "likelihood")
-    structure = _option(HessianStructure, hessian_structure, "hessian_structure")
+    lik = as_enum(Likelihood, likelihood, "likelihood")
+    structure = as_enum(HessianStructure, hessian_structure, "hessian_structure")
     limit = _positive_int(max_examples, "max_examples")
     batch = _positive_int(batch_size, "batch_size")
     steps = _positive_int(n_steps, "n_steps")

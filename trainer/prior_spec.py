@@ -43,6 +43,7 @@ __all__ = [
     "PriorKind",
     "PriorScale",
     "PriorSpec",
+    "as_enum",
 ]
 
 SIGMA_FLOOR = 1e-8
@@ -89,7 +90,8 @@ class EBSchedule(StrEnum):
 _E = TypeVar("_E", bound=Enum)
 
 
-def _as_enum(enum: type[_E], value: Any, name: str) -> _E:
+def as_enum(enum: type[_E], value: Any, name: str) -> _E:
+    """``enum(value)``, or INVALID_ARGUMENT naming ``name``, the value and the options."""
     try:
         return enum(value)
     except ValueError:
@@ -131,11 +133,11 @@ class PriorSpec:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "kind", _as_enum(PriorKind, self.kind, "kind"))
-        set_(self, "mode", _as_enum(LearnMode, self.mode, "mode"))
-        set_(self, "eb_every", _as_enum(EBSchedule, self.eb_every, "eb_every"))
-        set_(self, "family", _as_enum(PriorFamily, self.family, "family"))
-        set_(self, "scale", _as_enum(PriorScale, self.scale, "scale"))
+        set_(self, "kind", as_enum(PriorKind, self.kind, "kind"))
+        set_(self, "mode", as_enum(LearnMode, self.mode, "mode"))
+        set_(self, "eb_every", as_enum(EBSchedule, self.eb_every, "eb_every"))
+        set_(self, "family", as_enum(PriorFamily, self.family, "family"))
+        set_(self, "scale", as_enum(PriorScale, self.scale, "scale"))
         set_(self, "mu0", _finite(self.mu0, "mu0", positive_only=False))
         for name in ("sigma0", "mixture_sigma2"):
             value = _finite(getattr(self, name), name, positive_only=True)
