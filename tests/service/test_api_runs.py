@@ -77,6 +77,7 @@ def test_bad_bodies_are_422_with_field_messages(client: TestClient) -> None:
         ({"widths": [65]}, "BNN_MAX_WIDTH"),
         ({"mc_samples": 5}, "BNN_MAX_MC_SAMPLES"),
         ({"eval_samples": 5}, "BNN_MAX_MC_SAMPLES"),
+        ({"val_samples": 5}, "BNN_MAX_MC_SAMPLES"),
         ({"batch_size": 1000}, "BNN_MAX_BATCH_SIZE"),
         ({"n_train": 10_000}, "BNN_MAX_N_TRAIN"),
     ],
@@ -93,7 +94,8 @@ def test_training_limits_are_422_naming_the_limit(
         max_n_train=5000,
     )
     response = client.post(
-        "/runs", json={"dataset": "regression", "epochs": 5, "eval_samples": 2, **body}
+        "/runs",
+        json={"dataset": "regression", "epochs": 5, "eval_samples": 2, "val_samples": 2, **body},
     )
     assert response.status_code == 422
     err = response.json()["error"]
