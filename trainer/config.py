@@ -160,6 +160,9 @@ class TrainConfig(BaseModel):
     )
     # model selection on validation NLL
     model_selection: ModelSelection = ModelSelection.BEST_VAL
+    skip_test: bool = Field(
+        default=False, description="no final test evaluation (a study's tuning runs)"
+    )
     early_stopping_patience: int | None = Field(
         default=None, ge=1, description="stop after this many epochs without a better val NLL"
     )

@@ -457,18 +457,21 @@ class Trainer:
         result: TrainResult,
         snap: EpochSnapshot | None,
     ) -> None:
-        """Evaluate the test split once, on the weights ``model_selection`` picks."""
+        """Evaluate the test split once, on the weights ``model_selection`` picks (not at all
+        with ``skip_test``, as for a study's tuning runs)."""
         selected = epoch
         if self.config.model_selection is ModelSelection.BEST_VAL and best.state is not None:
             best.restore(self)
             selected = best.epoch
-        evaluation = self.evaluate()
-        metrics.update(evaluation.metrics)
         metrics["selected_epoch"] = float(selected)
-        result.selected_epoch, result.evaluation = selected, evaluation
+        result.selected_epoch = selected
+        evaluation = None if self.config.skip_test else self.evaluate()
+        if evaluation is not None:
+            metrics.update(evaluation.metrics)
+            result.evaluation = evaluation
         if snap is not None:
             snap.metrics = dict(metrics)
-            snap.evaluation = dict(evaluation.per_example)
+            snap.evaluation = None if evaluation is None else dict(evaluation.per_example)
 
     def _finish(self, run_id: str | None, status: str, error: str | None) -> None:
         if self.sink is None or run_id is None:

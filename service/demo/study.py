@@ -6,7 +6,8 @@ and the ``baseline`` arm. A study runs in two phases, both as ordinary runs in t
 grouped like a sweep (kind ``study``, runs tagged ``study:<id>``):
 
 1. **tuning**: every grid point of every tuned arm is trained once with ``tune_seed`` (a seed
-   not used for evaluation); the point with the lowest validation NLL wins
+   not used for evaluation, and ``skip_test``: the test split is not looked at); the point
+   with the lowest validation NLL wins
    (:func:`choose_settings`). Every tuned arm must have the same number of grid points (the
    same tuning budget) unless ``equal_budget`` is off; an arm without a grid is an untuned
    reference.
@@ -171,6 +172,7 @@ class StudySpec(BaseModel):
                 continue
             for i, point in enumerate(arm.grid()):
                 cfg = self._fields() | arm.config | point | {"seed": self.tune_seed}
+                cfg["skip_test"] = True  # tuning looks at validation only
                 if self.tune_epochs is not None:
                     cfg["epochs"] = self.tune_epochs
                 out.append((f"{TUNE_PREFIX}{name}/{i}", cfg))

@@ -517,3 +517,38 @@ def test_paired_configs_share_initial_posteriors_and_batch_order(
     other = _trainer(epochs=1, seed=8)
     other_mu = other.model.state_dict()["layer1.weight_mu"]
     assert not torch.equal(other_mu, states[0]["layer1.weight_mu"])  # the seed matters
+
+
+def test_skip_test_leaves_the_test_split_untouched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = Trainer.evaluate
+
+    def counting(self: Trainer, samples: int | None = None) -> Evaluation:
+        calls.append(1)
+        return real(self, samples)
+
+    monkeypatch.setattr(Trainer, "evaluate", counting)
+    store = RunStore(tmp_path)
+    result = train({**TINY, "epochs": 2, "skip_test": True}, sink=store, progress=False)
+    last = store.list_epochs(result.run_id)[-1].metrics
+    assert calls == [] and result.evaluation is None
+    assert "selected_epoch" in last and not any(k.startswith("test_") for k in last)
+    assert store.reader(result.run_id).evaluation() is None
+    train({**TINY, "epochs": 1}, sink=store, progress=False)
+    assert calls == [1]
+
+
+def test_a_studys_tuning_runs_skip_the_test_split() -> None:
+    from service.demo.study import StudySpec
+
+    spec = StudySpec.model_validate(
+        {
+            "base": {"dataset": "regression", "epochs": 2},
+            "arms": {"a": {"tune": {"lr": [1e-3, 1e-2]}}, "b": {}},
+            "seeds": [0, 1],
+        }
+    )
+    assert all(cfg["skip_test"] for _, cfg in spec.tuning_configs())
+    assert not any(cfg.get("skip_test") for _, cfg in spec.evaluation_configs({}))
