@@ -406,21 +406,18 @@ class Trainer:
                 best = _Best()
                 for epoch in bar:
                     t0 = time.perf_counter()
-                    metrics = self.train_epoch(
-                        epoch, is_capture_epoch(epoch, c.capture_every, last_epoch=c.epochs - 1)
-                    )
+                    planned = is_capture_epoch(epoch, c.capture_every, last_epoch=c.epochs - 1)
+                    metrics = self.train_epoch(epoch, planned)
                     metrics.update(self.validate())
                     best.update(epoch, metrics.get("val_nll"), self)
                     stop_early = best.stale(epoch, c.early_stopping_patience)
                     last = epoch == c.epochs - 1 or stop_early
                     metrics["epoch_time_s"] = time.perf_counter() - t0
                     metrics["steps"] = float(steps)
-                    capture = last or is_capture_epoch(epoch, c.capture_every)
                     snap = None
-                    if capture:
-                        snap = self.snapshot(
-                            epoch, metrics, recorded=self.recorder.level is not GradLevel.NONE
-                        )
+                    if planned or last:  # an early stop is captured, without gradients
+                        recorded = planned and self.recorder.level is not GradLevel.NONE
+                        snap = self.snapshot(epoch, metrics, recorded=recorded)
                     if last:
                         self._final_test(epoch, best, metrics, result, snap)
                     result.history.append({"epoch": float(epoch), **metrics})

@@ -552,3 +552,22 @@ def test_a_studys_tuning_runs_skip_the_test_split() -> None:
     )
     assert all(cfg["skip_test"] for _, cfg in spec.tuning_configs())
     assert not any(cfg.get("skip_test") for _, cfg in spec.evaluation_configs({}))
+
+
+def test_an_early_stop_between_captures_is_captured_without_gradients(
+    store: RunStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _Scripted([1.0, 0.5, 0.4, 0.6, 0.3]).install(monkeypatch)
+    cfg = {
+        **TINY,
+        "epochs": 5,
+        "early_stopping_patience": 1,
+        "capture_every": 2,
+        "grad_capture": "layer",
+    }
+    result = train(cfg, sink=store, progress=False)
+    assert result.run_id is not None and result.selected_epoch == 2
+    assert [e.epoch for e in store.list_epochs(result.run_id)] == [0, 2, 3]
+    reader = store.reader(result.run_id)
+    assert reader.header(2).has_gradients and not reader.header(3).has_gradients
+    assert reader.metrics(3)["selected_epoch"] == 2.0
