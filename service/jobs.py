@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -67,13 +68,16 @@ def run_training_job(
                 data_root=data_root,
                 heartbeat_interval=heartbeat_s,
             )
-        except BaseException as exc:
-            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        except BaseException as exc:  # e.g. a device this worker lacks: the run fails at once
+            if isinstance(exc, BnnError):
+                detail = f"cannot start training on {socket.gethostname()}: {exc.message}"
+            else:
+                detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             with suppress(Exception):
                 sink.set_status(run_id, RunStatus.FAILED, error=detail)
             raise
         result = trainer.fit()
-        return (RunStatus.CANCELLED if result.cancelled else RunStatus.COMPLETED).value
+        return result.status
 
 
 class JobRunner:

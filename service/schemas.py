@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from trainer.config import TrainConfig
 from trainer.store import RunStatus
@@ -106,10 +106,23 @@ class RunPatch(BaseModel):
     status: RunStatus | None = Field(default=None, description="transitions are checked (409)")
     error: str | None = Field(default=None, max_length=20_000)
     summary: dict[str, Any] | None = Field(default=None, description="merged into the summary")
-    heartbeat: bool = Field(default=False, description="the trainer is alive")
+    heartbeat: StrictBool = Field(
+        default=False,
+        description="true: the trainer is alive, recorded at the service's clock; false: no "
+        'heartbeat. Only a JSON boolean (not 0, 1, "true" or a timestamp)',
+    )
     train_host: str | None = Field(default=None, max_length=256, description="where it trains")
+    diverged_step: int | None = Field(
+        default=None, ge=0, lt=2**63, description="global step where it first became non-finite"
+    )
+    diverged_epoch: int | None = Field(
+        default=None, ge=0, lt=2**31, description="that step's epoch (with diverged_step)"
+    )
+    diverged_layer: str | None = Field(
+        default=None, min_length=1, max_length=256, description="first non-finite parameter"
+    )
 
-    @field_validator("error", "summary", "train_host")
+    @field_validator("error", "summary", "train_host", "diverged_layer")
     @classmethod
     def _no_nul(cls, value: Any) -> Any:
         check_text(value, "value", 20_000)
@@ -130,6 +143,13 @@ class RunOut(BaseModel):
     train_host: str | None = Field(description="where it trains, as its trainer reported")
     error: str | None
     summary: dict[str, Any]
+    diverged_step: int | None = Field(
+        default=None, description="global training step where it first became non-finite"
+    )
+    diverged_epoch: int | None = Field(default=None, description="the epoch of that step")
+    diverged_layer: str | None = Field(
+        default=None, description="first parameter with a non-finite gradient at that step"
+    )
     url: str
     epochs: list[int] | None = Field(default=None, description="captured epochs (one run only)")
     metrics: dict[str, float | str] | None = Field(

@@ -2,11 +2,17 @@
 
 Every field has a default, so ``TrainConfig(dataset="regression", prior="learnable",
 epochs=5)`` is a complete configuration. Validation errors name the bad value.
+
+Every float must be finite (``inf``, ``nan``, ``"inf"`` and ``1e400`` are refused) and lie
+in a range where training is numerically meaningful. ``device`` is checked for its form
+only, so a stored run's configuration loads on any machine; whether this machine has the
+device is :func:`check_device`'s question, asked where training starts.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from enum import StrEnum
 from typing import Any
 
@@ -23,9 +29,11 @@ __all__ = [
     "LRSchedule",
     "ModelKind",
     "ModelSelection",
+    "OnDivergence",
     "Optimizer",
     "PriorOptimizer",
     "TrainConfig",
+    "check_device",
     "parse_config",
 ]
 
@@ -64,6 +72,13 @@ class ModelSelection(StrEnum):
     LAST = "last"
 
 
+class OnDivergence(StrEnum):
+    """What a run does once its loss or gradients become non-finite (always recorded)."""
+
+    STOP = "stop"  # capture the epoch, end the run as 'diverged'
+    CONTINUE = "continue"  # train on to the last epoch (the run may end 'completed')
+
+
 class LRSchedule(StrEnum):
     NONE = "none"
     COSINE = "cosine"
@@ -79,10 +94,43 @@ DATASET_DEFAULTS: dict[Dataset, dict[str, Any]] = {
 }
 
 
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,4})?")
+
+
+def check_device(device: str) -> None:
+    """INVALID_ARGUMENT unless this machine has ``device`` (a valid ``TrainConfig.device``).
+
+    ``auto`` and ``cpu`` are always there; ``cuda`` needs a CUDA device, ``cuda:N`` needs
+    N < ``torch.cuda.device_count()``, ``mps`` needs Apple's Metal backend. Called where
+    training starts (the trainer, ``POST /runs``), not when a configuration is read.
+    """
+    import torch
+
+    if device in ("auto", "cpu"):
+        return
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise BnnError.invalid(
+                "device 'mps' requested but this machine has no MPS backend", device=device
+            )
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        have = f"{count} CUDA device(s) (cuda:0..cuda:{count - 1})" if count else "no CUDA device"
+        raise BnnError.invalid(
+            f"device {device!r} requested but this machine has {have}",
+            device=device,
+            cuda_devices=count,
+        )
+
+
 class TrainConfig(BaseModel):
     """Everything that defines a training run. Stored with the run in the catalog."""
 
-    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", use_enum_values=False, validate_default=True, allow_inf_nan=False
+    )
 
     dataset: Dataset = Dataset.REGRESSION
     model: ModelKind = ModelKind.MLP
@@ -98,15 +146,15 @@ class TrainConfig(BaseModel):
         default=PriorScale.ABSOLUTE,
         description="'fan_in': prior sigma = prior_sigma0 / sqrt(fan_in) in every layer",
     )
-    prior_mu0: float = Field(default=0.0, ge=-1e6, le=1e6)
-    prior_sigma0: float = Field(default=1.0, gt=1e-7, le=1e6)
+    prior_mu0: float = Field(default=0.0, ge=-1e3, le=1e3)
+    prior_sigma0: float = Field(default=1.0, gt=1e-7, le=1e3)
     prior_learn_mean: bool = Field(default=False, description="learn the prior mean too")
     prior_min_group: int = Field(
         default=10, ge=1, description="learnable priors on smaller groups are fixed instead"
     )
     prior_optimizer: PriorOptimizer = PriorOptimizer.ADAM
     prior_lr: float | None = Field(
-        default=None, gt=0, le=1e3, description="learning rate of the prior group; None: lr"
+        default=None, gt=0, le=10, description="learning rate of the prior group; None: lr"
     )
     prior_burnin_epochs: int = Field(
         default=0, ge=0, description="epochs before empirical-Bayes / Laplace updates start"
@@ -125,13 +173,15 @@ class TrainConfig(BaseModel):
         default=None, description="filled by the trainer: the prior each group actually got"
     )
     # posterior
-    posterior_sigma_init: float = Field(default=0.05, gt=0)
+    posterior_sigma_init: float = Field(default=0.05, gt=0, le=10)
     local_reparam: bool = False
     # optimisation
     optimizer: Optimizer = Optimizer.ADAM
-    lr: float | None = Field(default=None, gt=0, description="learning rate; None: dataset default")
+    lr: float | None = Field(
+        default=None, gt=0, le=10, description="learning rate; None: dataset default"
+    )
     momentum: float = Field(default=0.9, ge=0, lt=1)
-    weight_decay: float = Field(default=0.0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0, le=10)
     lr_schedule: LRSchedule = LRSchedule.NONE
     epochs: int = Field(default=20, ge=1)
     batch_size: int | None = Field(default=None, ge=1)
@@ -145,13 +195,17 @@ class TrainConfig(BaseModel):
     kl_weight: float = Field(
         default=1.0,
         ge=0,
-        le=1e6,
+        le=1e3,
         description="posterior temperature: loss = NLL + kl_weight * KL / N (1: the exact ELBO)",
     )
     kl_anneal_epochs: int = Field(default=0, ge=0, description="linear KL warm-up length")
-    grad_clip: float | None = Field(default=None, gt=0, description="max gradient norm")
+    grad_clip: float | None = Field(default=None, gt=0, le=1e6, description="max gradient norm")
     seed: int = 0
-    device: str = "auto"
+    device: str = Field(
+        default="auto",
+        description="'auto' (CUDA when there is one), 'cpu', 'cuda', 'cuda:N' or 'mps'; "
+        "checked against the machine when training starts",
+    )
     # data size (None: the whole split)
     n_train: int | None = Field(default=None, ge=1)
     n_test: int | None = Field(default=None, ge=1)
@@ -165,6 +219,10 @@ class TrainConfig(BaseModel):
     )
     early_stopping_patience: int | None = Field(
         default=None, ge=1, description="stop after this many epochs without a better val NLL"
+    )
+    on_divergence: OnDivergence = Field(
+        default=OnDivergence.STOP,
+        description="on a non-finite loss or gradient: 'stop' (status diverged) or 'continue'",
     )
     # capture
     capture_every: int = Field(default=1, ge=1, description="capture every N epochs (and the last)")
@@ -185,8 +243,10 @@ class TrainConfig(BaseModel):
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
-        if value not in ("auto", "cpu") and not value.startswith("cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {value!r}")
+        if not _DEVICE.fullmatch(value):
+            raise ValueError(
+                f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}"
+            )
         return value
 
     @field_validator("activation")

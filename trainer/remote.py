@@ -9,6 +9,16 @@ Every captured epoch is written to a temporary HDF5 file and sent as
 exponential backoff; that is safe because the PUT is idempotent (the same bytes again
 are accepted, the service stores them once), and status and heartbeat updates are too.
 A run is created with a client-chosen id, so a retried create cannot make two runs.
+
+The service checks every uploaded file against the run (:mod:`trainer.store.validate`):
+the file's ``run_id`` attribute (this module writes the run's id; an empty one is
+accepted), its epoch, the layers, shapes and dtypes of the run's first epoch (or of the
+model its configuration describes), its size limits (``BNN_MAX_UPLOAD_LAYERS``,
+``BNN_MAX_UPLOAD_ELEMENTS``), fully written datasets, finite ``mu`` and ``sigma`` > 0. A
+refused file is a 422 with the reason, raised here as a BnnError with the service's code
+(CORRUPT or INVALID_ARGUMENT) and never retried. :func:`push_run` sends the local run's
+configuration, so a local run whose files do not match the model that configuration
+describes (e.g. trained on other data than its dataset's) is refused from its first epoch.
 """
 
 from __future__ import annotations
@@ -198,6 +208,14 @@ class HttpRunSink:
     ) -> dict[str, Any]:
         return self.patch(run_id, status=RunStatus.parse(status).value, error=error)
 
+    def set_divergence(
+        self, run_id: str, *, step: int, epoch: int, layer: str | None = None
+    ) -> dict[str, Any]:
+        """Report where the run first became non-finite (before its ``diverged`` status)."""
+        return self.patch(
+            run_id, diverged_step=int(step), diverged_epoch=int(epoch), diverged_layer=layer
+        )
+
     def should_stop(self, run_id: str) -> bool:
         """True once the run was cancelled (or deleted) on the service; never raises."""
         now = time.monotonic()
@@ -284,7 +302,14 @@ def push_run(
                 ) from None
         for epoch, path in files.items():
             remote.put_epoch_file(run.id, epoch, path)
-        remote.patch(run.id, summary=run.summary or None, train_host=run.host or None)
+        remote.patch(
+            run.id,
+            summary=run.summary or None,
+            train_host=run.host or None,
+            diverged_step=run.diverged_step,
+            diverged_epoch=run.diverged_epoch,
+            diverged_layer=run.diverged_layer,
+        )
         if run.status.terminal or run.status is RunStatus.INTERRUPTED:
             remote.set_status(run.id, run.status, error=run.error)
     finally:

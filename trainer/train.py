@@ -16,6 +16,14 @@ holds the per-test-example arrays; its parameters are the last epoch's.
 Every ``capture_every`` epochs (and at the last epoch) the trainer captures the seed's
 distribution parameters, the gradient statistics and the metrics, and hands them to a run sink
 (a local :class:`~trainer.store.RunStore`).
+
+Divergence: each step checks, without waiting for the device, whether the loss and every
+parameter's gradient are finite (:class:`_DivergenceWatch`); the rows are read once per
+epoch. The first bad step (:class:`Divergence`: global step, epoch, first parameter with a
+non-finite gradient) is reported to the sink's ``set_divergence`` if it has one. With
+``on_divergence="stop"`` (default) the diverging epoch is captured with its metrics (and
+gradient statistics when it was due), no test evaluation runs, and the run ends
+``diverged``; with ``"continue"`` training goes on as if nothing had happened.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import math
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,13 +49,15 @@ from trainer.config import (
     LRSchedule,
     ModelKind,
     ModelSelection,
+    OnDivergence,
     Optimizer,
     PriorOptimizer,
     TrainConfig,
+    check_device,
     parse_config,
 )
 from trainer.data import DataSplits, batches, load_dataset, num_batches
-from trainer.errors import BnnError
+from trainer.errors import BnnError, ErrorCode
 from trainer.evaluation import Evaluation, final_evaluation, quick_metrics
 from trainer.layers import (
     bayesian_layers,
@@ -63,20 +73,46 @@ from trainer.models import mlp, small_cnn
 from trainer.priors import EBSchedule, GaussianPrior, LayerPrior, LearnMode, PriorKind
 from trainer.snapshot import EpochSnapshot, GradLevel
 
-__all__ = ["RunSink", "TrainResult", "Trainer", "build_model", "train"]
+__all__ = ["Divergence", "RunSink", "TrainResult", "Trainer", "build_model", "train"]
 
 
 class RunSink(Protocol):
     """Where a trainer reports: a local store, or the service over HTTP.
 
     A sink may also have ``should_stop(run_id) -> bool``: polled after each epoch, True
-    ends the run as cancelled (see :class:`trainer.remote.HttpRunSink`).
+    ends the run as cancelled (see :class:`trainer.remote.HttpRunSink`); and
+    ``set_divergence(run_id, step=, epoch=, layer=)``: called once, when the run first
+    becomes non-finite (see :class:`Divergence`).
     """
 
     def create_run(self, name: str | None, config: dict[str, Any], tags: Any = ...) -> Any: ...
     def write_epoch(self, run_id: str, snap: EpochSnapshot) -> Any: ...
     def heartbeat(self, run_id: str) -> None: ...
     def set_status(self, run_id: str, status: Any, error: str | None = None) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Where a run's training first became non-finite.
+
+    ``step`` is the global 0-based training step (one per batch) whose loss or gradients were
+    non-finite, ``epoch`` its epoch, ``layer`` the first parameter (in the model's order, the
+    likelihood's ``noise_rho`` last) whose gradient was non-finite at that step, None when
+    only the loss was. A non-finite gradient makes the parameters non-finite at that step's
+    update. When the loss itself is non-finite, backpropagation usually makes every gradient
+    non-finite, so ``layer`` then names the model's first parameter rather than a culprit.
+    """
+
+    step: int
+    epoch: int
+    layer: str | None
+    loss_finite: bool = False
+
+    def describe(self) -> str:
+        """E.g. "non-finite loss at step 12 (epoch 0); first non-finite gradient: layer1..."."""
+        what = "gradient" if self.loss_finite else "loss"
+        where = f"; first non-finite gradient: {self.layer}" if self.layer else ""
+        return f"non-finite {what} at step {self.step} (epoch {self.epoch}){where}"
 
 
 @dataclass
@@ -91,6 +127,16 @@ class TrainResult:
     cancelled: bool = False  # the sink asked to stop before the last epoch
     selected_epoch: int | None = None  # whose weights the test metrics are of
     evaluation: Evaluation | None = None  # the final test evaluation
+    divergence: Divergence | None = None  # where training first became non-finite
+    diverged: bool = False  # stopped because of it (on_divergence="stop")
+    refused_epochs: dict[int, str] = field(default_factory=dict)  # non-finite, sink said no
+
+    @property
+    def status(self) -> str:
+        """The run's final status: "diverged", "cancelled" or "completed"."""
+        if self.diverged:
+            return "diverged"
+        return "cancelled" if self.cancelled else "completed"
 
 
 def build_model(config: TrainConfig, data: DataSplits) -> nn.Module:
@@ -116,10 +162,10 @@ def build_model(config: TrainConfig, data: DataSplits) -> nn.Module:
 
 
 def _resolve_device(name: str) -> torch.device:
+    """The torch device of ``config.device``; INVALID_ARGUMENT when this machine lacks it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BnnError.invalid(f"device {name!r} requested but CUDA is not available")
+    check_device(name)
     return torch.device(name)
 
 
@@ -144,6 +190,56 @@ class _Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+class _DivergenceWatch:
+    """Finds the first training step whose loss or gradients are non-finite, without making
+    any step wait for the device.
+
+    :meth:`observe` (after ``backward``) writes one row per step into a device tensor: whether
+    the loss and each watched parameter's largest absolute gradient are finite (one fused
+    ``_foreach_norm`` on CUDA; the maximum cannot overflow, so only NaN/Inf count).
+    :meth:`first` reads the rows once, when asked (at the end of an epoch).
+    """
+
+    def __init__(self, named: Sequence[tuple[str, Tensor]], device: torch.device) -> None:
+        self.names = [name for name, _ in named]
+        self.params = [param for _, param in named]
+        self.device = device
+        self._zero = torch.zeros((), device=device)
+        self._rows = torch.ones((0, 1 + len(self.params)), dtype=torch.bool, device=device)
+        self._n = 0
+
+    def start(self, steps: int) -> None:
+        """Begin a window of (about) ``steps`` steps."""
+        shape = (max(1, steps), 1 + len(self.params))
+        if self._rows.shape != shape:
+            self._rows = torch.ones(shape, dtype=torch.bool, device=self.device)
+        self._n = 0
+
+    @torch.no_grad()
+    def observe(self, loss: Tensor) -> None:
+        """Record one step (its gradients must be in place)."""
+        grads = [p.grad if p.grad is not None else self._zero for p in self.params]
+        largest = torch._foreach_norm(grads, math.inf) if grads else []
+        row = torch.isfinite(torch.stack([loss.detach().reshape(()).float(), *largest]))
+        if self._n == self._rows.shape[0]:  # more steps than planned: grow the window
+            self._rows = torch.cat([self._rows, torch.ones_like(self._rows)])
+        self._rows[self._n] = row
+        self._n += 1
+
+    def first(self, epoch: int, step0: int) -> Divergence | None:
+        """The window's first bad step (``step0`` is the global step of its first row)."""
+        if self._n == 0:
+            return None
+        rows = self._rows[: self._n]
+        bad = ~rows.all(dim=1)
+        if not bool(bad.any()):  # the one wait for the device per window
+            return None
+        index = int(bad.to(torch.int8).argmax())
+        ok = rows[index].tolist()
+        layer = next((n for n, fine in zip(self.names, ok[1:], strict=True) if not fine), None)
+        return Divergence(step=step0 + index, epoch=epoch, layer=layer, loss_finite=ok[0])
 
 
 class Trainer:
@@ -198,6 +294,12 @@ class Trainer:
         self.eb_mode = learnable and config.prior_mode is LearnMode.EMPIRICAL_BAYES
         self.laplace_mode = learnable and config.prior_mode is LearnMode.LAPLACE
         self.config = config.model_copy(update={"resolved_priors": resolved_priors(self.model)})
+        watched = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if self.noise_rho is not None:
+            watched.append(("noise_rho", self.noise_rho))
+        self._watch = _DivergenceWatch(watched, self.device)
+        self.global_step = 0  # training steps taken so far
+        self.divergence: Divergence | None = None  # the first one (set by train_epoch)
 
     # -- set-up ---------------------------------------------------------------------------
     def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -265,6 +367,10 @@ class Trainer:
         # running sums stay on the device: no step waits for a GPU to report a number
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, nll, fit
         seen = 0
+        watch = self._watch if self.divergence is None else None  # only the first counts
+        if watch is not None:
+            watch.start(num_batches(n_train, c.batch))
+        step0 = self.global_step
         for xb, yb in batches(
             self.data.x_train, self.data.y_train, c.batch, shuffle=True, generator=self.generator
         ):
@@ -286,6 +392,9 @@ class Trainer:
             reg = model_kl(model) + prior_penalty(model)
             loss = nll + kl_w * reg / n_train
             loss.backward()
+            if watch is not None:
+                watch.observe(loss)
+            self.global_step += 1
             if record:
                 self.recorder.record_step()
             if c.grad_clip is not None:
@@ -298,10 +407,14 @@ class Trainer:
             b = xb.shape[0]
             seen += b
             sums += torch.stack([loss.detach() * b, nll.detach() * b, fit / c.mc_samples])
-        if eb_on and c.eb_every is EBSchedule.EPOCH:
+        if watch is not None:
+            self.divergence = watch.first(epoch, step0)
+        # a run about to stop as diverged skips the epoch's prior updates (on NaN weights)
+        stopping = self.divergence is not None and c.on_divergence is OnDivergence.STOP
+        if eb_on and c.eb_every is EBSchedule.EPOCH and not stopping:
             empirical_bayes_step(model)
         burnt_in = epoch - c.prior_burnin_epochs
-        if self.laplace_mode and burnt_in >= 0 and burnt_in % c.laplace_every == 0:
+        if self.laplace_mode and burnt_in >= 0 and burnt_in % c.laplace_every == 0 and not stopping:
             self.laplace_update(epoch)
         if self.scheduler is not None:
             self.scheduler.step()
@@ -388,6 +501,8 @@ class Trainer:
         if self.sink is not None:
             run = self.sink.create_run(c.name, c.to_json_dict(), tags=c.tags)
             run_id = run.id
+            if (recover := getattr(self.sink, "recover_run", None)) is not None:
+                recover(run_id)  # dead temp files of an earlier writer of this run
         result = TrainResult(run_id=run_id, model=self.model)
         if self.eb_mode and self._prior_updates_on(0):
             empirical_bayes_step(self.model)
@@ -407,23 +522,27 @@ class Trainer:
                 for epoch in bar:
                     t0 = time.perf_counter()
                     planned = is_capture_epoch(epoch, c.capture_every, last_epoch=c.epochs - 1)
+                    known = self.divergence
                     metrics = self.train_epoch(epoch, planned)
-                    metrics.update(self.validate())
+                    diverged = self.divergence is not None and known is None
+                    if diverged:
+                        self._report_divergence(run_id, result)
+                    result.diverged = diverged and c.on_divergence is OnDivergence.STOP
+                    if self.divergence is None or self._weights_finite():
+                        metrics.update(self.validate())  # (none on non-finite weights)
                     best.update(epoch, metrics.get("val_nll"), self)
                     stop_early = best.stale(epoch, c.early_stopping_patience)
-                    last = epoch == c.epochs - 1 or stop_early
+                    last = epoch == c.epochs - 1 or stop_early or result.diverged
                     metrics["epoch_time_s"] = time.perf_counter() - t0
                     metrics["steps"] = float(steps)
                     snap = None
                     if planned or last:  # an early stop is captured, without gradients
                         recorded = planned and self.recorder.level is not GradLevel.NONE
                         snap = self.snapshot(epoch, metrics, recorded=recorded)
-                    if last:
+                    if last and not result.diverged:  # a diverged run has no test metrics
                         self._final_test(epoch, best, metrics, result, snap)
                     result.history.append({"epoch": float(epoch), **metrics})
-                    if snap is not None:
-                        if self.sink is not None and run_id is not None:
-                            self.sink.write_epoch(run_id, snap)
+                    if snap is not None and self._write_epoch(run_id, snap, result):
                         result.captured_epochs.append(epoch)
                     key = "acc" if self.data.classification else "rmse"
                     shown = metrics.get(f"val_{key}", metrics.get(f"train_{key}", math.nan))
@@ -442,9 +561,49 @@ class Trainer:
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             self._finish(run_id, "failed", detail)
             raise
-        self._finish(run_id, "cancelled" if result.cancelled else "completed", None)
+        if result.diverged:
+            assert result.divergence is not None
+            why = result.divergence.describe()
+            for epoch, reason in result.refused_epochs.items():
+                why += f"; epoch {epoch} was not stored: {reason}"
+            self._finish(run_id, "diverged", why, strict=True)
+        else:
+            self._finish(run_id, result.status, None)
         result.noise_sigma = self.noise_sigma
         return result
+
+    def _write_epoch(self, run_id: str | None, snap: EpochSnapshot, result: TrainResult) -> bool:
+        """Hand a captured epoch to the sink; False when a sink refuses one taken after the
+        run diverged (e.g. a service that takes only finite parameters): it is left out, in
+        ``result.refused_epochs``, and the run goes on to end as it would have."""
+        if self.sink is None or run_id is None:
+            return True
+        try:
+            self.sink.write_epoch(run_id, snap)
+        except BnnError as exc:
+            refused = exc.code in (ErrorCode.CORRUPT, ErrorCode.INVALID_ARGUMENT)
+            if self.divergence is None or not refused:
+                raise
+            result.refused_epochs[snap.epoch] = exc.message
+            return False
+        return True
+
+    def _weights_finite(self) -> bool:
+        """Whether every parameter (and the noise scale) is finite (waits for the device)."""
+        params = [
+            *self.model.parameters(),
+            *([self.noise_rho] if self.noise_rho is not None else []),
+        ]
+        with torch.no_grad():
+            return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+
+    def _report_divergence(self, run_id: str | None, result: TrainResult) -> None:
+        """Keep the first divergence in ``result`` and tell a sink that records it."""
+        assert self.divergence is not None
+        result.divergence = d = self.divergence
+        record = getattr(self.sink, "set_divergence", None)
+        if record is not None and run_id is not None:
+            record(run_id, step=d.step, epoch=d.epoch, layer=d.layer)
 
     def _final_test(
         self,
@@ -462,7 +621,9 @@ class Trainer:
             selected = best.epoch
         metrics["selected_epoch"] = float(selected)
         result.selected_epoch = selected
-        evaluation = None if self.config.skip_test else self.evaluate()
+        # non-finite weights (on_divergence="continue") have no test metrics
+        skip = self.config.skip_test or (self.divergence is not None and not self._weights_finite())
+        evaluation = None if skip else self.evaluate()
         if evaluation is not None:
             metrics.update(evaluation.metrics)
             result.evaluation = evaluation
@@ -470,13 +631,17 @@ class Trainer:
             snap.metrics = dict(metrics)
             snap.evaluation = None if evaluation is None else dict(evaluation.per_example)
 
-    def _finish(self, run_id: str | None, status: str, error: str | None) -> None:
+    def _finish(
+        self, run_id: str | None, status: str, error: str | None, *, strict: bool = False
+    ) -> None:
+        """Report the final status; a failed update is raised for a run that ended on its own
+        (``error`` None, or ``strict``), swallowed while another error is on its way."""
         if self.sink is None or run_id is None:
             return
         try:
             self.sink.set_status(run_id, status, error=error)
         except Exception:
-            if error is None:  # the run itself succeeded: a failed status update must be seen
+            if error is None or strict:  # the run ended by itself: a lost status must be seen
                 raise
 
 

@@ -2,12 +2,14 @@
 
 Everything here is linear time in the number of elements: exact percentiles through a
 histogram refinement, centred moments pooled with Chan's formula, a robust z-score,
-and top-k through ``np.argpartition``.
+top-k through ``np.argpartition``, and threshold comparisons that cannot overflow.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -16,11 +18,14 @@ __all__ = [
     "GaussianSums",
     "Moments",
     "gaussian_sums",
+    "greater_than",
     "kl_normal_elementwise",
+    "less_than",
     "order_statistics",
     "pairwise_symmetric_kl",
     "pairwise_symmetric_kl_reference",
     "percentiles",
+    "pow10",
     "robust_log_scale",
     "robust_z",
     "top_k",
@@ -233,6 +238,50 @@ def robust_log_scale(g: np.ndarray) -> tuple[float, float, int]:
     pos = g[np.isfinite(g) & (g > 0)]
     med, scale = _location_scale(np.log10(pos))
     return med, scale, int(pos.size)
+
+
+def pow10(x: float) -> float:
+    """10**x as a float that saturates instead of raising ``OverflowError``: +inf above the
+    float range, 0.0 below it (NaN stays NaN). Thresholds are added up in log10 space and
+    only the scalar result goes through here."""
+    try:
+        return float(10.0**x)
+    except OverflowError:
+        return math.inf
+
+
+def _in_dtype(x: np.ndarray, threshold: float) -> tuple[np.ndarray, Any]:
+    """``x`` as an array and ``threshold`` rounded to its float type (no overflowing cast:
+    beyond the finite range the threshold becomes +-inf)."""
+    arr = np.asarray(x)
+    if arr.dtype.kind != "f":
+        arr = arr.astype(np.float64)
+    limit = float(np.finfo(arr.dtype).max)
+    t = float(threshold)
+    if math.isfinite(t) and abs(t) > limit:
+        t = math.copysign(math.inf, t)
+    return arr, arr.dtype.type(t)
+
+
+def greater_than(x: np.ndarray, threshold: float) -> np.ndarray:
+    """Exactly ``x > threshold`` elementwise, compared in ``x``'s float type (no float64
+    copy of ``x``, and no overflow warning for a threshold beyond that type's range)."""
+    arr, t = _in_dtype(x, threshold)
+    t_f = float(t)
+    if math.isinf(t_f) and not math.isinf(float(threshold)):  # beyond the type's range
+        return np.isposinf(arr) if t_f > 0 else ~np.isneginf(arr) & ~np.isnan(arr)
+    # rounded up: values equal to the rounded threshold are above the exact one
+    return np.asarray(arr >= t) if t_f > threshold else np.asarray(arr > t)
+
+
+def less_than(x: np.ndarray, threshold: float) -> np.ndarray:
+    """Exactly ``x < threshold`` elementwise, compared in ``x``'s float type (as
+    :func:`greater_than`)."""
+    arr, t = _in_dtype(x, threshold)
+    t_f = float(t)
+    if math.isinf(t_f) and not math.isinf(float(threshold)):
+        return np.isneginf(arr) if t_f < 0 else ~np.isposinf(arr) & ~np.isnan(arr)
+    return np.asarray(arr <= t) if t_f < threshold else np.asarray(arr < t)
 
 
 def top_k(score: np.ndarray, k: int) -> np.ndarray:

@@ -29,7 +29,7 @@ import pandas as pd
 from trainer.errors import BnnError
 
 from ._cache import cached
-from ._numeric import percentiles, robust_log_scale
+from ._numeric import greater_than, less_than, percentiles, pow10, robust_log_scale
 from ._scratch import Scratch
 from ._views import Alloc
 from .source import EpochView, RunLike, RunSource, open_source, parse_enum
@@ -78,7 +78,16 @@ class GradThresholds:
             )
         parse_enum(GradStat, self.stat, "stat")
         if self.z_threshold is not None and not self.z_threshold > 0:
-            raise BnnError.invalid(f"z_threshold must be > 0, got {self.z_threshold!r}")
+            raise BnnError.invalid(
+                f"z_threshold must be > 0 (inf: no z-score flags), got {self.z_threshold!r}",
+                z_threshold=str(self.z_threshold),
+            )
+        for name in ("explode_abs", "vanish_abs"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise BnnError.invalid(
+                    f"{name} must be >= 0 or None, got {value!r}", **{name: str(value)}
+                )
 
     def z_for(self, n: int) -> float:
         if self.z_threshold is not None:
@@ -91,7 +100,9 @@ class LayerScores:
     """One layer's gradient statistic with its robust location and scale (flat arrays).
 
     z = (log10 |g| - median) / scale is computed only where asked (:meth:`z`); flags
-    compare |g| with 10^(median +- threshold * scale) instead, which is the same test.
+    compare |g| with 10^(median +- threshold * scale) instead, which is the same test. The
+    bound is summed in log10 space and saturates (+inf / 0) where 10^bound leaves the float
+    range, so any threshold up to +inf gives finite work and no ``OverflowError``.
     """
 
     g: np.ndarray  # |g| statistic, float32
@@ -113,20 +124,26 @@ class LayerScores:
         z = np.where(g == 0, -np.inf, z if self._z_ok else 0.0)
         return np.where(nf, np.inf, z)
 
+    def log_bound(self, kind: GradKind) -> float:
+        """log10 of the |g| beyond which the z-score flags ``kind``: median +- z * scale
+        (+-inf for an infinite threshold; NaN when there is no z-score)."""
+        reach = self.z_threshold * self.scale if self._z_ok else float("nan")
+        return self.median + reach if kind is GradKind.EXPLODING else self.median - reach
+
     def exploding(self, th: GradThresholds) -> np.ndarray:
         hit = self.nonfinite.copy()
         if self._z_ok:
-            hit |= self.g > 10.0 ** (self.median + self.z_threshold * self.scale)
+            hit |= greater_than(self.g, pow10(self.log_bound(GradKind.EXPLODING)))
         if th.explode_abs is not None:
-            hit |= self.g > th.explode_abs
+            hit |= greater_than(self.g, th.explode_abs)
         return hit
 
     def vanishing(self, th: GradThresholds) -> np.ndarray:
         hit = self.g == 0
         if self._z_ok:
-            hit |= self.g < 10.0 ** (self.median - self.z_threshold * self.scale)
+            hit |= less_than(self.g, pow10(self.log_bound(GradKind.VANISHING)))
         if th.vanish_abs is not None:
-            hit |= self.g < th.vanish_abs
+            hit |= less_than(self.g, th.vanish_abs)
         return hit & ~self.nonfinite
 
     def score(self, kind: GradKind) -> np.ndarray:

@@ -239,6 +239,11 @@ class _QueuedRunSink:
     def set_status(self, run_id: str, status: Any, error: str | None = None) -> Any:
         return self.store.set_status(run_id, status, error=error)
 
+    def set_divergence(
+        self, run_id: str, *, step: int, epoch: int, layer: str | None = None
+    ) -> Any:
+        return self.store.set_divergence(run_id, step, epoch, layer)
+
     def should_stop(self, run_id: str) -> bool:
         return self.store.get_run(run_id).status is RunStatus.CANCELLED
 
@@ -266,7 +271,7 @@ def train_stored_run(
             store.set_status(run_id, RunStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
             raise
         result = trainer.fit()  # a failure marks the run FAILED with the reason
-    return RunStatus.CANCELLED.value if result.cancelled else RunStatus.COMPLETED.value
+    return result.status
 
 
 @contextmanager

@@ -70,12 +70,28 @@ GradParamQuery = Annotated[
     Literal["mu", "rho"], Query(description="gradient of the posterior's mu (default) or rho")
 ]
 GradStatQuery = Annotated[GradStat, Query(description="per-element |g| over the epoch's steps")]
+# Finite bounds for every float option. The flags add thresholds up in log10 space and
+# saturate, so any value in range is finite work; |g| statistics are float32, so absolute
+# thresholds beyond 1e38 would mean nothing (everything or only non-finite values).
+MAX_Z = 1e6
+MAX_ABS_G = 1e38
 ZQuery = Annotated[
     float | None,
-    Query(gt=0, le=1e6, description="robust z-score threshold; default max(3.5, Bonferroni)"),
+    Query(
+        gt=0,
+        le=MAX_Z,
+        allow_inf_nan=False,
+        description="robust z-score threshold, (0, 1e6]; default max(3.5, Bonferroni)",
+    ),
 ]
-ExplodeQuery = Annotated[float, Query(gt=0, le=1e300, description="|g| above is exploding")]
-VanishQuery = Annotated[float, Query(ge=0, le=1e300, description="|g| below is vanishing")]
+ExplodeQuery = Annotated[
+    float,
+    Query(gt=0, le=MAX_ABS_G, allow_inf_nan=False, description="|g| above is exploding, (0, 1e38]"),
+]
+VanishQuery = Annotated[
+    float,
+    Query(ge=0, le=MAX_ABS_G, allow_inf_nan=False, description="|g| below is vanishing, [0, 1e38]"),
+]
 
 
 def parse_ints(value: str | None, name: str) -> list[int] | None:

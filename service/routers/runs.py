@@ -11,7 +11,7 @@ from service.deps import JobsDep, RunDep, SettingsDep, StoreDep, require_token
 from service.routers import Format, FormatQuery, json_response, table_response
 from service.schemas import ErrorOut, RunCreate, RunOut, RunPage, RunPatch
 from service.settings import Settings
-from trainer.config import TrainConfig, parse_config
+from trainer.config import TrainConfig, check_device, parse_config
 from trainer.errors import BnnError, ErrorCode
 from trainer.store import EpochInfo, RunInfo, RunStatus
 
@@ -42,6 +42,9 @@ LIST_COLUMNS = (
     "train_host",
     "tags",
     "error",
+    "diverged_step",
+    "diverged_epoch",
+    "diverged_layer",
 )
 
 
@@ -59,7 +62,9 @@ def run_out(request: Request, run: RunInfo, epochs: Sequence[EpochInfo] | None =
 
 
 def check_limits(config: TrainConfig, settings: Settings) -> None:
-    """INVALID_ARGUMENT naming the limit a training request exceeds."""
+    """INVALID_ARGUMENT naming the limit a training request exceeds, or the device that
+    the service's own workers lack (a LocalCluster runs on this machine; the workers of a
+    remote scheduler check their device when the job starts, and the run fails at once)."""
     checks = [
         ("epochs", config.epochs, settings.max_epochs, "BNN_MAX_EPOCHS"),
         ("widths (layers)", len(config.hidden), settings.max_layers, "BNN_MAX_LAYERS"),
@@ -82,6 +87,8 @@ def check_limits(config: TrainConfig, settings: Settings) -> None:
                 limit=limit,
                 setting=setting,
             )
+    if not settings.dask_scheduler:
+        check_device(config.device)
 
 
 @router.post(
@@ -147,10 +154,11 @@ def get_run(run: RunDep, request: Request, store: StoreDep) -> Response:
 
 @router.patch("/{run_id}", response_model=RunOut, summary="Report status, metrics, heartbeat")
 def patch_run(body: RunPatch, run: RunDep, request: Request, store: StoreDep) -> Response:
-    """Applied in order: heartbeat, summary and train_host, then status/error.
+    """Applied in order: heartbeat, summary and train_host, divergence, then status/error.
 
-    Status changes follow the run life cycle (409 otherwise, e.g. from completed);
-    a heartbeat on a finished run is 409 too.
+    ``heartbeat: true`` records that the trainer is alive now (server time); anything but
+    a JSON boolean is 422. Status changes follow the run life cycle (409 otherwise, e.g.
+    from completed); a heartbeat on a finished run is 409 too.
     """
     if body.heartbeat:
         store.heartbeat(run.id)
@@ -159,6 +167,11 @@ def patch_run(body: RunPatch, run: RunDep, request: Request, store: StoreDep) ->
         summary[TRAIN_HOST] = body.train_host
     if summary:
         store.set_summary(run.id, summary)
+    divergence = (body.diverged_step, body.diverged_epoch, body.diverged_layer)
+    if any(v is not None for v in divergence):
+        if body.diverged_step is None or body.diverged_epoch is None:
+            raise BnnError.invalid("diverged_step and diverged_epoch are reported together")
+        store.set_divergence(run.id, body.diverged_step, body.diverged_epoch, body.diverged_layer)
     if body.status is not None or body.error is not None:
         store.set_status(run.id, body.status or store.get_run(run.id).status, error=body.error)
     return json_response(run_out(request, store.get_run(run.id), store.list_epochs(run.id)))

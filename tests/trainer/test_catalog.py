@@ -35,7 +35,7 @@ def test_migrations_at_head_and_match_models(store: RunStore, tmp_path: Path, db
     engine = _raw_engine(store, db_url)
     try:
         with engine.connect() as conn:
-            assert MigrationContext.configure(conn).get_current_revision() == "0002"
+            assert MigrationContext.configure(conn).get_current_revision() == "0003"
             assert {"runs", "epochs", "sweeps", "sweep_runs", "alembic_version"} <= set(
                 inspect(conn).get_table_names()
             )

@@ -33,7 +33,10 @@ __all__ = [
 
 
 class RunStatus(StrEnum):
-    """Life cycle of a run. COMPLETED, FAILED and CANCELLED are terminal.
+    """Life cycle of a run. COMPLETED, FAILED, CANCELLED and DIVERGED are terminal.
+
+    DIVERGED: training stopped because its loss or gradients became non-finite (where it
+    happened is in :attr:`RunInfo.diverged_step` and the fields after it).
 
     INTERRUPTED means "presumed dead" (no heartbeat); the run's own trainer may still
     report back (heartbeat or a new status), since a missed heartbeat is only a guess.
@@ -45,6 +48,7 @@ class RunStatus(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     INTERRUPTED = "interrupted"
+    DIVERGED = "diverged"
 
     @classmethod
     def parse(cls, value: RunStatus | str) -> RunStatus:
@@ -57,7 +61,12 @@ class RunStatus(StrEnum):
 
     @property
     def terminal(self) -> bool:
-        return self in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED)
+        return self in (
+            RunStatus.COMPLETED,
+            RunStatus.FAILED,
+            RunStatus.CANCELLED,
+            RunStatus.DIVERGED,
+        )
 
     @property
     def active(self) -> bool:
@@ -70,14 +79,27 @@ TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
         {RunStatus.RUNNING, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.INTERRUPTED}
     ),
     RunStatus.RUNNING: frozenset(
-        {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.INTERRUPTED}
+        {
+            RunStatus.COMPLETED,
+            RunStatus.FAILED,
+            RunStatus.CANCELLED,
+            RunStatus.INTERRUPTED,
+            RunStatus.DIVERGED,
+        }
     ),
     RunStatus.INTERRUPTED: frozenset(
-        {RunStatus.RUNNING, RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED}
+        {
+            RunStatus.RUNNING,
+            RunStatus.COMPLETED,
+            RunStatus.FAILED,
+            RunStatus.CANCELLED,
+            RunStatus.DIVERGED,
+        }
     ),
     RunStatus.COMPLETED: frozenset(),
     RunStatus.FAILED: frozenset(),
     RunStatus.CANCELLED: frozenset(),
+    RunStatus.DIVERGED: frozenset(),
 }
 
 
@@ -87,7 +109,13 @@ def _iso(value: datetime | None) -> str | None:
 
 @dataclass(frozen=True)
 class RunInfo:
-    """One run as the catalog knows it. Times are timezone-aware UTC."""
+    """One run as the catalog knows it. Times are timezone-aware UTC.
+
+    ``diverged_step`` (global 0-based training step), ``diverged_epoch`` and
+    ``diverged_layer`` (the first parameter with a non-finite gradient, None when only the
+    loss was) say where the run first became non-finite; None when it never did. A run
+    trained with ``on_divergence="continue"`` has them and may still be COMPLETED.
+    """
 
     id: str
     name: str
@@ -101,6 +129,9 @@ class RunInfo:
     error: str | None
     tags: list[str]
     summary: dict[str, Any] = field(default_factory=dict)
+    diverged_step: int | None = None
+    diverged_epoch: int | None = None
+    diverged_layer: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values: status as its string, times as ISO 8601 strings."""

@@ -1,6 +1,7 @@
 """The run catalog: SQLAlchemy 2 ORM and :class:`Catalog`, its database operations.
 
-Tables ``runs`` and ``epochs`` (schema in ``migrations/versions``, applied at open). ORM
+Tables ``runs`` (with where a run diverged, migration ``0003``) and ``epochs`` (schema in
+``migrations/versions``, applied at open, so a catalog of an older version is upgraded). ORM
 rows never leave this module: callers get :class:`RunInfo` and :class:`EpochInfo`. Every
 database call goes through one session scope that commits or rolls back and turns
 SQLAlchemy errors into ``BnnError(STORAGE)``. Files are :class:`~trainer.store.RunStore`'s.
@@ -92,6 +93,9 @@ class RunRow(Base):
     host: Mapped[str] = mapped_column(String(256))
     error: Mapped[str | None] = mapped_column(Text)
     summary: Mapped[Any] = mapped_column(JSONType)
+    diverged_step: Mapped[int | None] = mapped_column(BigInteger)
+    diverged_epoch: Mapped[int | None] = mapped_column(Integer)
+    diverged_layer: Mapped[str | None] = mapped_column(String(256))
 
     def info(self) -> RunInfo:
         return RunInfo(
@@ -107,6 +111,9 @@ class RunRow(Base):
             error=self.error,
             tags=list(self.tags),
             summary=decode_json(self.summary),
+            diverged_step=self.diverged_step,
+            diverged_epoch=self.diverged_epoch,
+            diverged_layer=self.diverged_layer,
         )
 
 
@@ -339,6 +346,41 @@ class Catalog:
             row = self._row(s, run_id, lock=True)
             row.summary = {**row.summary, **encode_json(dict(summary), "summary")}
             row.updated_at = utcnow()
+            return row.info()
+
+    def set_divergence(
+        self, run_id: str, step: int, epoch: int, layer: str | None = None
+    ) -> RunInfo:
+        """Record where the run first became non-finite (its status is not changed).
+
+        ``step`` is the global 0-based training step, ``layer`` the first parameter with a
+        non-finite gradient (None: only the loss was). Recording the same place again is a
+        no-op (a retried report); another place is CONFLICT, since only the first counts.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**63:
+            raise BnnError.invalid(f"diverged step must be an integer >= 0, got {step!r}")
+        epoch = paths.validate_epoch(epoch)
+        if layer is not None and (
+            not isinstance(layer, str) or not layer or len(layer) > 256 or "\x00" in layer
+        ):
+            raise BnnError.invalid(
+                f"diverged layer must be a non-empty string of at most 256 characters, "
+                f"got {layer!r}"
+            )
+        with self._session(write=True) as s:
+            row = self._row(s, run_id, lock=True)
+            place = (step, epoch, layer)
+            if row.diverged_step is None:
+                row.diverged_step, row.diverged_epoch, row.diverged_layer = place
+                row.updated_at = utcnow()
+            elif (row.diverged_step, row.diverged_epoch, row.diverged_layer) != place:
+                raise BnnError(
+                    ErrorCode.CONFLICT,
+                    f"run {run_id!r} already diverged at step {row.diverged_step} "
+                    f"(epoch {row.diverged_epoch}); cannot record step {step} (epoch {epoch})",
+                    run_id=run_id,
+                    diverged_step=row.diverged_step,
+                )
             return row.info()
 
     def delete_run(self, run_id: str) -> None:
