@@ -4,6 +4,7 @@
     BNN_PORT=8000  BNN_DASK_SCHEDULER=tcp://host:8786  BNN_DASK_WORKERS=2
     BNN_PUBLIC_URL=http://api:8000  BNN_API_TOKEN=...  BNN_AUTH_READS=false
     BNN_MAX_EPOCHS=1000  BNN_MAX_WIDTH=4096  BNN_MAX_LAYERS=8  BNN_MAX_MC_SAMPLES=100 ...
+    BNN_MAX_UPLOAD_BYTES=536870912  BNN_MAX_UPLOAD_LAYERS=64  BNN_MAX_UPLOAD_ELEMENTS=50000000
 
 Nothing is read at import: :func:`get_settings` (or ``Settings()``) reads the environment
 each time, so tests pass their own :class:`Settings` to ``create_app``.
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from trainer.store.validate import UploadLimits
 
 __all__ = ["Settings", "get_settings"]
 
@@ -54,6 +57,13 @@ class Settings(BaseSettings):
     # request sizes (413 beyond them)
     max_upload_bytes: int = Field(default=512 * 2**20, ge=1, description="one epoch file")
     max_json_bytes: int = Field(default=2**20, ge=1, description="any other request body")
+    # what one uploaded epoch file may hold (422 naming the limit beyond them); a 784-1200-
+    # 1200-10 MLP capture with per-element gradients and a 10k-example evaluation holds
+    # 3 layers and 19.2 million elements (77 MB of arrays)
+    max_upload_layers: int = Field(default=64, ge=1, description="layers in one epoch file")
+    max_upload_elements: int = Field(
+        default=50_000_000, ge=1, description="array elements of one epoch file, all together"
+    )
 
     @field_validator("api_token", mode="before")
     @classmethod
@@ -78,6 +88,12 @@ class Settings(BaseSettings):
         host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}"
+
+    def upload_limits(self) -> UploadLimits:
+        """What an uploaded epoch file may hold (``BNN_MAX_UPLOAD_LAYERS`` / ``_ELEMENTS``)."""
+        return UploadLimits(
+            max_layers=self.max_upload_layers, max_elements=self.max_upload_elements
+        )
 
     def describe_jobs(self) -> str:
         if self.dask_scheduler:

@@ -1,4 +1,8 @@
-"""Epoch uploads, epoch and metric tables (JSON and CSV), file downloads, on both catalogs."""
+"""Epoch uploads, epoch and metric tables (JSON and CSV), file downloads, on both catalogs.
+
+Uploads must fit the run: the runs here are TINY (regression, one hidden layer of 10), so
+the files are built with that model's layers (hostile uploads: test_api_upload_hostile.py).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,35 @@ import hashlib
 import io
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import h5py
 import pytest
 from httpx import Response
 
 from tests.service.conftest import AUTH, TOKEN, ClientFactory, TestClient, external_run
+from tests.trainer.conftest import _snapshot
+from trainer.store import write_epoch_file
 
 H5 = {"Content-Type": "application/x-hdf5"}
 EpochFile = Callable[..., Path]
+#: the layers of the TINY runs' model (regression: 1 -> 10 -> 1)
+TINY_LAYERS = {"layer1": (10, 1), "layer2": (1, 10)}
+
+
+@pytest.fixture
+def epoch_file(tmp_path: Path) -> EpochFile:
+    """``epoch_file(epoch, seed=0, run_id="", **snapshot_options)``: a valid epoch file of
+    the TINY model (the conftest's has other layers and another run's id)."""
+
+    def make(epoch: int, seed: int = 0, run_id: str = "", **kwargs: Any) -> Path:
+        path = tmp_path / f"upload_{epoch}_{seed}.h5"
+        kwargs.setdefault("layers", TINY_LAYERS)
+        kwargs.setdefault("no_bias", ())
+        write_epoch_file(path, _snapshot(epoch, seed=seed, **kwargs), run_id=run_id)
+        return path
+
+    return make
 
 
 def put(client: TestClient, run_id: str, epoch: int, path: Path, **headers: str) -> Response:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,9 @@ __all__ = [
     "GRAD_STATS",
     "PARAMS",
     "STATS",
+    "UploadLimits",
     "check_evaluation",
+    "check_evaluation_meta",
     "check_gradients",
     "check_name",
     "check_params",
@@ -38,6 +41,42 @@ GRAD_PARAMS = ("mu", "rho")
 PRIOR_GRAD_PARAMS = ("mu", "rho", "logit_pi", "rho1", "rho2")
 GRAD_STATS = ("mean_abs", "max_abs", "nonfinite")
 Fail = Callable[[str], BnnError]
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """Bounds on an epoch file that comes from elsewhere (an upload, an import).
+
+    The defaults fit a 784-1200-1200-10 MLP capture with per-element gradient statistics
+    and a 10k-example final evaluation (3 layers, 19.2 million elements, 77 MB of arrays)
+    with room to spare. The service sets the first two from ``BNN_MAX_UPLOAD_LAYERS`` and
+    ``BNN_MAX_UPLOAD_ELEMENTS``.
+
+    Attributes:
+        max_layers: layers (``/params`` groups) in one file.
+        max_elements: array elements of all datasets together (fill-value datasets too).
+        max_chunks: stored chunks of all chunked datasets together (many tiny chunks make
+            a small file slow to read).
+        max_chunk_bytes: uncompressed size of one chunk (what reading it allocates).
+        max_metrics: metric attributes of ``/metrics``.
+    """
+
+    max_layers: int = 64
+    max_elements: int = 50_000_000
+    max_chunks: int = 65_536
+    max_chunk_bytes: int = 16 * 2**20
+    max_metrics: int = 1024
+
+    @property
+    def max_objects(self) -> int:
+        """Groups and datasets in one file: a layer has at most 48 (15 under ``/params``,
+        33 under ``/gradients``), plus the root groups and evaluation arrays."""
+        return 64 + 64 * self.max_layers
+
+    @property
+    def max_members(self) -> int:
+        """Members of one group (``/params`` and ``/gradients`` hold one per layer)."""
+        return max(self.max_layers, 32)
 
 
 def check_name(name: object, what: str, fail: Fail) -> str:
@@ -161,6 +200,22 @@ def check_evaluation(evaluation: Mapping[str, Any], fail: Fail) -> dict[str, np.
     if len(lengths) > 1:
         raise fail(f"evaluation arrays must have one length, got {sorted(lengths)}")
     return out
+
+
+def check_evaluation_meta(evaluation: Mapping[str, Any], fail: Fail) -> None:
+    """:func:`check_evaluation` from shapes and dtypes only (h5py Datasets: no data read)."""
+    lengths = set()
+    for key, value in evaluation.items():
+        if not isinstance(key, str) or not key or "/" in key:
+            raise fail(f"bad evaluation name {key!r}")
+        if isinstance(value, Mapping) or not hasattr(value, "shape") or not hasattr(value, "dtype"):
+            raise fail(f"evaluation/{key} must be an array, got {type(value).__name__}")
+        shape, dtype = tuple(value.shape), np.dtype(value.dtype)
+        if len(shape) != 1 or dtype.kind not in "fiub":
+            raise fail(f"evaluation/{key} must be a 1-D numeric array, got {dtype} {shape}")
+        lengths.add(shape[0])
+    if len(lengths) > 1:
+        raise fail(f"evaluation arrays must have one length, got {sorted(lengths)}")
 
 
 def clean_metrics(metrics: Mapping[str, Any], fail: Fail) -> dict[str, float]:

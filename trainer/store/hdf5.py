@@ -18,7 +18,9 @@ Arrays are stored uncompressed by default: on float32 weights gzip+shuffle saves
 gradients 11x slower (0.76 s against 0.07 s), which the trainer pays every captured epoch.
 ``BNN_HDF5_COMPRESSION=gzip`` (or ``lzf``) compresses arrays of at least
 :data:`COMPRESS_MIN_SIZE` elements. All-zero integer arrays (the non-finite counts, nearly
-always zero) are stored as HDF5 fill values, which take neither space nor write time.
+always zero) are always gzip-compressed: a few KB and a few milliseconds. (Older versions
+stored them as never-written chunked datasets read as their fill value 0; such files are
+still read, and still accepted from elsewhere: see :meth:`EpochFile.validate`.)
 
 :func:`write_epoch_file` (in ``_write``) writes a complete file at a path; crash safety
 (temp name, fsync, rename) is the caller's (see ``RunStore.write_epoch``).
@@ -27,16 +29,18 @@ always zero) are stored as HDF5 fill values, which take neither space nor write 
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import mmap
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
-from h5py import h5d, h5g, h5l, h5o, h5s
+from h5py import h5d, h5g, h5l, h5o, h5s, h5z
 
 from trainer.errors import BnnError, ErrorCode
 from trainer.snapshot import EpochSnapshot, GradLevel, LayerLog
@@ -45,7 +49,8 @@ from ._schema import (
     DISTS,
     PARAMS,
     STATS,
-    check_evaluation,
+    UploadLimits,
+    check_evaluation_meta,
     check_gradients,
     check_name,
     check_params,
@@ -62,6 +67,8 @@ __all__ = [
     "STATS",
     "EpochFile",
     "EpochHeader",
+    "Layout",
+    "UploadLimits",
     "read_epoch_file",
     "validate_snapshot",
     "write_epoch_file",
@@ -72,6 +79,14 @@ _ORDER = ("posterior", "weight", "bias", "mu", "rho", "sigma", "mean_abs", "max_
 _KEY_RANK = {key: i for i, key in enumerate((*_ORDER, "step_norm", "prior"))}
 _UNSET = object()
 Alloc = Callable[[tuple[int, ...], Any], np.ndarray]  # (shape, dtype) -> array to read into
+#: layer -> "posterior/weight/mu" (dist/param/stat) -> (shape, dtype name), in layer order
+Layout = dict[str, dict[str, tuple[tuple[int, ...], str]]]
+ROOT_OBJECTS = ("params", "gradients", "metrics", "evaluation")
+MAX_ROOT_ATTRS = 32
+MAX_DEPTH = 6  # /gradients/<layer>/prior/<param>/<gp> is the deepest dataset
+#: filters a reader here can decode: deflate (gzip), shuffle, fletcher32, lzf
+READABLE_FILTERS = frozenset({h5z.FILTER_DEFLATE, h5z.FILTER_SHUFFLE, h5z.FILTER_FLETCHER32, 32000})
+VALUE_BLOCK = 1 << 20  # elements read at a time when checking values
 
 
 @dataclass(frozen=True)
@@ -105,11 +120,16 @@ class EpochFile:
     """One epoch file opened read-only; every failure is CORRUPT naming the file.
 
     Use as a context manager. ``header`` is read at open; arrays only when asked.
+    ``limits`` (for a file from elsewhere) bounds what opening it may cost: the layer count
+    and the metric count are checked before any layer or metric is looked at.
     """
 
-    def __init__(self, path: str | Path, name: str | None = None) -> None:
+    def __init__(
+        self, path: str | Path, name: str | None = None, *, limits: UploadLimits | None = None
+    ) -> None:
         self.path = Path(path)
         self.name = name or str(path)
+        self.limits = limits
         self._nodes: dict[tuple[str, ...], Any] = {}
         self._mm: Any = None  # the file memory-mapped on first use (False: cannot be)
         try:
@@ -211,9 +231,25 @@ class EpochFile:
             raise self._corrupt(f"{ds.name} lies beyond the end of the file")
         return np.frombuffer(self._mm, ds.dtype, ds.size, offset).reshape(ds.shape)
 
+    def _over(self, what: str, count: int, limit: int, setting: str | None = None) -> BnnError:
+        """INVALID_ARGUMENT: the file holds more of ``what`` than ``limit`` allows."""
+        where = f" ({setting})" if setting else ""
+        details: dict[str, Any] = {"file": self.name, "limit": limit, "count": count}
+        if setting:
+            details["setting"] = setting
+        return BnnError.invalid(
+            f"epoch file {self.name} holds {count} {what}, more than the limit of {limit}{where}",
+            **details,
+        )
+
     def _read_header(self) -> EpochHeader:
         try:
             attrs = self._f.attrs
+            limits = self.limits
+            if limits is not None:
+                n_attrs = h5o.get_info(self._f.id).num_attrs
+                if n_attrs > MAX_ROOT_ATTRS:
+                    raise self._over("root attributes", n_attrs, MAX_ROOT_ATTRS)
             version = _attr(attrs, "schema_version", None)
             if version is None or not np.issubdtype(np.asarray(version).dtype, np.integer):
                 raise self._corrupt("no integer schema_version attribute")
@@ -222,11 +258,19 @@ class EpochFile:
                     f"schema_version {int(version)} is not supported (this library reads 1)"
                 )
             layers = json.loads(_text(attrs["layers"]))
-            if not isinstance(layers, list) or len(set(layers)) != len(layers):
+            if not isinstance(layers, list):
+                raise self._corrupt(f"layers attribute {layers!r} is not a list of unique names")
+            if limits is not None and len(layers) > limits.max_layers:
+                raise self._over("layers", len(layers), limits.max_layers, "BNN_MAX_UPLOAD_LAYERS")
+            if len(set(map(str, layers))) != len(layers):
                 raise self._corrupt(f"layers attribute {layers!r} is not a list of unique names")
             for layer in layers:
                 check_name(layer, "layer", self._corrupt)
             params = self._node("params")
+            if isinstance(params, h5py.Group) and len(params) != len(layers):
+                raise self._corrupt(
+                    f"/params holds {len(params)} groups, the layers attribute names {len(layers)}"
+                )
             if not isinstance(params, h5py.Group) or set(params) != set(layers):
                 raise self._corrupt(f"/params groups do not match the layers attribute {layers}")
             # the layer groups through _node: checked once as hard links, then reused
@@ -235,6 +279,10 @@ class EpochFile:
                 for layer in layers
             }
             metrics_group = self._node("metrics")
+            if limits is not None and metrics_group is not None:
+                n_metrics = h5o.get_info(metrics_group.id).num_attrs
+                if n_metrics > limits.max_metrics:
+                    raise self._over("metrics", n_metrics, limits.max_metrics)
             metrics = {} if metrics_group is None else dict(metrics_group.attrs)
             epoch = attrs["epoch"]
             if not np.issubdtype(np.asarray(epoch).dtype, np.integer) or int(epoch) < 0:
@@ -364,28 +412,234 @@ class EpochFile:
         except OSError as exc:
             raise self._corrupt(str(exc)) from exc
 
-    def validate(self) -> None:
-        """Full schema check from metadata (names, shapes, dtypes, links); reads no array data."""
+    def validate(self, limits: UploadLimits | None = None) -> None:
+        """Full schema check from metadata (names, shapes, dtypes, links); reads no array data.
 
-        def tree(node: Any) -> Any:
+        The required groups ``/params`` and ``/metrics`` must be there. With ``limits`` (a
+        file from elsewhere; ``self.limits`` when not given) the walk is bounded (members
+        per group, objects in all, :class:`UploadLimits`), the array elements of all
+        datasets are summed against ``max_elements``, and every dataset must be fully
+        written inside the file (:meth:`_check_written`): a file cannot declare arrays that
+        cost far more to read than it took to send.
+        """
+        limits = limits or self.limits
+        self._guard(lambda: self._validate(limits))
+
+    def _validate(self, limits: UploadLimits | None) -> None:
+        root = len(self._f)
+        names = set(self._f) if root <= len(ROOT_OBJECTS) else set()
+        extra = names - set(ROOT_OBJECTS)
+        if root > len(ROOT_OBJECTS) or extra:
+            shown = sorted(extra) if extra else f"{root} objects"
+            raise self._corrupt(f"unexpected root objects {shown}")
+        for required in ("params", "metrics"):
+            if not isinstance(self._node(required), h5py.Group):
+                raise self._corrupt(f"no /{required} group")
+        if len(self._node("metrics")):
+            raise self._corrupt("/metrics must hold attributes only, not groups or datasets")
+        datasets: list[tuple[str, h5py.Dataset]] = []
+        budget = [0]
+
+        def tree(node: Any, where: str, depth: int) -> Any:
             if isinstance(node, h5py.Group):
-                return {key: tree(self._child(node, key)) for key in node}
-            return node
+                n = len(node)
+                if limits is not None:
+                    if n > limits.max_members:
+                        raise self._over(f"members in {where}", n, limits.max_members)
+                    budget[0] += n
+                    if budget[0] > limits.max_objects:
+                        raise self._over("groups and datasets", budget[0], limits.max_objects)
+                if depth >= MAX_DEPTH and n:
+                    raise self._corrupt(f"{where} is nested deeper than the schema allows")
+                return {
+                    key: tree(self._child(node, key), f"{where}/{key}", depth + 1) for key in node
+                }
+            if isinstance(node, h5py.Dataset):
+                datasets.append((where, node))
+                return node
+            raise self._corrupt(f"{where} is neither a group nor a dataset")
 
-        extra = set(self._f) - {"params", "gradients", "metrics", "evaluation"}
-        if extra:
-            raise self._corrupt(f"unexpected root objects {sorted(extra)}")
-        params = self._guard(lambda: tree(self._node("params")))
-        shapes = check_params(params, self._corrupt)
-        if "evaluation" in self._f:
-            check_evaluation(self._guard(lambda: tree(self._node("evaluation"))), self._corrupt)
+        shapes = check_params(tree(self._node("params"), "/params", 1), self._corrupt)
+        evaluation = self._node("evaluation")
+        if evaluation is not None:
+            check_evaluation_meta(tree(evaluation, "/evaluation", 1), self._corrupt)
         if self.header.has_gradients:
             check_gradients(
-                self._guard(lambda: tree(self._node("gradients"))),
+                tree(self._node("gradients"), "/gradients", 1),
                 shapes,
                 self.header.grad_level,
                 self._corrupt,
             )
+        if limits is not None:
+            self._check_storage(datasets, limits)
+
+    def _check_storage(
+        self, datasets: list[tuple[str, h5py.Dataset]], limits: UploadLimits
+    ) -> None:
+        """Element and chunk totals within ``limits``; every dataset fully written in the file."""
+        total = sum(ds.size for _, ds in datasets)
+        if total > limits.max_elements:
+            raise self._over(
+                "array elements", total, limits.max_elements, "BNN_MAX_UPLOAD_ELEMENTS"
+            )
+        file_size = self.path.stat().st_size
+        chunks = 0
+        for where, ds in datasets:
+            chunks += self._check_written(where, ds, file_size, limits)
+            if chunks > limits.max_chunks:
+                raise self._over("stored chunks", chunks, limits.max_chunks)
+
+    def _check_written(
+        self, where: str, ds: h5py.Dataset, file_size: int, limits: UploadLimits
+    ) -> int:
+        """CORRUPT unless all of ``ds`` is stored in this file; returns its stored chunks.
+
+        Contiguous: ``get_storage_size()`` is the whole array and it ends inside the file.
+        Chunked: every chunk the shape needs is allocated (``get_num_chunks()``), inside
+        the file, at most ``max_chunk_bytes`` uncompressed, through filters this reader has.
+        One exception, for files written by older versions of this project: an integer
+        ``/gradients/.../nonfinite`` array with no filter, fill value 0 and no chunk at all
+        (all-zero counts were stored that way) is accepted and reads as zeros; its elements
+        count against ``max_elements`` like any other, and its shape is the parameter's.
+        """
+        dcpl = ds.id.get_create_plist()
+        layout = dcpl.get_layout()
+        if dcpl.get_external_count() or layout == h5d.VIRTUAL:
+            raise self._corrupt(f"{where} refers to data outside the file")
+        filters = [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())]
+        unknown = sorted(set(filters) - READABLE_FILTERS)
+        if unknown:
+            raise self._corrupt(
+                f"{where} needs HDF5 filter(s) {unknown}, which cannot be read here"
+            )
+        nbytes = ds.size * ds.dtype.itemsize
+        if ds.size == 0:
+            return 0
+        declared = f"{where} declares {tuple(ds.shape)} {ds.dtype} ({nbytes} bytes)"
+        if layout == h5d.COMPACT:
+            if ds.id.get_storage_size() < nbytes:
+                raise self._corrupt(f"{declared} but stores fewer")
+            return 0
+        if layout == h5d.CONTIGUOUS:
+            stored, offset = ds.id.get_storage_size(), ds.id.get_offset()
+            if stored < nbytes or offset is None:
+                raise self._corrupt(f"{declared} but only {stored} bytes are written")
+            if offset + nbytes > file_size:
+                raise self._corrupt(f"{where} lies beyond the end of the file")
+            return 0
+        if layout != h5d.CHUNKED or ds.chunks is None:
+            raise self._corrupt(f"{where} has an unknown storage layout {layout}")
+        chunk_bytes = math.prod(ds.chunks) * ds.dtype.itemsize
+        if chunk_bytes > limits.max_chunk_bytes:
+            raise self._corrupt(
+                f"{where} has chunks of {chunk_bytes} bytes, more than {limits.max_chunk_bytes}"
+            )
+        needed = math.prod(-(-n // c) for n, c in zip(ds.shape, ds.chunks, strict=True))
+        have = ds.id.get_num_chunks()
+        if have == 0 and self._legacy_zeros(where, ds, filters):
+            return 0
+        if have != needed:
+            raise self._corrupt(f"{declared} but only {have} of its {needed} chunks are written")
+        if have > limits.max_chunks:
+            raise self._over("stored chunks", have, limits.max_chunks)
+        bad: list[Any] = []
+
+        def visit(info: Any) -> None:
+            offset, size = info.byte_offset, info.size
+            outside = offset is None or size <= 0 or offset + size > file_size
+            if outside or (not filters and size != chunk_bytes):
+                bad.append(info.chunk_offset)
+
+        ds.id.chunk_iter(visit)
+        if bad:
+            raise self._corrupt(f"{where}: the chunk at {bad[0]} lies outside the file or is cut")
+        return int(have)
+
+    @staticmethod
+    def _legacy_zeros(where: str, ds: h5py.Dataset, filters: list[int]) -> bool:
+        """An older version's all-zero non-finite counts (see :meth:`_check_written`)."""
+        return (
+            where.startswith("/gradients/")
+            and where.endswith("/nonfinite")
+            and ds.dtype.kind in "iu"
+            and not filters
+            and ds.fillvalue == 0
+        )
+
+    def layout(self) -> Layout:
+        """Names, shapes and dtypes of the ``/params`` arrays (metadata only; validate first)."""
+
+        def read() -> Layout:
+            out: Layout = {}
+            for layer in self.header.layers:
+                entry: dict[str, tuple[tuple[int, ...], str]] = {}
+                for dist in DISTS:
+                    for param in PARAMS:
+                        for stat in STATS:
+                            ds = self._node("params", layer, dist, param, stat)
+                            if isinstance(ds, h5py.Dataset):
+                                key = f"{dist}/{param}/{stat}"
+                                entry[key] = (tuple(ds.shape), ds.dtype.name)
+                out[layer] = entry
+            return out
+
+        layout: Layout = self._guard(read)
+        return layout
+
+    def check_values(self, block: int = VALUE_BLOCK) -> None:
+        """CORRUPT naming the layer and array unless every ``mu`` of ``/params`` is finite
+        and every ``sigma`` finite and > 0 (posterior and prior). Reads ``block`` elements
+        at a time (validate first: this trusts the storage checks)."""
+        for layer in self.header.layers:
+            for dist in DISTS:
+                for param in PARAMS:
+                    for stat in STATS:
+                        ds = self._node("params", layer, dist, param, stat)
+                        if isinstance(ds, h5py.Dataset):
+                            where = f"{layer}/{dist}/{param}/{stat}"
+                            self._guard(functools.partial(self._check_finite, ds, where, block))
+
+    def _check_finite(self, ds: h5py.Dataset, where: str, block: int) -> None:
+        sigma = where.endswith("/sigma")
+        start = 0
+        for values in self._blocks(ds, block):
+            flat = values.reshape(-1)
+            ok = (flat > 0) & (flat < np.inf) if sigma else np.isfinite(flat)
+            if not ok.all():
+                first = int(np.argmin(ok))
+                index = np.unravel_index(start + first, ds.shape) if ds.shape else ()
+                value = flat[first].item()
+                want = "finite and > 0" if sigma else "finite"
+                raise BnnError(
+                    ErrorCode.CORRUPT,
+                    f"epoch file {self.name} is corrupt: {where} must be {want} everywhere, "
+                    f"found {value} at index {tuple(int(i) for i in index)}",
+                    file=self.name,
+                    layer=where.split("/")[0],
+                    array=where,
+                )
+            start += flat.size
+
+    def _blocks(self, ds: h5py.Dataset, block: int) -> Iterator[np.ndarray]:
+        """The dataset's values in C order, at most ``block`` elements (or one row) at a time."""
+        if ds.size == 0:
+            return
+        if ds.id.get_storage_size() == 0:  # never written: its fill value
+            yield np.asarray(ds.fillvalue, ds.dtype).reshape(1)
+            return
+        offset = ds.id.get_offset() if ds.chunks is None else None
+        if offset is not None:  # contiguous: straight from the file, no HDF5 buffers
+            with open(self.path, "rb") as fh:
+                for first in range(0, ds.size, block):
+                    count = min(block, ds.size - first)
+                    fh.seek(offset + first * ds.dtype.itemsize)
+                    raw = fh.read(count * ds.dtype.itemsize)
+                    if len(raw) != count * ds.dtype.itemsize:
+                        raise self._corrupt(f"{ds.name} lies beyond the end of the file")
+                    yield np.frombuffer(raw, ds.dtype)
+            return
+        for sel in _slabs(tuple(ds.shape), block, ds.chunks):
+            yield np.asarray(ds[sel])
 
     def evaluation(self) -> dict[str, np.ndarray] | None:
         """The per-test-example arrays of the final evaluation, or None when absent."""
@@ -418,6 +672,31 @@ class EpochFile:
             {k: v for k, v in h.layer_types.items() if k in params},
             self.evaluation(),
         )
+
+
+def _slabs(
+    shape: tuple[int, ...], block: int, chunks: tuple[int, ...] | None = None
+) -> Iterator[tuple[Any, ...]]:
+    """Index tuples covering an array of ``shape`` in C order, each of about ``block``
+    elements at most (at least one element of the split axis; a multiple of its chunk
+    length where that fits, so no chunk is decompressed twice for one block)."""
+    if not shape:
+        yield ()
+        return
+    inner, k = 1, len(shape)
+    while k > 0 and inner * shape[k - 1] <= block:
+        inner *= shape[k - 1]
+        k -= 1
+    if k == 0:
+        yield tuple(slice(None) for _ in shape)
+        return
+    axis = k - 1
+    step = max(1, block // inner)
+    if chunks is not None and step >= chunks[axis]:
+        step -= step % chunks[axis]
+    for outer in np.ndindex(*shape[:axis]):
+        for i in range(0, shape[axis], step):
+            yield (*outer, slice(i, i + step))
 
 
 def read_epoch_file(
