@@ -5,7 +5,8 @@ and ``bnn sweep width|optim``.
 ``bnn train`` takes one option per field of :class:`trainer.config.TrainConfig` (so the
 command line and the Python API never drift apart) and prints the run id as its last
 line. Errors print ``error: <message>`` and exit with status 2; nothing already written
-is removed.
+is removed. A run that diverges (non-finite loss or gradients, ``--on-divergence stop``)
+prints ``error: run ID diverged: ...``, still prints its id last, and exits with status 3.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from trainer.errors import BnnError
 __all__ = ["build_parser", "main"]
 
 DEFAULT_DATA_DIR = "bnn-data"
+EXIT_DIVERGED = 3  # `bnn train`: the run stopped because it diverged
 # Options spelled differently from the config field they set.
 _ALIASES = {"grad_capture": ["--capture-level", "--grad-capture"], "tags": ["--tag"]}
 
@@ -112,11 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     _store_options(p_train)
 
     p_runs = sub.add_parser("runs", help="list runs, or `runs show ID` for one")
-    p_runs.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    p_runs.add_argument("action", nargs="?", choices=["list", "show", "fsck"], default="list")
     p_runs.add_argument("run_id", nargs="?")
     p_runs.add_argument("--status", help="only runs with this status")
     p_runs.add_argument("--limit", type=int, default=50)
     p_runs.add_argument("--json", action="store_true", help="print JSON")
+    p_runs.add_argument(
+        "--repair",
+        action="store_true",
+        help="fsck: fix what crashes left (adopt or set aside orphaned epoch files, remove "
+        "dead writers' temp files, mark damaged epochs); without it fsck only reports",
+    )
     _store_options(p_runs)
 
     p_serve = sub.add_parser("serve", help="run the HTTP service (settings: BNN_* variables)")
@@ -184,6 +192,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"test_nll={last.get('test_nll', float('nan')):.4f}",
         file=sys.stderr,
     )
+    if result.divergence is not None:
+        what = result.divergence.describe()
+        if result.diverged:
+            print(
+                f"error: run {result.run_id} diverged: {what}; stopped, status 'diverged' "
+                f"(the epochs captured up to it are kept)",
+                file=sys.stderr,
+            )
+            print(result.run_id)
+            return EXIT_DIVERGED
+        print(
+            f"warning: run {result.run_id} diverged: {what}; trained on (on_divergence=continue)",
+            file=sys.stderr,
+        )
     print(result.run_id)
     return 0
 
@@ -214,11 +236,42 @@ def _run_dict(run: Any) -> dict[str, Any]:
         "host",
         "error",
         "tags",
+        "diverged_step",
+        "diverged_epoch",
+        "diverged_layer",
     )
     return {k: _jsonable(getattr(run, k, None)) for k in keys}
 
 
+def _divergence_text(run: Any) -> str:
+    """``step S (epoch E), LAYER`` for a run that diverged, else ""."""
+    step = getattr(run, "diverged_step", None)
+    if step is None:
+        return ""
+    layer = getattr(run, "diverged_layer", None)
+    return f"step {step} (epoch {run.diverged_epoch})" + (f", {layer}" if layer else "")
+
+
+def _cmd_runs_fsck(args: argparse.Namespace) -> int:
+    """``bnn runs fsck [--repair] [--json] [RUN_ID]``: exit 1 while problems remain, else 0."""
+    from trainer.store import RunStore
+
+    store = RunStore(
+        _data_dir(args.data_dir),
+        db_url=args.db_url or os.environ.get("BNN_DATABASE_URL"),
+        create=False,
+    )
+    with store:
+        report = store.fsck(
+            repair=args.repair, run_ids=[args.run_id] if args.run_id else None, verify=True
+        )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    return 0 if report.clean else 1
+
+
 def _cmd_runs(args: argparse.Namespace) -> int:
+    if args.action == "fsck":
+        return _cmd_runs_fsck(args)
     store = _open_store(args)
     if args.action == "show" or args.run_id:
         if not args.run_id:
@@ -236,6 +289,8 @@ def _cmd_runs(args: argparse.Namespace) -> int:
         for key in ("id", "name", "status", "host", "created_at", "finished_at", "error"):
             if info.get(key) is not None:
                 print(f"{key:>12}: {info[key]}")
+        if diverged := _divergence_text(run):
+            print(f"{'diverged':>12}: {diverged}")
         print(f"{'epochs':>12}: {_epoch_ranges(info['epochs'])}")
         if info["metrics"]:
             print(f"{'metrics':>12}: (epoch {info['epochs'][-1]})")
@@ -257,9 +312,11 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     for r in runs:
         cfg = r.config or {}
         n = len(store.list_epochs(r.id))
+        diverged = _divergence_text(r)
         print(
             f"{r.id:<14} {r.status.value:<12} {cfg.get('dataset', '?'):<14} "
             f"{cfg.get('prior', '?'):<10} {n:>6}  {r.name or ''}"
+            + (f"  [diverged at {diverged}]" if diverged else "")
         )
     return 0
 

@@ -2,16 +2,17 @@
 
 ``PUT /runs/{id}/epochs/{epoch}`` takes one HDF5 epoch file as the raw body. It is
 streamed to a temporary file of the service's own naming (413 past
-``BNN_MAX_UPLOAD_BYTES``), checked against the schema (422 naming the problem), and
-stored once: the same bytes again answer 200 with the stored record, other bytes for a
-stored epoch 409.
+``BNN_MAX_UPLOAD_BYTES``), checked against the schema and the run (422 naming the
+problem: see :mod:`trainer.store.validate`; limits ``BNN_MAX_UPLOAD_LAYERS`` and
+``BNN_MAX_UPLOAD_ELEMENTS``), and stored once: the same bytes again answer 200 with the
+stored record, other bytes for a stored epoch 409. The temporary file is always removed.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,7 +24,9 @@ from service.deps import EpochPath, RunDep, SettingsDep, StoreDep, require_token
 from service.routers import Format, FormatQuery, json_response, table_response
 from service.schemas import EpochOut, ErrorOut, MetricsOut
 from trainer.errors import BnnError, ErrorCode
-from trainer.store import EpochFile, EpochInfo
+from trainer.store import EpochInfo, RunStore
+from trainer.store._paths import locked_tmp_file
+from trainer.store.validate import UploadLimits, check_epoch_file, run_reference
 
 __all__ = ["UPLOAD_DIR", "epoch_out", "router"]
 
@@ -109,16 +112,21 @@ def get_metrics(
     return table_response(fmt, payload, rows, ["epoch", *wanted], f"{run.id}_metrics.csv")
 
 
-def _check_upload(path: Path, run_id: str, epoch: int) -> None:
-    """CORRUPT (422) naming the problem; INVALID_ARGUMENT if the file holds another epoch."""
-    with EpochFile(path, name=f"uploaded for run {run_id!r} epoch {epoch}") as ef:
-        ef.validate()
-        if ef.header.epoch != epoch:
-            raise BnnError.invalid(
-                f"the uploaded file holds epoch {ef.header.epoch}, but the URL says {epoch}",
-                epoch=epoch,
-                file_epoch=ef.header.epoch,
-            )
+def _check_upload(
+    path: Path, store: RunStore, run_id: str, epoch: int, limits: UploadLimits
+) -> None:
+    """The upload checked against the run before it is copied anywhere (see
+    :mod:`trainer.store.validate`): 422 naming the problem (CORRUPT for a bad file,
+    INVALID_ARGUMENT for one that breaks a limit or does not fit the run or the URL).
+
+    ``import_epoch_file`` checks the copy it keeps again; this first pass refuses a hostile
+    file before it is copied and fsynced into the run's folder.
+    """
+    reference = run_reference(store, run_id)
+    name = f"uploaded for run {run_id!r} epoch {epoch}"
+    check_epoch_file(
+        path, run_id=run_id, epoch=epoch, reference=reference, limits=limits, name=name
+    )
 
 
 @router.put(
@@ -143,12 +151,7 @@ async def put_epoch(
     if media not in HDF5_TYPES:
         raise HTTPException(415, f"the body must be application/x-hdf5, got {media!r}")
     uploads = settings.data_dir / UPLOAD_DIR
-    try:
-        fd, name = tempfile.mkstemp(prefix="upload-", suffix=".h5", dir=uploads)
-    except OSError as exc:
-        raise BnnError(ErrorCode.STORAGE, f"cannot store uploads: {exc.strerror}") from exc
-    path = Path(name)
-    try:
+    with locked_tmp_file(uploads, "upload-", ".h5") as (fd, path):
         digest, size = hashlib.sha256(), 0
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -171,9 +174,10 @@ async def put_epoch(
                 run_id=run.id,
                 status=current.status.value,
             )
-        await run_in_threadpool(_check_upload, path, run.id, epoch)
-        info = await run_in_threadpool(store.import_epoch_file, run.id, epoch, path)
+        limits = settings.upload_limits()
+        await run_in_threadpool(_check_upload, path, store, run.id, epoch, limits)
+        info = await run_in_threadpool(
+            functools.partial(store.import_epoch_file, limits=limits), run.id, epoch, path
+        )
         location = str(request.url_for("get_epoch", run_id=run.id, epoch=epoch))
         return json_response(epoch_out(info), 201, headers={"Location": location})
-    finally:
-        path.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ Public names:
     RunStore, RunReader, load_distribution_log  -- write / read runs
     RunInfo, EpochInfo, RunStatus               -- plain records and the run life cycle
     SweepInfo                                   -- a sweep: a named group of runs
+    FsckReport, Finding                         -- RunStore.fsck(): recovery after crashes
     SCHEMA_VERSION, write_epoch_file, read_epoch_file, EpochFile, EpochHeader, validate_snapshot
         -- the epoch file format on its own (no catalog), e.g. for uploads
 """
@@ -16,6 +17,7 @@ Public names:
 from __future__ import annotations
 
 from ._records import EpochInfo, RunInfo, RunStatus
+from .fsck import Finding, FsckReport
 from .hdf5 import (
     SCHEMA_VERSION,
     EpochFile,
@@ -33,6 +35,8 @@ __all__ = [
     "EpochFile",
     "EpochHeader",
     "EpochInfo",
+    "Finding",
+    "FsckReport",
     "RunInfo",
     "RunReader",
     "RunStatus",
