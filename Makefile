@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DATA   ?= bnn-data
 PEERS  := bayesian-torch==0.5.0 torchbnn==1.2 blitz-bayesian-pytorch==0.2.8
 
-.PHONY: run test lint bench venv clean
+.PHONY: run test lint bench crashloop venv clean
 
 # Create the environment when missing or when the requirements changed. torch and
 # torchvision are pinned in constraints.txt (they install from local disk here);
@@ -36,6 +36,19 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps $(PEERS)
 	$(PY) benchmarks/train_throughput.py
+
+# 100 SIGKILLs per catalog (SQLite and PostgreSQL at $BNN_TEST_PG_URL) of `bnn train`,
+# `bnn push` and the service's ingest, then `fsck --repair`; prints what was left and fixed.
+# Not part of `make test` (tests/trainer/test_crashloop.py runs a 20-kill version).
+crashloop: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/crashloop.py --kills 100
+
+# The OpenAPI contract: Schemathesis (all checks, stateful links) against a real server
+# on SQLite and on PostgreSQL (FUZZ_PG=''  skips it), >= 10,000 cases; see docs/reliability.md.
+FUZZ_EXAMPLES ?= 120
+FUZZ_PG ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
+fuzz: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/contract_fuzz.py --examples $(FUZZ_EXAMPLES) --pg '$(FUZZ_PG)'
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -2,8 +2,11 @@
 
     uvicorn.run(create_app(), host="127.0.0.1", port=8000)    # what `bnn serve` does
 
-At start the run store opens (Alembic migrations run), leftover upload files are removed
-and runs still QUEUED by an earlier process are handed to Dask again; the Dask cluster
+At start the run store opens (Alembic migrations run), what crashes left is recovered
+(``RunStore.fsck(repair=True, catalog=False)``: dead writers' temp files in run folders and
+uploads removed, orphaned epoch files adopted or set aside; catalogued files are not
+re-read, ``bnn runs fsck`` does that) and runs still QUEUED by an earlier process are handed
+to Dask again; the Dask cluster
 itself starts with the first job. A background thread (every ``BNN_STUDY_POLL_S`` seconds,
 and once at start) starts the evaluation runs of studies whose tuning has ended. OpenAPI at
 ``/docs``, liveness at ``/healthz``.
@@ -11,9 +14,9 @@ and once at start) starts the evaluation runs of studies whose tuning has ended.
 
 from __future__ import annotations
 
-import time
+import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -21,15 +24,25 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 
 from service.deps import StoreDep
-from service.errors import BodyLimit, install_error_handlers
+from service.errors import BodyLimit, LastResort, Options, install_error_handlers
 from service.jobs import JobRunner
-from service.routers import analysis, compare, epochs, plots, runs, studies, sweeps
+from service.routers import (
+    analysis,
+    compare,
+    complete_openapi,
+    epochs,
+    plots,
+    runs,
+    studies,
+    sweeps,
+)
 from service.settings import Settings, get_settings
+from trainer.errors import BnnError
 from trainer.store import RunStore
 
 __all__ = ["create_app"]
 
-STALE_UPLOAD_S = 3600.0
+logger = logging.getLogger(__name__)
 
 
 def _version() -> str:
@@ -41,13 +54,23 @@ def _version() -> str:
 
 def _open_store(settings: Settings) -> RunStore:
     store = RunStore(settings.data_dir, settings.database_url, stale_after_s=settings.stale_after_s)
-    uploads = settings.data_dir / epochs.UPLOAD_DIR
-    uploads.mkdir(exist_ok=True)
-    now = time.time()
-    for leftover in uploads.iterdir():  # uploads interrupted by a crash
-        with suppress(OSError):
-            if now - leftover.stat().st_mtime > STALE_UPLOAD_S:
-                leftover.unlink()
+    (settings.data_dir / epochs.UPLOAD_DIR).mkdir(exist_ok=True)
+    try:  # crash leftovers: cheap part only (no checksums of catalogued files)
+        report = store.fsck(repair=True, catalog=False, verify=False)
+    except (BnnError, OSError) as exc:  # recovery must not keep the service down
+        logger.warning("start-up recovery of %s failed: %s", settings.data_dir, exc)
+        return store
+    done = [f for f in report.findings if f.done]
+    if done or report.problems:
+        counts = ", ".join(f"{n} {k}" for k, n in report.counts().items() if n)
+        logger.warning(
+            "start-up recovery of %s (%.1f s): %s; %d repaired, %d left (see `bnn runs fsck`)",
+            settings.data_dir,
+            report.elapsed_s,
+            counts,
+            len(done),
+            len(report.problems),
+        )
     return store
 
 
@@ -90,6 +113,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodyLimit, json_limit=settings.max_json_bytes, upload_limit=settings.max_upload_bytes
     )
+    app.add_middleware(Options)  # OPTIONS: 204 with every method of the path in Allow
+    app.add_middleware(LastResort)  # outermost: an unhandled exception is a JSON 500
     app.include_router(runs.router)
     app.include_router(epochs.router)
     app.include_router(analysis.router)
@@ -110,4 +135,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "jobs": jobs.describe(),
         }
 
+    _contract_openapi(app, settings)
     return app
+
+
+def _contract_openapi(app: FastAPI, settings: Settings) -> None:
+    """``/openapi.json`` as generated, completed by :func:`complete_openapi` (CSV bodies,
+    400/413 of JSON bodies, the training limits of these settings)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = complete_openapi(generate(), settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

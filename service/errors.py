@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from trainer.errors import BnnError, ErrorCode
@@ -24,7 +26,10 @@ from trainer.errors import BnnError, ErrorCode
 __all__ = [
     "STATUS",
     "BodyLimit",
+    "LastResort",
+    "Options",
     "PayloadTooLarge",
+    "allowed_methods",
     "error_response",
     "install_error_handlers",
     "json_safe",
@@ -120,12 +125,37 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+def allowed_methods(routes: Sequence[BaseRoute], scope: Scope) -> list[str]:
+    """Every method some route serves at this request's path, and OPTIONS (which
+    :class:`Options` answers), in a fixed order; empty when no route has the path."""
+    methods: set[str] = set()
+    probe = {**scope, "method": "GET"}
+    stack = list(routes)
+    while stack:
+        route = stack.pop()
+        included = getattr(route, "original_router", None)  # FastAPI's include_router
+        if included is not None:
+            stack.extend(included.routes)
+            continue
+        if getattr(route, "methods", None) and route.matches(probe)[0] is not Match.NONE:
+            methods |= set(route.methods)  # type: ignore[attr-defined]
+    if not methods:
+        return []
+    order = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+    return sorted(methods | {"OPTIONS"}, key=lambda m: (order.index(m) if m in order else 99, m))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _CODE_OF_STATUS.get(
         exc.status_code, "bad_request" if exc.status_code < 500 else "internal"
     )
-    response = error_response(code, str(exc.detail), headers=dict(exc.headers or {}))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:  # Starlette names the first matching route's methods only
+        allow = allowed_methods(request.app.router.routes, request.scope)
+        if allow:
+            headers["Allow"] = ", ".join(allow)
+    response = error_response(code, str(exc.detail), headers=headers)
     response.status_code = exc.status_code
     return response
 
@@ -187,3 +217,57 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class Options:
+    """ASGI middleware: ``OPTIONS`` on a path the API serves is 204 with an ``Allow`` header
+    listing every method of that path (no authentication: it discloses only the schema);
+    on an unknown path it goes on to the 404."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "OPTIONS":
+            router = getattr(scope.get("app"), "router", None)
+            allow = allowed_methods(router.routes, scope) if router is not None else []
+            if allow:
+                await Response(status_code=204, headers={"Allow": ", ".join(allow)})(
+                    scope, receive, send
+                )
+                return
+        await self.app(scope, receive, send)
+
+
+class LastResort:
+    """ASGI middleware: an exception nothing else handled becomes a 500 with the JSON error
+    body, logged with its traceback, and is not raised further, so that the server keeps
+    the connection open (uvicorn closes it on an exception from the application).
+
+    Only for what slipped through: every error the service knows of has its own status.
+    After the response has started nothing can be sent: the exception goes on to the server.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception as exc:
+            if started:
+                raise
+            log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+            response = error_response("internal", f"internal error: {type(exc).__name__}")
+            await response(scope, receive, send)

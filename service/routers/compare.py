@@ -8,6 +8,7 @@ naming the first difference otherwise.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
@@ -17,7 +18,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from service import analysis as an
 from service.analysis import GradKind, GradStat
 from service.analysis.source import ParamKind
-from service.routers import Format, FormatQuery
+from service.routers import CSV_RESPONSES, Format, FormatQuery
 from service.routers._results import (
     AppStoreDep,
     RunEpochs,
@@ -39,6 +40,7 @@ from trainer.store import RunReader, RunStore
 
 __all__ = [
     "MAX_RUNS",
+    "RunPairQuery",
     "RunsQuery",
     "common_epoch",
     "compare_epochs",
@@ -48,14 +50,33 @@ __all__ = [
 ]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut} for code in (401, 404, 422, 503)
+    **{code: {"model": ErrorOut} for code in (401, 404, 422, 503)},
+    **CSV_RESPONSES,
 }
 router = APIRouter(
     prefix="/compare", tags=["compare"], dependencies=[Depends(authorized)], responses=_ERRORS
 )
 MAX_RUNS = 16
+_ID = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"  # service.schemas.RUN_ID
+RUNS_PATTERN = rf"^{_ID}(,{_ID}){{1,{MAX_RUNS - 1}}}$"
+PAIR_PATTERN = rf"^{_ID},{_ID}$"
+# The pattern is in the schema and checked by load_runs (after the count, whose 422 says
+# more than "does not match"): what the schema allows, the endpoint takes.
 RunsQuery = Annotated[
-    str, Query(max_length=2000, description="comma-separated run ids, at least two")
+    str,
+    Query(
+        max_length=2000,
+        description=f"comma-separated run ids, 2 to {MAX_RUNS}",
+        json_schema_extra={"pattern": RUNS_PATTERN},
+    ),
+]
+RunPairQuery = Annotated[
+    str,
+    Query(
+        max_length=2000,
+        description="two comma-separated run ids: a,b",
+        json_schema_extra={"pattern": PAIR_PATTERN},
+    ),
 ]
 
 
@@ -72,6 +93,11 @@ async def load_runs(request: Request, runs: str, exactly: int | None = None) -> 
         raise BnnError.invalid(
             f"runs must name 2 to {MAX_RUNS} runs to compare, got {len(ids)}: {ids[:MAX_RUNS]}",
             fields={"runs": f"2 to {MAX_RUNS} comma-separated run ids"},
+        )
+    if not re.fullmatch(RUNS_PATTERN.strip("^$"), runs):
+        raise BnnError.invalid(
+            f"runs must be run ids separated by single commas, without blanks, got {runs[:200]!r}",
+            fields={"runs": f"comma-separated run ids matching {RUNS_PATTERN}"},
         )
     return [await run_epochs(request, run_id) for run_id in ids]
 
@@ -141,7 +167,7 @@ async def compare_gradients(
 async def compare_kl(
     request: Request,
     store: AppStoreDep,
-    runs: RunsQuery,
+    runs: RunPairQuery,
     fmt: FormatQuery = Format.JSON,
     epoch: EpochQuery = None,
     epoch_b: Annotated[

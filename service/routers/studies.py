@@ -33,7 +33,7 @@ from service.demo.study_report import (
 )
 from service.deps import JobsDep, SettingsDep, StoreDep, require_token
 from service.errors import json_safe
-from service.routers import Format, FormatQuery, csv_response, json_response
+from service.routers import CSV_RESPONSES, Format, FormatQuery, csv_response, json_response
 from service.routers.runs import check_limits
 from service.schemas import MAX_TAGS, ErrorOut, check_text
 from service.settings import Settings
@@ -305,7 +305,12 @@ def list_studies(
     return json_response({"total": len(page), "studies": page})
 
 
-@router.get("/{study_id}", name="get_study", summary="A study: phase, runs, tables")
+@router.get(
+    "/{study_id}",
+    name="get_study",
+    summary="A study: phase, runs, tables",
+    responses=CSV_RESPONSES,
+)
 def get_study(
     study_id: StudyPath,
     store: StoreDep,

@@ -18,7 +18,7 @@ from service.demo.studies import study_plots, study_table, sweep_status
 from service.demo.sweeps import SweepSpec, expand, register_sweep
 from service.deps import JobsDep, SettingsDep, StoreDep, require_token
 from service.errors import json_safe
-from service.routers import Format, FormatQuery, csv_response, json_response
+from service.routers import CSV_RESPONSES, Format, FormatQuery, csv_response, json_response
 from service.routers.runs import check_limits
 from service.schemas import ErrorOut
 from trainer.config import parse_config
@@ -35,6 +35,20 @@ router = APIRouter(
     prefix="/sweeps", tags=["sweeps"], dependencies=[Depends(require_token)], responses=_ERRORS
 )
 SweepPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+KINDS = ("width", "optim")  # the catalog's other sweeps are studies, served by /studies
+
+
+def _load(store: RunStore, sweep_id: str) -> SweepInfo:
+    """The sweep ``sweep_id``; 404 for an unknown id and for a study's (see /studies)."""
+    sweep = store.get_sweep(sweep_id)
+    if sweep.kind not in KINDS:
+        raise BnnError.not_found(
+            f"unknown sweep {sweep_id!r} (a {sweep.kind}: see /studies/{sweep_id})"
+            if sweep.kind == "study"
+            else f"unknown sweep {sweep_id!r}",
+            sweep_id=sweep_id,
+        )
+    return sweep
 
 
 def _study(store: RunStore, sweep: SweepInfo) -> dict[str, Any]:
@@ -109,7 +123,10 @@ def list_sweeps(
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> Response:
     """Each sweep with its run counts per status (no study tables)."""
-    sweeps = store.list_sweeps(kind=kind, limit=limit)
+    if kind is None:  # width and optim sweeps; studies are listed by /studies
+        sweeps = [s for s in store.list_sweeps() if s.kind in KINDS][:limit]
+    else:
+        sweeps = store.list_sweeps(kind=kind, limit=limit)
     page = []
     for sweep in sweeps:
         out = sweep_out(request, store, sweep, study=False)
@@ -118,13 +135,18 @@ def list_sweeps(
     return json_response({"total": len(page), "sweeps": page})
 
 
-@router.get("/{sweep_id}", name="get_sweep", summary="A sweep: runs, statuses, study table")
+@router.get(
+    "/{sweep_id}",
+    name="get_sweep",
+    summary="A sweep: runs, statuses, study table",
+    responses=CSV_RESPONSES,
+)
 def get_sweep(
     sweep_id: SweepPath, store: StoreDep, request: Request, fmt: FormatQuery = Format.JSON
 ) -> Response:
     """``study`` is null until no run is queued or running; ``?format=csv`` gives the study
     table alone (409 before it exists)."""
-    sweep = store.get_sweep(sweep_id)
+    sweep = _load(store, sweep_id)
     out = sweep_out(request, store, sweep)
     if fmt is Format.CSV:
         if out["study"] is None:
@@ -147,7 +169,7 @@ def get_sweep(
 def get_sweep_plot(sweep_id: SweepPath, name: str, store: StoreDep) -> Response:
     """``optim``, or ``width_posteriors`` and ``width_priors_<prior>``; 409 while runs are
     queued or running or before any run completed."""
-    sweep = store.get_sweep(sweep_id)
+    sweep = _load(store, sweep_id)
     names = _plot_names(sweep)
     if name not in names:
         raise BnnError.not_found(f"sweep {sweep_id!r} has no plot {name!r}; plots: {names}")
@@ -169,9 +191,9 @@ def get_sweep_plot(sweep_id: SweepPath, name: str, store: StoreDep) -> Response:
 
 @router.post("/{sweep_id}/cancel", summary="Cancel the sweep's queued and running runs")
 def cancel_sweep(sweep_id: SweepPath, store: StoreDep, jobs: JobsDep, request: Request) -> Response:
-    sweep = store.get_sweep(sweep_id)
+    sweep = _load(store, sweep_id)
     for _, run_id in sweep.runs:
         if store.get_run(run_id).status.active:
             store.set_status(run_id, RunStatus.CANCELLED)
             jobs.cancel(run_id)
-    return json_response(sweep_out(request, store, store.get_sweep(sweep_id), study=False))
+    return json_response(sweep_out(request, store, _load(store, sweep_id), study=False))
