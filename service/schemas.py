@@ -6,15 +6,19 @@ models here describe them in the OpenAPI document.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from trainer.config import TrainConfig
 from trainer.store import RunStatus
 
 __all__ = [
+    "JSON_VALUE",
     "MAX_TAGS",
+    "NOT_BLANK",
+    "NO_NUL",
     "EpochOut",
     "ErrorOut",
     "MetricsOut",
@@ -23,6 +27,8 @@ __all__ = [
     "RunPage",
     "RunPatch",
     "check_text",
+    "complete_components",
+    "is_blank",
 ]
 
 MAX_TAGS = 32
@@ -30,6 +36,34 @@ RUN_ID = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
 
 MAX_DEPTH = 16
+# What check_text refuses, as schema patterns (the same text in Python's re and in the
+# ECMA-262 regexes of JSON Schema): no NUL; not blank. "Blank" is spelled out instead of
+# \\s, whose set differs between the two (Python counts \\x1c-\\x1f and \\x85).
+_SPACE = r"\t\n\x0b\x0c\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+NO_NUL = r"^[^\x00]*$"
+NOT_BLANK = rf"^[^\x00]*[^\x00{_SPACE}][^\x00]*$"
+_NO_NUL_KEY = {"maxLength": 256, "pattern": NO_NUL}
+# Any JSON value check_text takes: strings without NUL (<= 20,000 characters), object keys
+# without NUL (<= 256). Nesting deeper than MAX_DEPTH is refused too (said in words: a
+# schema cannot count it). ``#/components/schemas/JsonValue`` (complete_openapi adds it).
+JSON_VALUE: dict[str, Any] = {
+    "description": f"any JSON value: no NUL in strings or keys, nested at most {MAX_DEPTH} deep",
+    "anyOf": [
+        {"type": "string", "maxLength": 20_000, "pattern": NO_NUL},
+        {"type": ["number", "boolean", "null"]},
+        {"type": "array", "items": {"$ref": "#/components/schemas/JsonValue"}},
+        {
+            "type": "object",
+            "propertyNames": _NO_NUL_KEY,
+            "additionalProperties": {"$ref": "#/components/schemas/JsonValue"},
+        },
+    ],
+}
+
+
+def is_blank(value: str) -> bool:
+    """No character outside :data:`NOT_BLANK`'s spaces (what the schema's pattern says)."""
+    return re.fullmatch(NOT_BLANK.strip("^$"), value) is None
 
 
 def _check_string(value: str, where: str, max_len: int) -> None:
@@ -61,6 +95,31 @@ def check_text(value: Any, where: str, max_len: int) -> None:
             stack.extend((child, f"{at}[{i}]", depth + 1) for i, child in enumerate(item))
 
 
+def _nullable(schema: dict[str, Any], inner: dict[str, Any]) -> None:
+    """``schema`` (a generated ``X | None`` property) made ``inner | null``, in place."""
+    schema.pop("type", None)
+    schema["anyOf"] = [inner, {"type": "null"}]
+
+
+def _run_create_schema(schema: dict[str, Any]) -> None:
+    """What RunCreate's validators check, in its schema (see :func:`check_text`)."""
+    props = schema.get("properties", {})
+    if "name" in props:
+        _nullable(props["name"], {"type": "string", "maxLength": 256, "pattern": NOT_BLANK})
+    if "tags" in props:
+        props["tags"]["maxItems"] = MAX_TAGS
+        props["tags"]["items"] = {"type": "string", "maxLength": 64, "pattern": NOT_BLANK}
+    for branch in props.get("widths", {}).get("anyOf", ()):
+        if branch.get("type") == "array":
+            branch["items"] = {"type": "integer", "minimum": 1}
+    if "resolved_priors" in props:
+        text = {"type": "string", "maxLength": 256, "pattern": NO_NUL}
+        _nullable(
+            props["resolved_priors"],
+            {"type": "object", "propertyNames": _NO_NUL_KEY, "additionalProperties": text},
+        )
+
+
 class RunCreate(TrainConfig):
     """A training configuration, plus what to do with it.
 
@@ -68,7 +127,9 @@ class RunCreate(TrainConfig):
     trainer elsewhere fills through ``PUT /runs/{id}/epochs/{epoch}`` and ``PATCH`` (201).
     """
 
-    execute: bool = Field(default=True, description="train on the service's Dask cluster")
+    model_config = ConfigDict(json_schema_extra=_run_create_schema)
+
+    execute: StrictBool = Field(default=True, description="train on the service's Dask cluster")
     run_id: str | None = Field(
         default=None, pattern=RUN_ID, description="client-chosen id (makes a retried POST safe)"
     )
@@ -78,7 +139,7 @@ class RunCreate(TrainConfig):
     def _check_name(cls, value: str | None) -> str | None:
         if value is not None:
             check_text(value, "name", 256)
-            if not value.strip():
+            if is_blank(value):
                 raise ValueError("name must not be blank")
         return value
 
@@ -89,8 +150,15 @@ class RunCreate(TrainConfig):
             raise ValueError(f"at most {MAX_TAGS} tags, got {len(value)}")
         for tag in value:
             check_text(tag, "tag", 64)
-            if not tag.strip():
+            if is_blank(tag):
                 raise ValueError("tags must not be blank")
+        return value
+
+    @field_validator("resolved_priors")
+    @classmethod
+    def _check_priors(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None:
+            check_text(value, "resolved_priors", 256)
         return value
 
     def train_config(self) -> dict[str, Any]:
@@ -98,10 +166,40 @@ class RunCreate(TrainConfig):
         return self.model_dump(mode="json", exclude={"execute", "run_id"})
 
 
-class RunPatch(BaseModel):
-    """What a trainer reports about its run; every field is optional."""
+def _run_patch_schema(schema: dict[str, Any]) -> None:
+    """What RunPatch's validators and ``PATCH /runs/{id}`` check, in its schema."""
+    props = schema.get("properties", {})
+    for name in ("error", "train_host", "diverged_layer"):
+        for branch in props.get(name, {}).get("anyOf", ()):
+            if branch.get("type") == "string":
+                branch["pattern"] = NO_NUL
+    # ``summary``: see :func:`complete_components` (it refers to JsonValue)
+    # diverged_step and diverged_epoch come together (both integers or both null/absent),
+    # and diverged_layer only with them
+    both = {"type": "integer"}
+    schema["anyOf"] = [
+        {
+            "required": ["diverged_step", "diverged_epoch"],
+            "properties": {"diverged_step": both, "diverged_epoch": both},
+        },
+        {
+            "properties": {
+                "diverged_step": {"type": "null"},
+                "diverged_epoch": {"type": "null"},
+                "diverged_layer": {"type": "null"},
+            }
+        },
+    ]
 
-    model_config = ConfigDict(extra="forbid")
+
+class RunPatch(BaseModel):
+    """What a trainer reports about its run; every field is optional.
+
+    ``diverged_step`` and ``diverged_epoch`` are reported together (``diverged_layer`` only
+    with them); ``summary`` is merged into the run's summary.
+    """
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_run_patch_schema)
 
     status: RunStatus | None = Field(default=None, description="transitions are checked (409)")
     error: str | None = Field(default=None, max_length=20_000)
@@ -112,10 +210,13 @@ class RunPatch(BaseModel):
         'heartbeat. Only a JSON boolean (not 0, 1, "true" or a timestamp)',
     )
     train_host: str | None = Field(default=None, max_length=256, description="where it trains")
-    diverged_step: int | None = Field(
-        default=None, ge=0, lt=2**63, description="global step where it first became non-finite"
+    diverged_step: StrictInt | None = Field(
+        default=None,
+        ge=0,
+        le=2**53,  # exact in a double: JSON tools compare numbers as doubles
+        description="global step where it first became non-finite",
     )
-    diverged_epoch: int | None = Field(
+    diverged_epoch: StrictInt | None = Field(
         default=None, ge=0, lt=2**31, description="that step's epoch (with diverged_step)"
     )
     diverged_layer: str | None = Field(
@@ -127,6 +228,20 @@ class RunPatch(BaseModel):
     def _no_nul(cls, value: Any) -> Any:
         check_text(value, "value", 20_000)
         return value
+
+
+def complete_components(components: dict[str, Any]) -> None:
+    """The parts of the OpenAPI components that refer to others: ``JsonValue`` (see
+    :data:`JSON_VALUE`) and RunPatch's ``summary`` (an object of JsonValue), in place."""
+    components["JsonValue"] = JSON_VALUE
+    patch = components.get("RunPatch", {}).get("properties", {})
+    if "summary" in patch:
+        summary = {
+            "type": "object",
+            "propertyNames": _NO_NUL_KEY,
+            "additionalProperties": {"$ref": "#/components/schemas/JsonValue"},
+        }
+        _nullable(patch["summary"], summary)
 
 
 class RunOut(BaseModel):
@@ -143,10 +258,10 @@ class RunOut(BaseModel):
     train_host: str | None = Field(description="where it trains, as its trainer reported")
     error: str | None
     summary: dict[str, Any]
-    diverged_step: int | None = Field(
+    diverged_step: StrictInt | None = Field(
         default=None, description="global training step where it first became non-finite"
     )
-    diverged_epoch: int | None = Field(default=None, description="the epoch of that step")
+    diverged_epoch: StrictInt | None = Field(default=None, description="the epoch of that step")
     diverged_layer: str | None = Field(
         default=None, description="first parameter with a non-finite gradient at that step"
     )

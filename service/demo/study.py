@@ -30,7 +30,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 from trainer.config import TrainConfig, parse_config
 from trainer.errors import BnnError, ErrorCode
@@ -103,13 +111,17 @@ class StudySpec(BaseModel):
     name: str | None = Field(default=None, max_length=200)
     base: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields shared")
     arms: dict[str, ArmSpec] = Field(description="arm name -> overrides and tuning grid")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
+    seeds: list[StrictInt] = Field(
+        default_factory=lambda: [0, 1, 2, 3, 4],
+        min_length=1,
+        json_schema_extra={"uniqueItems": True},
+    )
     baseline: str | None = Field(default=None, description="arm the others are compared to")
-    tune_seed: int = Field(default=1000, description="seed of the tuning runs")
-    tune_epochs: int | None = Field(
+    tune_seed: StrictInt = Field(default=1000, description="seed of the tuning runs")
+    tune_epochs: StrictInt | None = Field(
         default=None, ge=1, description="epochs of a tuning run (None: the base's epochs)"
     )
-    equal_budget: bool = Field(default=True, description="tuned arms must have equal grids")
+    equal_budget: StrictBool = Field(default=True, description="tuned arms must have equal grids")
 
     @field_validator("base")
     @classmethod

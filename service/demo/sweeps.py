@@ -28,8 +28,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, field_validator
 
+from service.schemas import check_text, is_blank
 from trainer.config import TrainConfig, parse_config
 from trainer.errors import BnnError
 from trainer.store import RunStatus, RunStore, SweepInfo
@@ -65,6 +66,17 @@ class SweepKind(StrEnum):
     OPTIM = "optim"
 
 
+_GRID_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "propertyNames": {"enum": sorted(set(OPTIM_GRID) | set(WIDTH_GRID) | {"lr"})},
+    "properties": {
+        "lr": {"type": "object", "description": "optimizer -> learning rate"},
+        **{f: {"type": "array"} for f in sorted(set(OPTIM_GRID) | set(WIDTH_GRID))},
+    },
+    "additionalProperties": {"type": "array", "minItems": 1},
+}
+
+
 class SweepSpec(BaseModel):
     """What a sweep trains. ``grid`` keys (defaults in :data:`WIDTH_GRID` / :data:`OPTIM_GRID`):
 
@@ -78,9 +90,13 @@ class SweepSpec(BaseModel):
     kind: SweepKind
     name: str | None = Field(default=None, max_length=200)
     base: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields shared")
-    grid: dict[str, Any] = Field(default_factory=dict, description="the factors and levels")
+    grid: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the factors and levels",
+        json_schema_extra=lambda schema: schema.update(_GRID_SCHEMA),
+    )
     design: Literal["full", "half"] = Field(default="half", description="optim: fraction")
-    target: float | None = Field(
+    target: StrictFloat | None = Field(
         default=None, description="accuracy (classification) or RMSE to reach; dataset default"
     )
 
@@ -90,6 +106,17 @@ class SweepSpec(BaseModel):
         unknown = sorted(set(value) - set(TrainConfig.model_fields))
         if unknown:
             raise ValueError(f"unknown training configuration fields {unknown}")
+        check_text(value, "base", 10_000)  # what the catalog cannot hold (NUL, ...)
+        tags = value.get("tags") or []
+        if isinstance(tags, list) and any(isinstance(t, str) and is_blank(t) for t in tags):
+            raise ValueError("base.tags must not be blank")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name_text(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_text(value, "name", 200)
         return value
 
     @field_validator("grid")

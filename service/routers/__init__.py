@@ -8,6 +8,7 @@ the generated schema whatever its router declared.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -20,6 +21,7 @@ from fastapi import Query
 from fastapi.responses import JSONResponse, Response
 
 from service.errors import json_safe
+from service.schemas import NO_NUL, complete_components
 
 __all__ = [
     "CSV_RESPONSES",
@@ -192,6 +194,73 @@ def _limits(schema: dict[str, Any], settings: Any) -> None:
     model["else"] = {"properties": bounded}
     note = "Limits of this service on runs it trains (`execute` true): " + "; ".join(lines)
     model["description"] = f"{model.get('description', '').rstrip()}\n\n{note}.".strip()
+    # sweeps and studies always train here: their shared configuration is bounded outright
+    components = schema["components"]["schemas"]
+    grid = components.get("SweepSpec", {}).get("properties", {}).get("grid", {})
+    widths = grid.get("properties", {}).get("widths", {}).get("items")
+    if isinstance(widths, dict):
+        widths["maximum"] = int(settings.max_width)
+    for name, field in (("SweepSpec", "base"), ("StudySpec", "base"), ("ArmSpec", "config")):
+        props = components.get(name, {}).get("properties", {}).get(field, {}).get("properties")
+        for key, limit in bounded.items() if isinstance(props, dict) else ():
+            if key in props:
+                props[key].update(copy.deepcopy(limit))
+
+
+_ARM_NAME = r"^[^/\x00]{1,100}$"
+
+
+def _configs(components: dict[str, Any]) -> None:
+    """The ``base`` (and arm ``config`` / ``tune``) of sweeps and studies: TrainConfig
+    fields (those of RunCreate), no others, the ones a study sets itself left out."""
+    run = components.get("RunCreate", {}).get("properties", {})
+    if not run:
+        return
+
+    def config(*without: str) -> dict[str, Any]:
+        fields = {
+            k: copy.deepcopy(v) for k, v in run.items() if k not in {"execute", "run_id", *without}
+        }
+        return {"type": "object", "properties": fields, "additionalProperties": False}
+
+    sweep = components.get("SweepSpec", {}).get("properties", {})
+    if "base" in sweep:
+        sweep["base"] = {**config(), "description": "TrainConfig fields shared by every run"}
+    grid = sweep.get("grid", {}).get("properties", {})
+    for factor in [f for f in grid if f != "lr" and f in run]:
+        level = copy.deepcopy(run[factor])
+        if factor == "widths":  # one width, given to every hidden layer
+            level = {"type": "integer", "minimum": 1}
+        grid[factor] = {"type": "array", "minItems": 1, "uniqueItems": True, "items": level}
+    for branch in sweep.get("name", {}).get("anyOf", ()):
+        if branch.get("type") == "string":
+            branch["pattern"] = NO_NUL
+    study = components.get("StudySpec", {}).get("properties", {})
+    if "base" in study:
+        base = config("seed")
+        base["properties"]["tags"]["maxItems"] = int(base["properties"]["tags"]["maxItems"]) - 1
+        study["base"] = {**base, "description": "TrainConfig fields shared (not seed: `seeds`)"}
+    if "arms" in study:
+        study["arms"].update(minProperties=1, propertyNames={"pattern": _ARM_NAME})
+    if "name" in study:
+        for branch in study["name"].get("anyOf", ()):
+            if branch.get("type") == "string":
+                branch["pattern"] = NO_NUL
+    arm = components.get("ArmSpec", {}).get("properties", {})
+    if "config" in arm:
+        arm["config"] = {**config("seed", "name", "tags"), "description": "TrainConfig overrides"}
+    if "tune" in arm:
+        names = sorted(set(run) - {"execute", "run_id", "seed", "name", "tags"})
+        arm["tune"] = {
+            "type": "object",
+            "description": "validation grid: field -> levels (full product)",
+            "propertyNames": {"enum": names},
+            "additionalProperties": {
+                "type": "array",
+                "minItems": 1,
+                "items": {"$ref": "#/components/schemas/JsonValue"},
+            },
+        }
 
 
 def complete_openapi(schema: dict[str, Any], settings: Any = None) -> dict[str, Any]:
@@ -220,6 +289,9 @@ def complete_openapi(schema: dict[str, Any], settings: Any = None) -> dict[str, 
                     "413", _error("the body is over the limit (BNN_MAX_JSON_BYTES)")
                 )
             bad.setdefault("content", {}).setdefault("text/plain", {"schema": {"type": "string"}})
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    complete_components(components)
+    _configs(components)
     if settings is not None:
         _limits(schema, settings)
     return schema

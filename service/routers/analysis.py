@@ -9,6 +9,7 @@ captured is a 404 whose details list the captured ones. Results are cached per
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -32,6 +33,7 @@ from service.schemas import ErrorOut
 from trainer.errors import BnnError
 
 __all__ = [
+    "EPOCHS_PATTERN",
     "DistQuery",
     "EpochQuery",
     "EpochsQuery",
@@ -51,14 +53,18 @@ router = APIRouter(
     dependencies=[Depends(authorized)],
     responses=_ERRORS,
 )
-MAX_LIST = 10_000  # entries of a comma-separated list
+# comma-separated epochs, blanks around and between commas allowed ("" and "," too: all)
+EPOCHS_PATTERN = r"^ *([0-9]{1,10} *)?(, *([0-9]{1,10} *)?)*$"
 
 EpochQuery = Annotated[
     int | None, Query(ge=0, le=MAX_EPOCH, description="a captured epoch; default the latest")
 ]
 EpochsQuery = Annotated[
     str | None,
-    Query(max_length=100_000, description="comma-separated epochs; default all captured"),
+    Query(
+        max_length=100_000,
+        description="comma-separated epochs (0-9, commas, spaces); default (or blank) all captured",
+    ),
 ]
 DistQuery = Annotated[DistType, Query(description="posterior (default) or the layer prior")]
 LayerQuery = Annotated[str | None, Query(max_length=256, description="one layer; default all")]
@@ -95,34 +101,26 @@ VanishQuery = Annotated[
 
 
 def parse_ints(value: str | None, name: str) -> list[int] | None:
-    """``"0,5,10"`` -> [0, 5, 10]; INVALID_ARGUMENT naming ``name`` and the bad entry."""
+    """``"0,5,10"`` -> [0, 5, 10]; None when not given or blank (``epochs=``: all captured).
+
+    INVALID_ARGUMENT naming ``name`` unless the value matches :data:`EPOCHS_PATTERN` (the
+    pattern in the schema); an epoch beyond any capture is left to the caller's 404."""
     if value is None:
         return None
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    if not items or len(items) > MAX_LIST:
+    if not re.fullmatch(EPOCHS_PATTERN.strip("^$"), value):
         raise BnnError.invalid(
-            f"{name} must be 1 to {MAX_LIST} comma-separated integers, got {value[:50]!r}",
+            f"{name} must be comma-separated integers (at most 10 digits), got {value[:50]!r}",
             fields={name: "comma-separated integers"},
         )
-    out = []
-    for item in items:
-        if not item.isdigit() or len(item) > 10 or int(item) > MAX_EPOCH:
-            raise BnnError.invalid(
-                f"{name} must be comma-separated integers 0..{MAX_EPOCH}, got {item[:50]!r}",
-                fields={name: f"bad entry {item[:50]!r}"},
-            )
-        out.append(int(item))
-    return out
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    return [int(item) for item in items] or None
 
 
 def parse_names(value: str | None) -> list[str] | None:
-    """``"a,b"`` -> ["a", "b"] (None when not given; blanks dropped)."""
+    """``"a,b"`` -> ["a", "b"]; None when not given or blank (all); blanks dropped."""
     if value is None:
         return None
-    names = list(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
-    if not names:
-        raise BnnError.invalid(f"expected comma-separated names, got {value[:50]!r}")
-    return names
+    return list(dict.fromkeys(v.strip() for v in value.split(",") if v.strip())) or None
 
 
 async def _one_epoch_table(

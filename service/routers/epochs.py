@@ -92,7 +92,8 @@ def get_metrics(
     fmt: FormatQuery = Format.JSON,
     names: Annotated[str | None, Query(description="comma-separated metric names")] = None,
 ) -> Response:
-    """``series[name][i]`` is the metric at ``epochs[i]`` (null where an epoch lacks it)."""
+    """``series[name][i]`` is the metric at ``epochs[i]`` (null where an epoch lacks it);
+    404 naming a metric that no epoch of the run has."""
     infos = store.list_epochs(run.id)
     known = list(dict.fromkeys(k for e in infos for k in e.metrics))
     wanted = known
@@ -100,7 +101,7 @@ def get_metrics(
         wanted = [n.strip() for n in names.split(",") if n.strip()]
         unknown = [n for n in wanted if n not in known]
         if unknown:
-            raise BnnError.invalid(
+            raise BnnError.not_found(
                 f"run {run.id!r} has no metric {unknown[0]!r}; its metrics are {known}",
                 names=unknown,
                 metrics=known,
@@ -137,7 +138,16 @@ def _check_upload(
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/x-hdf5": {"schema": {"type": "string", "format": "binary"}}},
+            "content": {
+                "application/x-hdf5": {
+                    "schema": {
+                        "type": "string",
+                        "format": "binary",
+                        "minLength": 1,
+                        "description": "one HDF5 epoch file (not empty)",
+                    }
+                }
+            },
         }
     },
     summary="Upload one captured epoch (an HDF5 epoch file)",

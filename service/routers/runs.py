@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from service.deps import JobsDep, RunDep, SettingsDep, StoreDep, require_token
 from service.routers import Format, FormatQuery, json_response, table_response
-from service.schemas import ErrorOut, RunCreate, RunOut, RunPage, RunPatch
+from service.schemas import MAX_TAGS, ErrorOut, RunCreate, RunOut, RunPage, RunPatch
 from service.settings import Settings
 from trainer.config import TrainConfig, check_device, parse_config
 from trainer.errors import BnnError, ErrorCode
@@ -124,7 +124,9 @@ def list_runs(
     request: Request,
     fmt: FormatQuery = Format.JSON,
     status: RunStatus | None = None,
-    tag: Annotated[list[str] | None, Query(description="runs with all these tags")] = None,
+    tag: Annotated[
+        list[str], Query(max_length=MAX_TAGS, description="runs with all these tags (repeated)")
+    ] = [],  # noqa: B006 - FastAPI copies a default list
     dataset: str | None = None,
     prior: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
@@ -132,7 +134,7 @@ def list_runs(
 ) -> Response:
     """Filter by status, tags, dataset and prior kind; ``total`` counts all matches."""
     runs = store.list_runs(status=status)
-    tags = set(tag or ())
+    tags = set(tag)
     runs = [
         r
         for r in runs

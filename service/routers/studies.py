@@ -35,7 +35,7 @@ from service.deps import JobsDep, SettingsDep, StoreDep, require_token
 from service.errors import json_safe
 from service.routers import CSV_RESPONSES, Format, FormatQuery, csv_response, json_response
 from service.routers.runs import check_limits
-from service.schemas import MAX_TAGS, ErrorOut, check_text
+from service.schemas import MAX_TAGS, ErrorOut, check_text, is_blank
 from service.settings import Settings
 from service.study_advancer import StudyAdvancer, jobs_of, poll_seconds
 from trainer.config import parse_config
@@ -119,7 +119,7 @@ def _check_spec(spec: StudySpec, settings: Settings) -> None:
     if not isinstance(tags, list) or len(tags) >= MAX_TAGS:
         raise BnnError.invalid(f"base.tags must be a list of fewer than {MAX_TAGS} tags")
     for tag in tags:
-        if not isinstance(tag, str) or not tag.strip() or len(tag) > 64:
+        if not isinstance(tag, str) or is_blank(tag) or len(tag) > 64:
             raise BnnError.invalid(f"base.tags must be non-blank strings of <= 64, got {tag!r}")
     total = sum(arm.budget for arm in spec.arms.values()) + len(spec.arms) * len(spec.seeds)
     if total > MAX_STUDY_RUNS:
