@@ -7,6 +7,8 @@ command line and the Python API never drift apart) and prints the run id as its 
 line. Errors print ``error: <message>`` and exit with status 2; nothing already written
 is removed. A run that diverges (non-finite loss or gradients, ``--on-divergence stop``)
 prints ``error: run ID diverged: ...``, still prints its id last, and exits with status 3.
+Options are named by their flags in errors (``--capture-every``, not ``capture_every``).
+Output cut short by its reader (``bnn runs | head``) ends quietly with status 141.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import types
 import typing
@@ -23,16 +26,23 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from pydantic.fields import FieldInfo
+
 from service.demo.cli import add_demo_commands
 from trainer.config import TrainConfig, parse_config
 from trainer.errors import BnnError
+from trainer.models import Activation
+from trainer.store import RunStatus
 
 __all__ = ["build_parser", "main"]
 
 DEFAULT_DATA_DIR = "bnn-data"
 EXIT_DIVERGED = 3  # `bnn train`: the run stopped because it diverged
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (`bnn runs | head`)
 # Options spelled differently from the config field they set.
 _ALIASES = {"grad_capture": ["--capture-level", "--grad-capture"], "tags": ["--tag"]}
+# Choices of fields typed ``str`` that a validator restricts.
+_CHOICES: dict[str, list[str]] = {"activation": [a.value for a in Activation]}
 
 
 def _data_dir(value: str | None) -> Path:
@@ -59,29 +69,88 @@ def _unwrap_optional(annotation: Any) -> Any:
 _NOT_OPTIONS = {"resolved_priors"}
 
 
+def flag_of(name: str) -> str:
+    """The command-line flag of the :class:`TrainConfig` field ``name`` (``--capture-every``
+    for ``capture_every``, ``--capture-level`` for ``grad_capture``)."""
+    return _ALIASES.get(name, [f"--{name.replace('_', '-')}"])[0]
+
+
+# Field names as they appear in descriptions and validation messages: the ones with an
+# underscore (unambiguous identifiers) and ``lr``; one-word names such as ``epochs`` or
+# ``model`` are also plain words, so only the location of an error translates those.
+_FIELD_WORDS = re.compile(
+    r"(?<![\w-])("
+    + "|".join(
+        sorted((n for n in TrainConfig.model_fields if "_" in n or n == "lr"), key=len)[::-1]
+    )
+    + r")(?![\w-])"
+)
+
+
+def with_flags(text: str) -> str:
+    """``text`` with the configuration field names in it written as ``bnn train`` flags."""
+    return _FIELD_WORDS.sub(lambda m: flag_of(m.group(1)), text)
+
+
+def _default_text(info: FieldInfo) -> str:
+    """`` (default: X)`` for a plain default; "" for flags (off), lists and ``None`` (whose
+    meaning the field's description states)."""
+    value = info.default
+    if info.default_factory is not None or value is None or isinstance(value, bool):
+        return ""
+    if isinstance(value, Enum):
+        value = value.value
+    return f" (default: {value:.6g})" if isinstance(value, float) else f" (default: {value})"
+
+
+def _option_help(name: str, info: FieldInfo) -> str:
+    """The help of one ``bnn train`` option: the field's description, in flags."""
+    if not info.description:  # pragma: no cover - every TrainConfig field has one
+        raise TypeError(f"TrainConfig field {name!r} needs a description= for its --help")
+    return with_flags(info.description + _default_text(info)).replace("%", "%%")
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     for name, info in TrainConfig.model_fields.items():
         if name in _NOT_OPTIONS:
             continue
         flags = _ALIASES.get(name, [f"--{name.replace('_', '-')}"])
         ann = _unwrap_optional(info.annotation)
-        default_text = "dataset default" if info.default is None else info.default
-        if isinstance(default_text, Enum):
-            default_text = default_text.value
-        help_text = f"{info.description or name.replace('_', ' ')} (default: {default_text})"
-        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": _option_help(name, info)}
         if ann is bool:
-            parser.add_argument(*flags, action="store_true", **{**kwargs, "default": None})
+            parser.add_argument(*flags, action="store_true", **kwargs)
         elif isinstance(ann, type) and issubclass(ann, Enum):
             parser.add_argument(*flags, choices=[m.value for m in ann], **kwargs)
+        elif name in _CHOICES:
+            parser.add_argument(*flags, choices=_CHOICES[name], **kwargs)
         elif typing.get_origin(ann) is list and typing.get_args(ann) == (int,):
             parser.add_argument(*flags, type=_int_list, metavar="N,N,...", **kwargs)
         elif typing.get_origin(ann) is list:
+            kwargs["help"] += " (repeat the option for several)"
             parser.add_argument(*flags, action="append", metavar="TAG", **kwargs)
-        elif ann in (int, float, str):
+        elif ann in (int, float):
+            parser.add_argument(*flags, type=ann, metavar="N" if ann is int else "X", **kwargs)
+        elif ann is str:
             parser.add_argument(*flags, type=ann, **kwargs)
         else:  # pragma: no cover - a new field type needs a rule here
             raise TypeError(f"no command-line rule for field {name!r} of type {ann!r}")
+
+
+def _config_error(exc: BnnError) -> BnnError:
+    """``exc`` from :func:`parse_config` with every field named by its ``bnn train`` flag."""
+    fields = exc.details.get("fields")
+    if not isinstance(fields, dict) or not fields:
+        return BnnError(exc.code, with_flags(exc.message), **exc.details)
+    named = {}
+    for loc, problem in fields.items():
+        head, _, rest = str(loc).partition(".")
+        if head in TrainConfig.model_fields:
+            where = flag_of(head)
+        else:  # "config": the whole configuration; anything else: a key of --config's file
+            where = head if head == "config" else f"{head!r} in --config"
+        named[where + (f" (item {rest})" if rest else "")] = with_flags(str(problem))
+    text = "; ".join(f"{k}: {v}" for k, v in named.items())
+    return BnnError(exc.code, f"invalid training configuration: {text}", fields=named)
 
 
 def _store_options(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_train = sub.add_parser("train", help="train a BNN and store every captured epoch")
     _add_config_options(p_train)
     p_train.add_argument(
-        "--config", type=Path, help="JSON file with a training configuration (options override it)"
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="JSON file with a training configuration (the options above override it)",
     )
     p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_train.add_argument(
@@ -114,11 +186,29 @@ def build_parser() -> argparse.ArgumentParser:
     _store_options(p_train)
 
     p_runs = sub.add_parser("runs", help="list runs, or `runs show ID` for one")
-    p_runs.add_argument("action", nargs="?", choices=["list", "show", "fsck"], default="list")
-    p_runs.add_argument("run_id", nargs="?")
-    p_runs.add_argument("--status", help="only runs with this status")
-    p_runs.add_argument("--limit", type=int, default=50)
-    p_runs.add_argument("--json", action="store_true", help="print JSON")
+    p_runs.add_argument(
+        "action",
+        nargs="?",
+        choices=["list", "show", "fsck"],
+        default="list",
+        help="list: the runs, newest first (default); show: one run's status, captured "
+        "epochs and last metrics (needs RUN_ID); fsck: check the store after a crash",
+    )
+    p_runs.add_argument(
+        "run_id",
+        nargs="?",
+        metavar="RUN_ID",
+        help="the run to show (or, for fsck, the only run to check)",
+    )
+    p_runs.add_argument(
+        "--status",
+        choices=[s.value for s in RunStatus],
+        help="list: only runs with this status",
+    )
+    p_runs.add_argument(
+        "--limit", type=int, default=50, metavar="N", help="list: at most N runs (default: 50)"
+    )
+    p_runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p_runs.add_argument(
         "--repair",
         action="store_true",
@@ -133,11 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.add_argument("--workers", type=int, help="Dask LocalCluster worker processes")
     p_serve.add_argument("--dask-scheduler", help="use this Dask scheduler (tcp://host:8786)")
     p_serve.add_argument("--public-url", help="URL Dask workers report runs to")
-    p_serve.add_argument("--log-level", default="info", help="uvicorn log level")
+    p_serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="uvicorn log level (default: info)",
+    )
     _store_options(p_serve)
 
     p_push = sub.add_parser("push", help="upload a local run to a bnn service")
-    p_push.add_argument("run_id")
+    p_push.add_argument("run_id", metavar="RUN_ID", help="the local run to upload")
     p_push.add_argument(
         "--to", required=True, metavar="URL", help="the service, e.g. http://host:8000"
     )
@@ -164,7 +259,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except (OSError, json.JSONDecodeError) as exc:
             raise BnnError.invalid(f"cannot read config file {args.config}: {exc}") from None
     overrides = {name: getattr(args, name, None) for name in TrainConfig.model_fields}
-    config = parse_config(base, **overrides)
+    try:
+        config = parse_config(base, **overrides)
+    except BnnError as exc:
+        raise _config_error(exc) from None
     tracking_url = args.tracking_url or os.environ.get("BNN_TRACKING_URL")
     sink: Any
     if tracking_url:
@@ -397,17 +495,43 @@ _COMMANDS: dict[str, Any] = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush of what is still
+    buffered cannot raise BrokenPipeError again."""
     try:
-        return _COMMANDS[args.command](args)
-    except BnnError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (tests' capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``bnn`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
+
+    0 on success, 2 for bad input (``error: ...`` on stderr), 3 for a diverged run, 130 on
+    Ctrl-C, and 141 (as a shell reports a SIGPIPE) when the reader of stdout goes away
+    early, as in ``bnn runs | head -3``: quietly, without a traceback.
+    """
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        try:
+            code = _COMMANDS[args.command](args)
+        except BnnError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            code = 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            code = 130
+        sys.stdout.flush()  # here, where a closed pipe can still be caught
+        return int(code)
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":  # pragma: no cover

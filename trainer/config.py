@@ -132,59 +132,154 @@ class TrainConfig(BaseModel):
         extra="forbid", use_enum_values=False, validate_default=True, allow_inf_nan=False
     )
 
-    dataset: Dataset = Dataset.REGRESSION
-    model: ModelKind = ModelKind.MLP
-    widths: list[int] | None = Field(
-        default=None, description="hidden layer widths; None: the dataset's default"
+    dataset: Dataset = Field(
+        default=Dataset.REGRESSION,
+        description="the task: 'regression' (the seed's 1-D synthetic task) or an image "
+        "dataset ('mnist', 'fashion_mnist', 'kmnist')",
     )
-    activation: str = "relu"
+    model: ModelKind = Field(
+        default=ModelKind.MLP,
+        description="'mlp' (fully connected) or 'cnn' (a small convnet; image datasets only)",
+    )
+    widths: list[int] | None = Field(
+        default=None,
+        description="hidden layer widths, e.g. 400,400 (default: the dataset's: 10 for "
+        "regression, 400,400 for the image datasets)",
+    )
+    activation: str = Field(default="relu", description="activation of the hidden layers")
     # prior (see trainer.prior_spec for what each option means)
-    prior: PriorKind = PriorKind.LEARNABLE
-    prior_mode: LearnMode = LearnMode.GRADIENT
-    prior_family: PriorFamily = PriorFamily.GAUSSIAN
+    prior: PriorKind = Field(
+        default=PriorKind.LEARNABLE,
+        description="'fixed' (never trained) or 'learnable' (learned as prior_mode says)",
+    )
+    prior_mode: LearnMode = Field(
+        default=LearnMode.GRADIENT,
+        description="how a learnable prior is learned: by gradient, closed-form empirical "
+        "Bayes, gradient under a hyperprior (hierarchical), or the Laplace evidence",
+    )
+    prior_family: PriorFamily = Field(
+        default=PriorFamily.GAUSSIAN,
+        description="'gaussian' N(mu0, sigma0^2) or Blundell's 'scale_mixture' "
+        "pi N(0, sigma0^2) + (1 - pi) N(0, sigma2^2)",
+    )
     prior_scale: PriorScale = Field(
         default=PriorScale.ABSOLUTE,
-        description="'fan_in': prior sigma = prior_sigma0 / sqrt(fan_in) in every layer",
+        description="'absolute': prior sigma = prior_sigma0; 'fan_in': prior sigma = "
+        "prior_sigma0 / sqrt(fan_in) in every layer",
     )
-    prior_mu0: float = Field(default=0.0, ge=-1e3, le=1e3)
-    prior_sigma0: float = Field(default=1.0, gt=1e-7, le=1e3)
-    prior_learn_mean: bool = Field(default=False, description="learn the prior mean too")
+    prior_mu0: float = Field(
+        default=0.0, ge=-1e3, le=1e3, description="prior mean (the initial one when learned)"
+    )
+    prior_sigma0: float = Field(
+        default=1.0,
+        gt=1e-7,
+        le=1e3,
+        description="prior standard deviation (the initial one when learned; with "
+        "prior_scale fan_in, the constant c of c / sqrt(fan_in))",
+    )
+    prior_learn_mean: bool = Field(
+        default=False, description="learn the prior mean too (otherwise it stays prior_mu0)"
+    )
     prior_min_group: int = Field(
-        default=10, ge=1, description="learnable priors on smaller groups are fixed instead"
+        default=10,
+        ge=1,
+        description="learnable priors shared by fewer elements than this are fixed instead",
     )
-    prior_optimizer: PriorOptimizer = PriorOptimizer.ADAM
+    prior_optimizer: PriorOptimizer = Field(
+        default=PriorOptimizer.ADAM,
+        description="optimiser of the prior's own parameter group (gradient and "
+        "hierarchical modes): 'adam', or plain 'sgd' without momentum",
+    )
     prior_lr: float | None = Field(
-        default=None, gt=0, le=10, description="learning rate of the prior group; None: lr"
+        default=None,
+        gt=0,
+        le=10,
+        description="learning rate of the prior's parameter group (default: lr)",
     )
     prior_burnin_epochs: int = Field(
         default=0, ge=0, description="epochs before empirical-Bayes / Laplace updates start"
     )
-    eb_every: EBSchedule = EBSchedule.STEP
-    laplace_every: int = Field(default=1, ge=1, description="Laplace mode: update every K epochs")
-    laplace_examples: int = Field(default=5000, ge=1, le=1_000_000)
-    hyper_alpha: float | None = Field(default=None, gt=0, le=1e12)
-    hyper_beta: float | None = Field(default=None, gt=0, le=1e12)
-    hyper_strength: float = Field(
-        default=1.0, gt=0, le=1e6, description="hyperprior pseudo-observations per element"
+    eb_every: EBSchedule = Field(
+        default=EBSchedule.STEP,
+        description="empirical-Bayes mode: apply the closed-form prior update every 'step' "
+        "or every 'epoch'",
     )
-    mixture_pi: float = Field(default=0.5, gt=0, lt=1)
-    mixture_sigma2: float = Field(default=math.exp(-6), gt=1e-7, le=1e6)
+    laplace_every: int = Field(
+        default=1, ge=1, description="Laplace mode: update the prior every K epochs"
+    )
+    laplace_examples: int = Field(
+        default=5000,
+        ge=1,
+        le=1_000_000,
+        description="Laplace mode: training examples used for the marginal likelihood",
+    )
+    hyper_alpha: float | None = Field(
+        default=None,
+        gt=0,
+        le=1e12,
+        description="hierarchical mode: the inverse-gamma shape alpha (default: "
+        "hyper_strength * elements / 2)",
+    )
+    hyper_beta: float | None = Field(
+        default=None,
+        gt=0,
+        le=1e12,
+        description="hierarchical mode: the inverse-gamma scale beta (default: "
+        "(alpha + 1) * the initial prior variance, which puts the mode there)",
+    )
+    hyper_strength: float = Field(
+        default=1.0,
+        gt=0,
+        le=1e6,
+        description="hierarchical mode: hyperprior pseudo-observations per element",
+    )
+    mixture_pi: float = Field(
+        default=0.5, gt=0, lt=1, description="scale mixture: the weight pi of N(0, sigma0^2)"
+    )
+    mixture_sigma2: float = Field(
+        default=math.exp(-6),
+        gt=1e-7,
+        le=1e6,
+        description="scale mixture: the standard deviation sigma2 of the narrow component",
+    )
     resolved_priors: dict[str, str] | None = Field(
         default=None, description="filled by the trainer: the prior each group actually got"
     )
     # posterior
-    posterior_sigma_init: float = Field(default=0.05, gt=0, le=10)
-    local_reparam: bool = False
-    # optimisation
-    optimizer: Optimizer = Optimizer.ADAM
-    lr: float | None = Field(
-        default=None, gt=0, le=10, description="learning rate; None: dataset default"
+    posterior_sigma_init: float = Field(
+        default=0.05, gt=0, le=10, description="initial posterior standard deviation"
     )
-    momentum: float = Field(default=0.9, ge=0, lt=1)
-    weight_decay: float = Field(default=0.0, ge=0, le=10)
-    lr_schedule: LRSchedule = LRSchedule.NONE
-    epochs: int = Field(default=20, ge=1)
-    batch_size: int | None = Field(default=None, ge=1)
+    local_reparam: bool = Field(
+        default=False,
+        description="sample the pre-activations of linear layers (local reparameterisation) "
+        "instead of the weights",
+    )
+    # optimisation
+    optimizer: Optimizer = Field(
+        default=Optimizer.ADAM,
+        description="optimiser of the posterior: 'sgd' (with momentum), 'adam' or 'adamw'",
+    )
+    lr: float | None = Field(
+        default=None,
+        gt=0,
+        le=10,
+        description="learning rate (default: the dataset's: 0.01 regression, 0.001 images)",
+    )
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="momentum of 'sgd'")
+    weight_decay: float = Field(
+        default=0.0, ge=0, le=10, description="weight decay of the optimiser"
+    )
+    lr_schedule: LRSchedule = Field(
+        default=LRSchedule.NONE,
+        description="learning-rate schedule: 'none', 'cosine', or 'step' (x0.1 at 50% and "
+        "75% of the epochs)",
+    )
+    epochs: int = Field(default=20, ge=1, description="training epochs")
+    batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="examples per step (default: the dataset's: 64 regression, 128 images)",
+    )
     mc_samples: int = Field(default=1, ge=1, description="posterior samples per training step")
     eval_samples: int = Field(
         default=100, ge=1, le=10_000, description="posterior samples for the final test metrics"
@@ -198,38 +293,66 @@ class TrainConfig(BaseModel):
         le=1e3,
         description="posterior temperature: loss = NLL + kl_weight * KL / N (1: the exact ELBO)",
     )
-    kl_anneal_epochs: int = Field(default=0, ge=0, description="linear KL warm-up length")
-    grad_clip: float | None = Field(default=None, gt=0, le=1e6, description="max gradient norm")
-    seed: int = 0
+    kl_anneal_epochs: int = Field(default=0, ge=0, description="epochs of linear KL warm-up from 0")
+    grad_clip: float | None = Field(
+        default=None,
+        gt=0,
+        le=1e6,
+        description="clip the gradient norm to this value (default: no clipping)",
+    )
+    seed: int = Field(
+        default=0, description="random seed of the data, the initialisation and the sampling"
+    )
     device: str = Field(
         default="auto",
         description="'auto' (CUDA when there is one), 'cpu', 'cuda', 'cuda:N' or 'mps'; "
         "checked against the machine when training starts",
     )
     # data size (None: the whole split)
-    n_train: int | None = Field(default=None, ge=1)
-    n_test: int | None = Field(default=None, ge=1)
+    n_train: int | None = Field(
+        default=None,
+        ge=1,
+        description="training examples (default: the whole split: 50k MNIST, 1024 regression)",
+    )
+    n_test: int | None = Field(
+        default=None,
+        ge=1,
+        description="test examples (default: the whole split: 10k MNIST, 512 regression)",
+    )
     n_val: int | None = Field(
-        default=None, ge=0, description="validation examples (None: 10k MNIST, 256 regression)"
+        default=None,
+        ge=0,
+        description="validation examples (default: 10k MNIST, 256 regression)",
     )
     # model selection on validation NLL
-    model_selection: ModelSelection = ModelSelection.BEST_VAL
+    model_selection: ModelSelection = Field(
+        default=ModelSelection.BEST_VAL,
+        description="weights the test metrics use: 'best_val' (the epoch with the lowest "
+        "validation NLL) or 'last'",
+    )
     skip_test: bool = Field(
         default=False, description="no final test evaluation (a study's tuning runs)"
     )
     early_stopping_patience: int | None = Field(
-        default=None, ge=1, description="stop after this many epochs without a better val NLL"
+        default=None,
+        ge=1,
+        description="stop after this many epochs without a better validation NLL (default: never)",
     )
     on_divergence: OnDivergence = Field(
         default=OnDivergence.STOP,
         description="on a non-finite loss or gradient: 'stop' (status diverged) or 'continue'",
     )
     # capture
-    capture_every: int = Field(default=1, ge=1, description="capture every N epochs (and the last)")
-    grad_capture: GradLevel = GradLevel.ELEMENT
+    capture_every: int = Field(
+        default=1, ge=1, description="capture the parameters every N epochs (and the last)"
+    )
+    grad_capture: GradLevel = Field(
+        default=GradLevel.ELEMENT,
+        description="gradient statistics captured: 'none', per 'layer', or per 'element'",
+    )
     # bookkeeping
-    name: str | None = None
-    tags: list[str] = Field(default_factory=list)
+    name: str | None = Field(default=None, description="a name for the run (default: none)")
+    tags: list[str] = Field(default_factory=list, description="labels to filter runs by")
 
     @field_validator("widths")
     @classmethod

@@ -3,22 +3,49 @@
 from __future__ import annotations
 
 import io
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
+from matplotlib.legend import Legend
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from trainer.errors import BnnError, ErrorCode
 
-__all__ = ["EVOLUTION_CMAP", "LINESTYLES", "gaussian_pdf", "log_if_wide", "new_figure", "to_png"]
+__all__ = [
+    "EVOLUTION_CMAP",
+    "EVOLUTION_CMAP_TEXT",
+    "LINESTYLES",
+    "MARKERS",
+    "gaussian_pdf",
+    "histogram_bins",
+    "integer_ticks",
+    "legend_outside",
+    "legend_width",
+    "log_if_wide",
+    "new_figure",
+    "style_handle",
+    "to_png",
+]
 
-#: Epoch colours of evolution plots: dark red (early) to neon green (late).
-EVOLUTION_CMAP = LinearSegmentedColormap.from_list("dark_red_to_neon_green", ["#8b0000", "#39ff14"])
+#: Epoch colours of evolution plots: viridis, readable with every common colour-vision
+#: deficiency and in greyscale (its lightness rises monotonically).
+EVOLUTION_CMAP = colormaps["viridis"]
+EVOLUTION_CMAP_TEXT = "dark purple = early, yellow = late"
+#: Line styles and markers that tell runs apart when colours tell layers apart.
 LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D")
+LEGEND_FONTSIZE = 7
+_CHAR_IN = 0.062  # inches per character of a legend label at LEGEND_FONTSIZE
+_HANDLE_EM = 3.5  # legend handle length (in font sizes): long enough to show a dash pattern
 
 
 def new_figure(
@@ -86,3 +113,75 @@ def check_count(n: int, limit: int, what: str, hint: str) -> None:
         raise BnnError.invalid(
             f"{n} {what} is more than one figure shows (at most {limit}); {hint}"
         )
+
+
+def integer_ticks(ax: Axes, axis: str = "x") -> None:
+    """Whole-number ticks on an epoch axis (never 0.5 epochs)."""
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
+
+
+def histogram_bins(n: int, most: int = 100) -> int:
+    """Bins for a histogram of ``n`` values: about 2 sqrt(n), at least 5 (1 for at most one
+    value) and at most ``most``; so 10 values get 6 bins, not 100 mostly empty ones."""
+    if n <= 1:
+        return 1
+    return max(1, min(int(most), max(5, 2 * math.isqrt(int(n)))))
+
+
+def style_handle(
+    label: str,
+    *,
+    color: Any = "0.25",
+    linestyle: Any = "-",  # a matplotlib line style ("-", "--", ":", "-.", "none")
+    marker: str | None = None,
+    linewidth: float = 1.5,
+    filled: bool = True,
+) -> Line2D:
+    """A legend entry (not drawn) that shows a colour, a line style and a marker (hollow
+    unless ``filled``)."""
+    return Line2D(
+        [],
+        [],
+        color=color,
+        linestyle=linestyle,
+        marker=marker,
+        markerfacecolor=None if filled else "none",
+        linewidth=linewidth,
+        markersize=5,
+        label=label,
+    )
+
+
+def legend_width(labels: Sequence[str], ncol: int = 1) -> float:
+    """Inches a :func:`legend_outside` legend with these labels needs right of the axes."""
+    longest = max((len(t) for t in labels), default=0)
+    handle = _HANDLE_EM * LEGEND_FONTSIZE / 72
+    return ncol * (handle + 0.25 + _CHAR_IN * longest) + 0.2
+
+
+def legend_outside(
+    fig: Figure,
+    handles: Sequence[Artist],
+    *,
+    title: str | None = None,
+    ncol: int = 1,
+) -> Legend:
+    """One legend for the whole figure, right of the rightmost axes (never over the data;
+    make room with ``new_figure(right=legend_width(labels))``). Handles carry their line
+    style and marker, drawn long enough to show a dash pattern."""
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    x0 = max(ax.get_position().x1 for ax in visible) + 0.1 / fig.get_figwidth()
+    y1 = max(ax.get_position().y1 for ax in visible)
+    return fig.legend(
+        handles=list(handles),
+        loc="upper left",
+        bbox_to_anchor=(x0, y1),
+        bbox_transform=fig.transFigure,
+        fontsize=LEGEND_FONTSIZE,
+        title=title,
+        title_fontsize=LEGEND_FONTSIZE,
+        handlelength=_HANDLE_EM,
+        ncol=ncol,
+        frameon=False,
+        borderaxespad=0.0,
+    )

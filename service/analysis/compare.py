@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from trainer.errors import BnnError
+
 from ._multi import check_same_architecture, open_sources
 from ._numeric import kl_normal_elementwise, valid_mask
 from .source import EpochView, RunLike
@@ -108,6 +110,7 @@ def width_study(
     epoch: int | None = None,
     *,
     widths: Mapping[str, float] | None = None,
+    min_widths: int = 2,
     data_dir: str | Path | None = None,
     db_url: str | None = None,
 ) -> pd.DataFrame:
@@ -118,8 +121,15 @@ def width_study(
     ``fan_in``, ``fan_out``, ``weights``, ``Weight prior mu``/``sigma``, ``Bias prior
     mu``/``sigma``, ``Weight mu std``, ``Weight sigma mean`` and ``Weight KL per element``
     (to the layer prior). ``epoch=None``: each run's latest epoch.
+
+    The runs must have at least ``min_widths`` (2) different widths (INVALID_ARGUMENT
+    listing each run's width otherwise): against a single width, priors can only be
+    compared, not related to width (:func:`kl_between_runs` and ``plot_prior_trajectories``
+    compare runs of one width). ``min_widths=1`` takes any runs (a report's table of
+    whatever completed).
     """
     rows: dict[tuple[str, str], dict[str, Any]] = {}
+    run_widths: dict[str, float] = {}
     with open_sources(runs, data_dir=data_dir, db_url=db_url) as named:
         for label, src in named:
             e = src.resolve_epoch(epoch)
@@ -147,6 +157,23 @@ def width_study(
             outs = [r["fan_out"] for r in run_rows.values()]
             default = max(outs[:-1]) if len(outs) > 1 else outs[0]
             width = float(widths[label]) if widths and label in widths else float(default)
+            run_widths[label] = width
             for layer, row in run_rows.items():
                 rows[(label, layer)] = {"width": width, **row}
+    _check_widths(run_widths, min_widths)
     return frame_from_rows(rows, ["run", "layer"])
+
+
+def _check_widths(run_widths: Mapping[str, float], least: int) -> None:
+    """INVALID_ARGUMENT unless the runs have at least ``least`` different widths."""
+    distinct = {w for w in run_widths.values() if np.isfinite(w)}
+    if len(distinct) >= least:
+        return
+    listing = ", ".join(f"{label}: {w:g}" for label, w in run_widths.items())
+    raise BnnError.invalid(
+        f"a width study needs runs of at least {least} different widths, got {len(run_widths)} "
+        f"run(s) of {len(distinct)} width ({listing}); to compare the priors of runs of one "
+        "width, use kl_between_runs or plot_prior_trajectories (GET /compare/kl, "
+        "/compare/plots/priors.png)",
+        widths={label: float(w) for label, w in run_widths.items()},
+    )

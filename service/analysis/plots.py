@@ -17,11 +17,25 @@ from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.collections import LineCollection
 from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from trainer.errors import BnnError
 
 from ._cache import cached
-from ._figure import EVOLUTION_CMAP, check_count, gaussian_pdf, log_if_wide, new_figure, to_png
+from ._figure import (
+    EVOLUTION_CMAP,
+    EVOLUTION_CMAP_TEXT,
+    check_count,
+    gaussian_pdf,
+    histogram_bins,
+    integer_ticks,
+    legend_outside,
+    legend_width,
+    log_if_wide,
+    new_figure,
+    to_png,
+)
 from ._numeric import top_k as top_k_indices
 from ._numeric import valid_mask
 from .outliers import gradient_outliers
@@ -32,6 +46,12 @@ from .summary import PARAMS, select_layers
 __all__ = ["plot_epoch_distributions", "plot_params_log_distributions", "plot_percentile_bands"]
 
 _CRITERIA = ("mu_change", "sigma", "gradient")
+_CURVE_COLOUR = "tab:blue"
+# Percentile bands, outside in: (low, high) columns of PERCENTILE_COLUMNS, and their names.
+_BANDS = ((0, 8), (1, 7), (2, 6), (3, 5))
+_BAND_LABELS = tuple(
+    f"p{PERCENTILE_COLUMNS[lo][1:]}-p{PERCENTILE_COLUMNS[hi][1:]}" for lo, hi in _BANDS
+)
 Element = tuple[str, tuple[int, ...]]
 
 
@@ -41,6 +61,19 @@ def _check_param(param: str) -> str:
             f"param must be one of {list(PARAMS)}, got {param!r}", param=str(param)
         )
     return param
+
+
+def _valid_indices(shape: tuple[int, ...]) -> str:
+    """What indices of an array of ``shape`` look like, for an error message."""
+    size = int(np.prod(shape, dtype=np.int64))
+    if size == 0:
+        return "it has no elements"
+    flat = f"a flat index 0..{size - 1}"
+    if len(shape) < 2:
+        return f"give {flat}"
+    names = "ijklmn"[: len(shape)]
+    ranges = ", ".join(f"{n} < {d}" for n, d in zip(names, shape, strict=False))
+    return f"give {flat} or a tuple ({', '.join(names)}) with {ranges}"
 
 
 def _explicit(view: EpochView, params: Sequence[Any], param: str) -> list[Element]:
@@ -56,7 +89,10 @@ def _explicit(view: EpochView, params: Sequence[Any], param: str) -> list[Elemen
             np.ravel_multi_index(tuple(int(i) for i in idx), shape)
         except (ValueError, TypeError) as exc:
             raise BnnError.invalid(
-                f"index {index!r} is not in {layer}.{param} of shape {shape}", layer=layer
+                f"index {index!r} is not in {layer}.{param} of shape {shape}: "
+                f"{_valid_indices(shape)}",
+                layer=layer,
+                index=str(index),
             ) from exc
         out.append((layer, tuple(int(i) for i in idx)))
     return out
@@ -145,9 +181,11 @@ def plot_params_log_distributions(
 ) -> bytes:
     """How chosen parameters' Gaussians evolve over epochs (the seed's evolution plot).
 
-    One panel per chosen element, each epoch's N(mu, sigma^2) drawn from dark red (early)
-    to neon green (late), with an epoch colour bar. Elements are ``params`` (explicit
-    ``(layer, flat or tuple index)``, at most 16), or the ``top_k`` (<= 16) of ``layer``
+    One panel per chosen element, each epoch's N(mu, sigma^2) coloured by epoch with
+    viridis (dark purple early, yellow late: colour-blind safe), with an epoch colour bar.
+    Elements are ``params`` (explicit ``(layer, flat or tuple index)``, at most 16; an index
+    outside the layer is an INVALID_ARGUMENT naming it and the valid range), or the
+    ``top_k`` (<= 16) of ``layer``
     (default all layers) by ``criterion``: ``"mu_change"`` (largest |mu_last - mu_first|),
     ``"sigma"`` (largest sigma at the last epoch) or ``"gradient"`` (top exploding gradient
     outliers at the last epoch with gradient statistics). ``dist_type="prior"`` draws each
@@ -200,7 +238,12 @@ def plot_params_log_distributions(
     fig.suptitle(f"{name}: {dist} of {param}s over epochs {eps[0]}-{eps[-1]} ({how})")
     sm = ScalarMappable(norm=Normalize(eps[0], max(eps[-1], eps[0] + 1)), cmap=EVOLUTION_CMAP)
     fig.colorbar(
-        sm, ax=axes, fraction=0.03, pad=0.02, label="epoch (dark red = early, neon green = late)"
+        sm,
+        ax=axes,
+        fraction=0.03,
+        pad=0.02,
+        ticks=MaxNLocator(integer=True),
+        label=f"epoch ({EVOLUTION_CMAP_TEXT})",
     )
     return to_png(fig, save, dpi)
 
@@ -223,20 +266,19 @@ def _epoch_row(axes: Any, view: EpochView, layer: str, param: str, opts: dict[st
         lo, hi = float((pm - 4 * ps).min()), float((pm + 4 * ps).max())
         x = np.linspace(lo, hi, opts["num_points"])
         pdf = gaussian_pdf(x, pm, ps)
+        # One colour: an element's position in the layer means nothing on this axis, and
+        # overlapping translucent curves show where the posteriors concentrate.
         lc = LineCollection(
             list(np.stack([np.broadcast_to(x, pdf.shape), pdf], -1)),
-            cmap="viridis",
-            norm=Normalize(0, max(mu.size - 1, 1)),
+            colors=_CURVE_COLOUR,
             alpha=opts["alpha"],
             linewidths=0.8,
         )
-        lc.set_array(pick.astype(np.float64))
         ax.add_collection(lc)
         ax.set_xlim(lo, hi)
         ax.set_ylim(0, float(pdf.max()) * 1.05)
-        ax.figure.colorbar(lc, ax=ax, label="flat index of the element")
     subset = f"random {m} of {n} (seed {opts['seed']})" if m < n else f"all {n}"
-    ax.set_title(f"{layer}.{param}: {subset} curves", fontsize=9)
+    ax.set_title(f"{layer}.{param}: {subset} curves (alpha {opts['alpha']:g})", fontsize=9)
     ax.set_xlabel("value")
     ax.set_ylabel("density")
     note = f", {bad} non-finite left out" if bad else ""
@@ -244,8 +286,9 @@ def _epoch_row(axes: Any, view: EpochView, layer: str, param: str, opts: dict[st
         (axes[1], mu[flat], "mu"),
         (axes[2], np.log10(sigma[flat]), "log10 sigma"),
     ):
+        nbins = histogram_bins(vals.size, opts["bins"])
         if vals.size:
-            counts, edges = np.histogram(vals, bins=opts["bins"])
+            counts, edges = np.histogram(vals, bins=nbins)
             width = np.diff(edges)
             ax.stairs(
                 counts / max(vals.size, 1) / np.where(width > 0, width, 1),
@@ -253,7 +296,7 @@ def _epoch_row(axes: Any, view: EpochView, layer: str, param: str, opts: dict[st
                 fill=True,
                 alpha=0.7,
             )
-        ax.set_title(f"{layer}.{param}: {label} of all {vals.size}{note}", fontsize=9)
+        ax.set_title(f"{layer}.{param}: {label} of all {vals.size}{note}, {nbins} bins", fontsize=9)
         ax.set_xlabel(label)
         ax.set_ylabel("density")
 
@@ -275,11 +318,13 @@ def plot_epoch_distributions(
     data_dir: str | Path | None = None,
     db_url: str | None = None,
 ) -> bytes:
-    """All distributions of each layer at one epoch (the seed's overlay, viridis).
+    """All distributions of each layer at one epoch (the seed's overlay).
 
     Per layer (or only ``layer``; at most 8 rows): the Gaussian curves of at most
-    ``max_curves`` elements (a random subset drawn with ``seed`` when the layer is larger,
-    stated in the title), and histograms of all mu's and of all log10 sigma's.
+    ``max_curves`` elements in one colour with transparency ``alpha`` (a random subset drawn
+    with ``seed`` when the layer is larger, stated in the title), and histograms of all mu's
+    and of all log10 sigma's with about 2 sqrt(n) bins for n values (at least 5, at most
+    ``bins``; the title states the count).
     ``dist_type="prior"``: every layer's shared weight and bias prior in one panel.
     ``epoch=None``: the latest captured epoch. Returns PNG bytes.
     """
@@ -301,8 +346,7 @@ def plot_epoch_distributions(
                 n for n in select_layers(view, layer) if dist == "prior" or view.has_param(n, param)
             ]
             if dist == "prior":
-                fig, axes = new_figure(1, 1, panel=(6.0, 4.0))
-                _prior_panel(axes[0][0], view, layers, num_points)
+                fig = _prior_figure(view, layers, num_points)
             else:
                 check_count(len(layers), 8, "layers", "choose one with layer=")
                 fig, axes = new_figure(len(layers), 3, wgap=1.0)
@@ -312,7 +356,9 @@ def plot_epoch_distributions(
     return to_png(fig, save, dpi)
 
 
-def _prior_panel(ax: Any, view: EpochView, layers: list[str], num_points: int) -> None:
+def _prior_figure(view: EpochView, layers: list[str], num_points: int) -> Figure:
+    """Every layer's shared weight (solid) and bias (dashed) prior in one panel, the legend
+    right of it."""
     colours = colormaps["viridis"](np.linspace(0, 0.9, max(len(layers), 1)))
     priors = []
     for i, name in enumerate(layers):
@@ -321,24 +367,28 @@ def _prior_panel(ax: Any, view: EpochView, layers: list[str], num_points: int) -
                 m = float(view.array(name, "prior", p, "mu").ravel()[0])
                 s = float(view.array(name, "prior", p, "sigma").ravel()[0])
                 priors.append((name, p, style, colours[i], m, s))
+    labels = [f"{name}.{p}: mu={m:.3g}, sigma={s:.3g}" for name, p, _, _, m, s in priors]
+    fig, axes = new_figure(1, 1, panel=(6.0, 4.0), right=legend_width(labels))
+    ax = axes[0][0]
     good = [(m, s) for *_, m, s in priors if np.isfinite(m) and np.isfinite(s) and s > 0]
     if good:
         lo = min(m - 4 * s for m, s in good)
         hi = max(m + 4 * s for m, s in good)
         x = np.linspace(lo, hi, num_points)
-        for name, p, style, colour, m, s in priors:
+        for (_, _, style, colour, m, s), label in zip(priors, labels, strict=True):
             if np.isfinite(m) and np.isfinite(s) and s > 0:
                 ax.plot(
                     x,
                     gaussian_pdf(x, np.array([m]), np.array([s]))[0],
                     style,
                     color=colour,
-                    label=f"{name}.{p}: mu={m:.3g}, sigma={s:.3g}",
+                    label=label,
                 )
-        ax.legend(fontsize=7)
+        legend_outside(fig, ax.get_legend_handles_labels()[0])
     ax.set_title("shared layer priors (solid: weight, dashed: bias)", fontsize=9)
     ax.set_xlabel("value")
     ax.set_ylabel("density")
+    return fig
 
 
 def plot_percentile_bands(
@@ -365,34 +415,26 @@ def plot_percentile_bands(
         with src.open(eps[-1]) as view:
             layers = [n for n in select_layers(view, layer) if view.has_param(n, param)]
         check_count(len(layers), 8, "layers", "choose one with layer=")
-        fig, axes = new_figure(len(layers), 2, panel=(5.0, 3.0))
+        labels = [*_BAND_LABELS, "median"]
+        fig, axes = new_figure(len(layers), 2, panel=(5.0, 3.0), right=legend_width(labels))
         for row, name in enumerate(layers):
             for col, stat in enumerate(("mu", "sigma")):
                 bands = percentile_bands(src, name, param, stat, eps, dist)
                 _draw_bands(axes[row][col], bands, f"{name}.{param} {stat}")
         fig.suptitle(f"{src.name}: {dist} percentiles over epochs")
+    legend_outside(fig, axes[0][0].get_legend_handles_labels()[0])
     return to_png(fig, save, dpi)
 
 
 def _draw_bands(ax: Any, bands: Any, title: str) -> None:
     x = bands.index.to_numpy()
     p = bands[list(PERCENTILE_COLUMNS)].to_numpy().T
-    for (lo, hi), shade in zip(
-        ((0, 8), (1, 7), (2, 6), (3, 5)), (0.15, 0.3, 0.45, 0.6), strict=True
-    ):
-        ax.fill_between(
-            x,
-            p[lo],
-            p[hi],
-            color="tab:orange",
-            alpha=shade,
-            linewidth=0,
-            label=f"p{PERCENTILE_COLUMNS[lo][1:]}-p{PERCENTILE_COLUMNS[hi][1:]}",
-        )
+    for (lo, hi), shade, label in zip(_BANDS, (0.15, 0.3, 0.45, 0.6), _BAND_LABELS, strict=True):
+        ax.fill_between(x, p[lo], p[hi], color="tab:orange", alpha=shade, linewidth=0, label=label)
     ax.plot(x, p[4], color="tab:red", linewidth=1.2, label="median")
     log_if_wide(ax, p)
     bad = int(bands["non-finite"].max()) if len(bands) else 0
     ax.set_title(title + (f" ({bad} non-finite at most)" if bad else ""), fontsize=9)
     ax.set_xlabel("epoch")
+    integer_ticks(ax)
     ax.set_ylabel(title.split()[-1])
-    ax.legend(fontsize=6, loc="best")

@@ -14,7 +14,17 @@ from matplotlib.ticker import NullFormatter
 from trainer.errors import BnnError
 from trainer.snapshot import EpochSnapshot
 
-from ._figure import LINESTYLES, log_if_wide, new_figure, to_png
+from ._figure import (
+    LINESTYLES,
+    MARKERS,
+    integer_ticks,
+    legend_outside,
+    legend_width,
+    log_if_wide,
+    new_figure,
+    style_handle,
+    to_png,
+)
 from ._multi import open_sources
 from .compare import width_study
 from .gradients import GradThresholds, iter_grad_summaries
@@ -46,13 +56,21 @@ def plot_kl_over_epochs(
     db_url: str | None = None,
 ) -> bytes:
     """Left: KL(posterior || layer prior) per element, per layer over epochs; right: the
-    average pairwise symmetric KL within each layer. Solid: weights, dashed: biases."""
+    average pairwise symmetric KL within each layer. Colour: layer; solid: weights, dashed:
+    biases (the legend, right of the panels, shows both)."""
     with open_source(run, data_dir=data_dir, db_url=db_url) as src:
         prior, pair = kl_tables(src, epochs, layers=layers)
         name = src.name
-    fig, axes = new_figure(1, 2, panel=(5.2, 3.6))
     names = list(dict.fromkeys(prior.index.get_level_values("layer")))
     colours = _colours(len(names))
+    handles = [style_handle(layer, color=colours[i]) for i, layer in enumerate(names)]
+    handles += [
+        style_handle(text, linestyle=style, marker=".")
+        for text, style in zip(("weights", "biases"), LINESTYLES, strict=False)
+    ]
+    fig, axes = new_figure(
+        1, 2, panel=(5.2, 3.6), right=legend_width([str(h.get_label()) for h in handles])
+    )
     for ax, table, suffix, title in (
         (axes[0][0], prior, "KL per element", "KL(posterior || layer prior) per element"),
         (axes[0][1], pair, "KL Average", "mean pairwise symmetric KL within the layer"),
@@ -70,8 +88,9 @@ def plot_kl_over_epochs(
         )
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
+        integer_ticks(ax)
         ax.set_ylabel("KL (nats)")
-        ax.legend(fontsize=7)
+    legend_outside(fig, handles)
     fig.suptitle(f"{name}: KL over epochs (solid: weights, dashed: biases)")
     return to_png(fig, save, dpi)
 
@@ -89,30 +108,45 @@ def plot_prior_trajectories(
 ) -> bytes:
     """The learned prior mu (left) and sigma (right) of each layer over epochs.
 
-    ``runs`` is one run, or ``{label: run}`` / a list of runs to overlay (one line style per
-    run, one colour per layer).
+    ``runs`` is one run, or ``{label: run}`` / a list of runs to overlay (one colour per
+    layer; one line style and marker per run, later runs drawn on top and translucent so
+    that equal trajectories, such as a fixed prior and a learnable one that has not moved
+    yet, stay visible). The legend, right of the panels, shows the colours and the runs'
+    line styles; the title names the runs.
     """
     group = _as_group(runs)
-    fig, axes = new_figure(1, 2, panel=(5.2, 3.6))
     col = param.capitalize()
     with open_sources(group, data_dir=data_dir, db_url=db_url) as named:
         tables = [(label, prior_trajectories(src, epochs, layers=layers)) for label, src in named]
     names = list(dict.fromkeys(n for _, t in tables for n in t.index.get_level_values("layer")))
     colours = _colours(len(names))
+    many = len(tables) > 1
+    handles = [style_handle(layer, color=colours[i]) for i, layer in enumerate(names)]
+    if many:
+        handles += [
+            style_handle(label, linestyle=LINESTYLES[r % 4], marker=MARKERS[r % 4], filled=r == 0)
+            for r, (label, _) in enumerate(tables)
+        ]
+    fig, axes = new_figure(
+        1, 2, panel=(5.2, 3.6), right=legend_width([str(h.get_label()) for h in handles])
+    )
     for ax, stat in ((axes[0][0], "mu"), (axes[0][1], "sigma")):
         for r, (label, table) in enumerate(tables):
             for i, layer in enumerate(names):
                 if layer not in table.index.get_level_values("layer"):
                     continue
                 part = table.xs(layer, level="layer")
-                tag = f"{label}/{layer}" if len(tables) > 1 else layer
                 ax.plot(
                     part.index,
                     part[f"{col} prior {stat}"],
                     LINESTYLES[r % 4],
                     color=colours[i],
-                    marker=".",
-                    label=tag,
+                    marker=MARKERS[r % 4] if many else ".",
+                    markersize=5 if many else 6,
+                    markerfacecolor="none" if r else colours[i],
+                    alpha=0.75 if r else 1.0,
+                    zorder=2 + r,
+                    label=f"{label}/{layer}" if many else layer,
                 )
         if stat == "sigma":
             log_if_wide(
@@ -121,11 +155,11 @@ def plot_prior_trajectories(
             )
         ax.set_title(f"{param} prior {stat} per layer", fontsize=9)
         ax.set_xlabel("epoch")
+        integer_ticks(ax)
         ax.set_ylabel(f"prior {stat}")
-        ax.legend(fontsize=7)
-    fig.suptitle(
-        "learned layer priors over epochs" + (" (line style: run)" if len(tables) > 1 else "")
-    )
+    legend_outside(fig, handles, title="line style: run" if many else None)
+    runs_txt = ", ".join(label for label, _ in tables)
+    fig.suptitle(f"{runs_txt}: layer priors over epochs")
     return to_png(fig, save, dpi)
 
 
@@ -167,8 +201,19 @@ def plot_gradient_magnitudes(
         name = src.name
         if not series:
             raise BnnError.not_found(f"run {name!r} has no gradient statistics in those epochs")
-    fig, axes = new_figure(1, 2, panel=(5.2, 3.6))
     colours = _colours(len(series))
+    handles = [style_handle(layer, color=colours[i]) for i, layer in enumerate(series)]
+    handles += [
+        style_handle("median |g| (right)", marker="."),
+        style_handle("max |g| (right)", linestyle=":"),
+    ]
+    if any(s.nonfinite_elements > 0 for items in series.values() for _, s in items):
+        handles.append(
+            style_handle("non-finite (right)", color="red", linestyle="none", marker="x")
+        )
+    fig, axes = new_figure(
+        1, 2, panel=(5.2, 3.6), right=legend_width([str(h.get_label()) for h in handles])
+    )
     left, right = axes[0][0], axes[0][1]
     for i, (layer, items) in enumerate(series.items()):
         xs, ys = [], []
@@ -209,7 +254,8 @@ def plot_gradient_magnitudes(
     right.set_xlabel("epoch")
     right.set_ylabel("|g|")
     for ax in (left, right):
-        ax.legend(fontsize=7)
+        integer_ticks(ax)
+    legend_outside(fig, handles)
     fig.suptitle(f"{name}: gradient magnitudes")
     return to_png(fig, save, dpi)
 
@@ -226,12 +272,20 @@ def plot_width_study(
     db_url: str | None = None,
 ) -> bytes:
     """Learned prior sigma (left) and mu (right) against network width, one line per layer
-    (the table is :func:`~service.analysis.compare.width_study`)."""
+    (the table is :func:`~service.analysis.compare.width_study`, which needs runs of at least
+    two different widths)."""
     table = width_study(runs, epoch, widths=widths, data_dir=data_dir, db_url=db_url)
     col = param.capitalize()
-    fig, axes = new_figure(1, 2, panel=(5.2, 3.6))
     names = list(dict.fromkeys(table.index.get_level_values("layer")))
     colours = _colours(len(names))
+    handles = [style_handle(layer, color=colours[i], marker="o") for i, layer in enumerate(names)]
+    fig, axes = new_figure(
+        1,
+        2,
+        panel=(5.2, 3.6),
+        right=legend_width([str(h.get_label()) for h in handles]),
+        wgap=1.2,  # room for the right panel's tick labels of small prior means
+    )
     for ax, stat in ((axes[0][0], "sigma"), (axes[0][1], "mu")):
         for i, layer in enumerate(names):
             part = table[table.index.get_level_values("layer") == layer].sort_values("width")
@@ -244,7 +298,7 @@ def plot_width_study(
         ax.set_title(f"learned {param} prior {stat} vs width", fontsize=9)
         ax.set_xlabel("network width (hidden units)")
         ax.set_ylabel(f"prior {stat}")
-        ax.legend(fontsize=7)
+    legend_outside(fig, handles)
     runs_txt = ", ".join(dict.fromkeys(table.index.get_level_values("run")))
     fig.suptitle(f"width study: {runs_txt}")
     return to_png(fig, save, dpi)

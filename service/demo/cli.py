@@ -57,7 +57,11 @@ def _demo_parser(sub: Any) -> None:
             "or calibration and OOD entropy (mnist) and the diagnostics of the first seed's runs."
         ),
     )
-    p.add_argument("task", choices=["regression", "mnist"])
+    p.add_argument(
+        "task",
+        choices=["regression", "mnist"],
+        help="regression: the seed's 1-D task, 1-32-32-1; mnist: 784-400-400-10",
+    )
     p.add_argument(
         "--out", required=True, type=Path, help="folder for report.html/.md, img/, bnn-data/"
     )
@@ -77,7 +81,7 @@ def _demo_parser(sub: Any) -> None:
     p.add_argument("--tune-epochs", type=int, help="epochs of each tuning run (mnist 3, full 20)")
     p.add_argument("--temper", action="store_true", help="add kl_weight 0.1/1 to every tuning grid")
     p.add_argument("--epochs", type=int, help="epochs per run (regression 100, mnist 5, full 50)")
-    p.add_argument("--widths", type=_ints, metavar="N,N", help="hidden widths")
+    p.add_argument("--widths", type=_ints, metavar="N,N", help="hidden layer widths, e.g. 32,32")
     p.add_argument("--n-train", type=int, help="training examples (default: all)")
     p.add_argument("--n-test", type=int, help="test examples (default: all)")
     p.add_argument("--eval-samples", type=int, help="posterior samples for the test metrics")
@@ -90,11 +94,17 @@ def _demo_parser(sub: Any) -> None:
 
 def _sweep_parser(sub: Any) -> None:
     p = sub.add_parser("sweep", help="a width or optimiser study on Dask, with a report")
-    p.add_argument("kind", choices=["width", "optim"])
+    p.add_argument(
+        "kind",
+        choices=["width", "optim"],
+        help="width: one run per width and prior; optim: optimiser x clipping x annealing x "
+        "schedule",
+    )
     p.add_argument(
         "--dataset",
         default="regression",
         choices=["regression", "mnist", "fashion_mnist", "kmnist"],
+        help="the dataset of every run (default: regression)",
     )
     p.add_argument(
         "--widths",
@@ -110,7 +120,9 @@ def _sweep_parser(sub: Any) -> None:
         type=_names,
         help="fixed,learnable (width default: learnable)",
     )
-    p.add_argument("--optimizers", type=_names, help="optim: sgd,adam,adamw")
+    p.add_argument(
+        "--optimizers", type=_names, help="optim: the optimisers to compare, e.g. sgd,adam,adamw"
+    )
     p.add_argument(
         "--clip", type=float, default=1.0, help="optim: the max gradient norm when clipping is on"
     )
@@ -128,23 +140,25 @@ def _sweep_parser(sub: Any) -> None:
         help="optim: half (24 runs) or full (48) factorial",
     )
     p.add_argument("--target", type=float, help="optim: accuracy (or RMSE) for epochs-to-target")
-    for flag, typ in (
-        ("--epochs", int),
-        ("--n-train", int),
-        ("--n-test", int),
-        ("--batch-size", int),
-        ("--lr", float),
-        ("--capture-every", int),
-        ("--eval-samples", int),
-        ("--seed", int),
+    for flag, typ, text in (
+        ("--epochs", int, "training epochs of every run"),
+        ("--n-train", int, "training examples"),
+        ("--n-test", int, "test examples"),
+        ("--batch-size", int, "examples per step"),
+        ("--lr", float, "learning rate"),
+        ("--capture-every", int, "capture the parameters every N epochs (and the last)"),
+        ("--eval-samples", int, "posterior samples for the test metrics"),
+        ("--seed", int, "random seed of every run"),
     ):
-        p.add_argument(flag, type=typ)
+        p.add_argument(flag, type=typ, help=f"{text} (default: --config's, else as in bnn train)")
     p.add_argument("--config", type=Path, help="JSON file with base configuration fields")
-    p.add_argument("--name", help="sweep name")
+    p.add_argument("--name", help="a name for the sweep")
     p.add_argument("--out", type=Path, help="report folder (default: sweep-<id>)")
     p.add_argument("--data-dir", help="run store (default: $BNN_DATA_DIR or ./bnn-data)")
     p.add_argument("--db-url", help="catalog URL (default: $BNN_DATABASE_URL or SQLite)")
-    p.add_argument("--workers", type=int, default=2, help="local Dask worker processes")
+    p.add_argument(
+        "--workers", type=int, default=2, help="local Dask worker processes (default: 2)"
+    )
     p.add_argument("--dask-scheduler", help="a Dask scheduler address instead of a local cluster")
     p.add_argument(
         "--service", metavar="URL", help="submit to a bnn service (POST /sweeps) instead"
@@ -171,21 +185,23 @@ def _study_parser(sub: Any) -> None:
     p.add_argument("--seeds", type=_ints, help="evaluation seeds (regression 0-4, mnist 0-2)")
     p.add_argument("--temper", action="store_true", help="preset: add kl_weight 0.1/1 to grids")
     p.add_argument("--tune-epochs", type=int, help="epochs of each tuning run (default: epochs)")
-    for flag, typ in (
-        ("--epochs", int),
-        ("--n-train", int),
-        ("--n-test", int),
-        ("--eval-samples", int),
-        ("--capture-every", int),
+    for flag, typ, text in (
+        ("--epochs", int, "training epochs of every run"),
+        ("--n-train", int, "training examples"),
+        ("--n-test", int, "test examples"),
+        ("--eval-samples", int, "posterior samples for the test metrics"),
+        ("--capture-every", int, "capture the parameters every N epochs (and the last)"),
     ):
-        p.add_argument(flag, type=typ)
-    p.add_argument("--widths", type=_ints, metavar="N,N", help="hidden widths")
+        p.add_argument(flag, type=typ, help=f"{text} (default: the preset's or the spec's)")
+    p.add_argument("--widths", type=_ints, metavar="N,N", help="hidden layer widths, e.g. 32,32")
     p.add_argument("--device", help="auto, cpu or cuda")
-    p.add_argument("--name", help="study name")
+    p.add_argument("--name", help="a name for the study")
     p.add_argument("--out", type=Path, help="report folder (default: study-<id>)")
     p.add_argument("--data-dir", help="run store (default: $BNN_DATA_DIR or ./bnn-data)")
     p.add_argument("--db-url", help="catalog URL (default: $BNN_DATABASE_URL or SQLite)")
-    p.add_argument("--workers", type=int, default=2, help="local Dask worker processes")
+    p.add_argument(
+        "--workers", type=int, default=2, help="local Dask worker processes (default: 2)"
+    )
     p.add_argument("--dask-scheduler", help="a Dask scheduler address instead of a local cluster")
 
 
@@ -344,6 +360,10 @@ def _spec(args: argparse.Namespace) -> Any:
     if args.kind == "width":
         if not args.widths:
             raise BnnError.invalid("`bnn sweep width` needs --widths, e.g. 25,50,100,200,400,800")
+        if len(set(args.widths)) < 2:  # a width study relates priors to width: 2+ widths
+            raise BnnError.invalid(
+                f"`bnn sweep width` needs at least 2 different --widths, got {args.widths}"
+            )
         depth = args.depth or len(
             base.get("widths") or DATASET_DEFAULTS[Dataset(args.dataset)]["widths"]
         )

@@ -87,7 +87,7 @@ def width_table(store: RunStore, sweep: SweepInfo) -> pd.DataFrame:
     runs = _completed(store, sweep)
     readers = {label: store.reader(run_id) for label, run_id in runs.items()}
     try:
-        table = width_study(readers)
+        table = width_study(readers, min_widths=1)  # runs of one width completed: still a table
         extra = {}
         for label, reader in readers.items():
             key, value, prior = _main_metric(store, runs[label])
@@ -248,6 +248,8 @@ def study_plots(store: RunStore, sweep: SweepInfo, table: pd.DataFrame) -> dict[
     runs = dict(sweep.runs)
     plots = {"width_posteriors": _width_plot(table)}
     for prior, part in table.reset_index().groupby("prior"):
+        if part["width"].nunique() < 2:
+            continue  # a line against width needs two widths
         labels = list(dict.fromkeys(part["run"]))
         readers = {label: store.reader(runs[label]) for label in labels}
         try:

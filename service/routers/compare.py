@@ -210,7 +210,7 @@ async def compare_priors(
 
     def compute() -> tuple[dict[str, Any], dict[str, pd.DataFrame]]:
         with readers(store, found) as rs:
-            frame = an.width_study(rs, epoch)
+            frame = an.width_study(rs, epoch, min_widths=1)  # a table: one width is fine
         return {"runs": _ids(found), "epochs": chosen}, {"table": frame}
 
     key = ("compare_priors", tuple(r.key(e) for r, e in zip(found, chosen, strict=True)))

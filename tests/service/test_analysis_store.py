@@ -107,7 +107,9 @@ def test_comparisons_of_stored_runs(stored: Stored) -> None:
         diff, an.kl_between_runs(snaps["learnable"], snaps["fixed"]), check_like=True
     )
     assert diff.loc["layer1", "Weight non-finite"] == 1
-    widths = an.width_study(ids, data_dir=data_dir)
+    with pytest.raises(BnnError, match=r"at least 2 different widths.*fixed: 40"):
+        an.width_study(ids, data_dir=data_dir)  # both runs are 40 wide: no width study
+    widths = an.width_study(ids, data_dir=data_dir, min_widths=1)
     assert widths.loc[("fixed", "layer1"), "width"] == 40
     assert widths.loc[("fixed", "layer1"), "Weight prior mu"] == 0.0
     assert widths.loc[("learnable", "layer1"), "Weight prior mu"] > 0

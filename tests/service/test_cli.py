@@ -1,3 +1,4 @@
+import argparse
 import json
 import os
 import subprocess
@@ -132,3 +133,89 @@ def test_a_corrupt_epoch_file_is_reported_and_the_others_survive(
         assert "params" in f
     assert main(["runs", "show", run_id, "--data-dir", str(tmp_path)]) == 0
     assert os.path.exists(bad)
+
+
+# --- help, error messages in flags, a closed stdout ---------------------------------------
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    from service.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+@pytest.mark.parametrize("command", ["train", "runs", "serve", "push", "demo", "sweep", "study"])
+def test_every_option_has_real_help(command: str) -> None:
+    parser = _subcommands()[command]
+    text = parser.format_help()
+    assert "PydanticUndefined" not in text
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        name = action.dest
+        words = {name, name.replace("_", " "), name.replace("_", "-")}
+        helptext = (action.help or "").strip()
+        assert helptext and helptext.lower() not in words, (command, action.option_strings)
+        assert len(helptext.split()) >= 3, (command, action.option_strings, helptext)
+
+
+def test_train_help_lists_activations_and_defaults() -> None:
+    text = " ".join(_subcommands()["train"].format_help().split())
+    assert "--activation {relu,tanh," in text
+    assert (
+        "--capture-every N capture the parameters every N epochs (and the last) (default: 1)"
+        in (text)
+    )
+    assert "--tag TAG labels to filter runs by (repeat the option for several)" in text
+    assert "(default: --lr)" in text  # field names inside help read as flags
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--capture-every", "0"], "--capture-every: Input should be greater than or equal to 1"),
+        (["--mixture-pi", "2"], "--mixture-pi: Input should be less than 1"),
+        (["--capture-level", "element", "--prior-sigma0", "inf"], "--prior-sigma0: "),
+    ],
+)
+def test_bad_values_are_named_by_their_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], needle: str
+) -> None:
+    assert main(["train", "--data-dir", str(tmp_path), "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "_" not in err.split(":")[1], err
+    assert not (tmp_path / "catalog.db").exists()
+
+
+def test_bad_config_file_keys_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"capture_every": 0, "widths": [4, "x"], "colour": 1}))
+    assert main(["train", "--config", str(config), "--data-dir", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "--capture-every: " in err and "--widths (item 1): " in err
+    assert "'colour' in --config: Extra inputs are not permitted" in err
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> None:
+    """`bnn runs --json | head -1`: the pipe closes while bnn still writes."""
+    store = RunStore(tmp_path)
+    with store:
+        for i in range(400):  # ~200 kB of JSON: more than a pipe holds
+            store.create_run(
+                f"run-{i:04d}-" + "x" * 200, {"dataset": "regression"}, status="queued"
+            )
+    args = ["runs", "--json", "--limit", "1000", "--data-dir", str(tmp_path)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().strip() == b"["
+    proc.stdout.close()  # like `head -1` exiting
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception" not in err, err
