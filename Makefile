@@ -40,8 +40,9 @@ bench: $(STAMP)
 # 100 SIGKILLs per catalog (SQLite and PostgreSQL at $BNN_TEST_PG_URL) of `bnn train`,
 # `bnn push` and the service's ingest, then `fsck --repair`; prints what was left and fixed.
 # Not part of `make test` (tests/trainer/test_crashloop.py runs a 20-kill version).
+KILLS ?= 100
 crashloop: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) benchmarks/crashloop.py --kills 100
+	OMP_NUM_THREADS=1 $(PY) benchmarks/crashloop.py --kills $(KILLS)
 
 # The OpenAPI contract: Schemathesis (all checks, stateful links) against a real server
 # on SQLite and on PostgreSQL (FUZZ_PG=''  skips it), >= 10,000 cases; see docs/reliability.md.

@@ -445,8 +445,13 @@ def run_loop(
             loop.record()
         max_rounds = kills * 4
         try:
+            reported = 0
             while loop.total_kills() < kills and loop.rounds < max_rounds:
                 loop.round(loop.rounds)
+                if loop.total_kills() >= reported + 10:  # progress, on stderr
+                    reported = loop.total_kills()
+                    elapsed = time.monotonic() - t0
+                    print(f"{db}: {reported}/{kills} kills, {elapsed:.0f} s", file=sys.stderr)
         finally:
             loop.stop_server()
         result = loop.finish()
