@@ -9,9 +9,17 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, check_json_types
 from trainer.store import RunStatus
 
 __all__ = [
@@ -160,6 +168,13 @@ class RunCreate(TrainConfig):
         if value is not None:
             check_text(value, "resolved_priors", 256)
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_types(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            check_json_types(data)  # 0 is not a boolean, 2.0 not an integer, in JSON
+        return data
 
     def train_config(self) -> dict[str, Any]:
         """The configuration alone (JSON values), without ``execute`` and ``run_id``."""

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 import re
+import types
+from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any
+from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -34,6 +36,7 @@ __all__ = [
     "PriorOptimizer",
     "TrainConfig",
     "check_device",
+    "check_json_types",
     "parse_config",
 ]
 
@@ -457,3 +460,53 @@ def parse_config(data: dict[str, Any] | TrainConfig | None = None, **overrides: 
             fields[loc] = f"{msg} (got {given!r})" if "got" not in msg else msg
         text = "; ".join(f"{k}: {v}" for k, v in fields.items())
         raise BnnError.invalid(f"invalid training configuration: {text}", fields=fields) from None
+
+
+def _json_kind(annotation: Any) -> str | None:
+    """ "boolean", "integer", "number", "array:<kind>" or None (not checked) for a field type."""
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return _json_kind(args[0]) if len(args) == 1 else None
+    if origin is list:
+        inner = get_args(annotation)
+        kind = _json_kind(inner[0]) if inner else None
+        return f"array:{kind}" if kind else None
+    return {bool: "boolean", int: "integer", float: "number"}.get(annotation)
+
+
+def _json_type_ok(kind: str, value: Any) -> bool:
+    if kind.startswith("array:"):
+        return isinstance(value, list) and all(_json_type_ok(kind[6:], v) for v in value)
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if kind == "integer" else isinstance(value, (int, float))
+
+
+_EXPECTED = {
+    "boolean": "true or false",
+    "integer": "an integer",
+    "number": "a number",
+    "array:integer": "an array of integers",
+    "array:number": "an array of numbers",
+    "array:boolean": "an array of true/false",
+}
+
+
+def check_json_types(data: Mapping[str, Any], where: str = "") -> None:
+    """Raise ValueError unless every known field of ``data`` has its JSON type exactly.
+
+    Pydantic's lax mode (what the CLI and Python callers get) takes ``0`` for a boolean or
+    ``2.0`` for an integer; a JSON API should not, so its bodies are checked with this
+    first: booleans ``true``/``false``, integers without a fraction or a boolean, numbers
+    not booleans, arrays item by item. ``null`` and unknown fields are left to the model.
+    """
+    for name, value in data.items():
+        field = TrainConfig.model_fields.get(name)
+        if field is None or value is None:
+            continue
+        kind = _json_kind(field.annotation)
+        if kind is not None and not _json_type_ok(kind, value):
+            raise ValueError(f"{where}{name} must be {_EXPECTED[kind]}, got {value!r}")

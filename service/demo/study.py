@@ -40,7 +40,7 @@ from pydantic import (
     model_validator,
 )
 
-from trainer.config import TrainConfig, parse_config
+from trainer.config import TrainConfig, check_json_types, parse_config
 from trainer.errors import BnnError, ErrorCode
 from trainer.store import RunStatus, RunStore, SweepInfo
 
@@ -82,12 +82,20 @@ class ArmSpec(BaseModel):
             raise ValueError(f"{reserved} are set by the study, not by an arm")
         return value
 
+    @field_validator("config")
+    @classmethod
+    def _config_types(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_json_types(value, "config.")
+        return value
+
     @field_validator("tune")
     @classmethod
     def _levels(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
         for key, levels in value.items():
             if not isinstance(levels, list) or not levels:
                 raise ValueError(f"tune.{key} must be a non-empty list, got {levels!r}")
+            for level in levels:
+                check_json_types({key: level}, "tune.")
         return value
 
     def grid(self) -> list[dict[str, Any]]:
@@ -131,6 +139,7 @@ class StudySpec(BaseModel):
             raise ValueError(f"unknown training configuration fields {unknown}")
         if "seed" in value:
             raise ValueError("base.seed is set by the study: use 'seeds'")
+        check_json_types(value, "base.")
         return value
 
     @field_validator("arms")

@@ -261,3 +261,37 @@ def test_patch_heartbeat_true_records_and_false_does_nothing(client: TestClient)
     assert off.status_code == 200 and off.json()["heartbeat_at"] == before
     on = client.patch(f"/runs/{run_id}", json={"heartbeat": True})
     assert on.status_code == 200 and on.json()["heartbeat_at"] is not None
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"skip_test": 0}, "skip_test must be true or false, got 0"),
+        ({"local_reparam": "true"}, "local_reparam must be true or false"),
+        ({"epochs": 2.0}, "epochs must be an integer, got 2.0"),
+        ({"epochs": True}, "epochs must be an integer, got True"),
+        ({"lr": False}, "lr must be a number, got False"),
+        ({"widths": [4, 2.5]}, "widths must be an array of integers"),
+    ],
+)
+def test_post_runs_takes_json_types_exactly(
+    client: TestClient, body: dict[str, Any], needle: str
+) -> None:
+    """The schema says boolean / integer / number: lax coercions are 422 naming the field."""
+    response = client.post("/runs", json={**TINY, **body})
+    assert response.status_code == 422, response.text
+    assert needle in response.text
+    assert client.jobs.submitted == []  # type: ignore[attr-defined]
+    assert client.post("/runs", json={**TINY, "lr": 1, "skip_test": True}).status_code == 202
+
+
+def test_study_and_sweep_specs_take_json_types_exactly(client: TestClient) -> None:
+    study = {"base": {**TINY, "skip_test": 1}, "arms": {"a": {}}, "seeds": [0]}
+    response = client.post("/studies", json=study)
+    assert response.status_code == 422 and "base.skip_test" in response.text, response.text
+    study = {"base": TINY, "arms": {"a": {"tune": {"epochs": [1, 2.5]}}}, "seeds": [0]}
+    response = client.post("/studies", json=study)
+    assert response.status_code == 422 and "tune.epochs" in response.text, response.text
+    sweep = {"kind": "width", "base": {**TINY, "epochs": 1.5}}
+    response = client.post("/sweeps", json=sweep)
+    assert response.status_code == 422 and "base.epochs" in response.text, response.text

@@ -80,14 +80,6 @@ KNOWN = [
         "trainer/config.py, service/demo: rules between fields (cnn needs an image dataset, "
         "a half design needs two levels, baseline among arms, ...) no schema keyword states",
     ),
-    Known(
-        "trainconfig-lax-types",
-        r"POST /runs|POST /sweeps|POST /studies|Stateful tests",
-        "ST201",
-        r"in body - .*(config|base) -> \w+: Incorrect type|in body - \w+: Incorrect type",
-        "trainer/config.py TrainConfig: pydantic lax mode (0 for a boolean such as skip_test); "
-        "strict mode there needs enum handling in the trainer and CLI",
-    ),
 ]
 # Schemathesis' own trouble, not the API's (its coverage phase recursing on StudySpec),
 # and a transport limit: uvicorn resets the connection on a request line of ~300 KB (its

@@ -170,10 +170,10 @@ def test_the_trainer_refuses_a_missing_device_before_loading_data() -> None:
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
-        (["--lr=inf"], ["lr", "finite number", "inf"]),
-        (["--lr", "1e308"], ["lr", "1e+308"]),
-        (["--kl-weight", "nan"], ["kl_weight", "nan"]),
-        (["--prior-sigma0", "-1"], ["prior_sigma0", "-1.0"]),
+        (["--lr=inf"], ["--lr", "finite number", "inf"]),
+        (["--lr", "1e308"], ["--lr", "1e+308"]),
+        (["--kl-weight", "nan"], ["--kl-weight", "nan"]),
+        (["--prior-sigma0", "-1"], ["--prior-sigma0", "-1.0"]),
         (["--device", MISSING_CUDA], [MISSING_CUDA]),
     ],
 )
