@@ -15,8 +15,8 @@ from pydantic import (
     Field,
     StrictBool,
     StrictInt,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 from trainer.config import TrainConfig, check_json_types
@@ -103,6 +103,31 @@ def check_text(value: Any, where: str, max_len: int) -> None:
             stack.extend((child, f"{at}[{i}]", depth + 1) for i, child in enumerate(item))
 
 
+def check_config_text(config: dict[str, Any], where: str = "") -> None:
+    """ValueError unless the text of a training configuration given as a plain object (a
+    sweep's or study's ``base``, an arm's ``config``) keeps :class:`RunCreate`'s rules:
+    ``name`` 256 characters and not blank, at most 32 ``tags`` of 64 not blank,
+    ``resolved_priors`` keys and values 256, nothing with NUL or lone surrogates."""
+    check_text(config, f"{where}config", 10_000)
+    name = config.get("name")
+    if isinstance(name, str):
+        check_text(name, f"{where}name", 256)
+        if is_blank(name):
+            raise ValueError(f"{where}name must not be blank")
+    tags = config.get("tags")
+    if isinstance(tags, list):
+        if len(tags) > MAX_TAGS:
+            raise ValueError(f"{where}tags: at most {MAX_TAGS} tags, got {len(tags)}")
+        for tag in tags:
+            if isinstance(tag, str):
+                check_text(tag, f"{where}tag", 64)
+                if is_blank(tag):
+                    raise ValueError(f"{where}tags must not be blank")
+    priors = config.get("resolved_priors")
+    if priors is not None:
+        check_text(priors, f"{where}resolved_priors", 256)
+
+
 def _nullable(schema: dict[str, Any], inner: dict[str, Any]) -> None:
     """``schema`` (a generated ``X | None`` property) made ``inner | null``, in place."""
     schema.pop("type", None)
@@ -169,12 +194,12 @@ class RunCreate(TrainConfig):
             check_text(value, "resolved_priors", 256)
         return value
 
-    @model_validator(mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _json_types(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            check_json_types(data)  # 0 is not a boolean, 2.0 not an integer, in JSON
-        return data
+    def _json_types(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and info.field_name:
+            check_json_types({info.field_name: value})  # in JSON 0 is not a boolean, 2.0 not an int
+        return value
 
     def train_config(self) -> dict[str, Any]:
         """The configuration alone (JSON values), without ``execute`` and ``run_id``."""

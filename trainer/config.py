@@ -16,9 +16,18 @@ import re
 import types
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any, Union, get_args, get_origin
+from functools import cache
+from typing import Annotated, Any, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from trainer.errors import BnnError
 from trainer.models import Activation
@@ -510,3 +519,28 @@ def check_json_types(data: Mapping[str, Any], where: str = "") -> None:
         kind = _json_kind(field.annotation)
         if kind is not None and not _json_type_ok(kind, value):
             raise ValueError(f"{where}{name} must be {_EXPECTED[kind]}, got {value!r}")
+
+
+@cache
+def _field_adapter(name: str) -> TypeAdapter[Any]:
+    field = TrainConfig.model_fields[name]
+    return TypeAdapter(Annotated[field.annotation, field])  # type: ignore[arg-type]
+
+
+def check_field_values(data: Mapping[str, Any], where: str = "") -> None:
+    """Raise ValueError unless each known field of ``data`` is a valid value on its own.
+
+    For partial configurations (a sweep's or study's ``base``, an arm's overrides): every
+    value is checked against its field's type and constraints, without the rules between
+    fields (those run when the whole configuration is built). Types are checked exactly
+    as in JSON (:func:`check_json_types`).
+    """
+    check_json_types(data, where)
+    for name, value in data.items():
+        if name not in TrainConfig.model_fields:
+            continue
+        try:
+            _field_adapter(name).validate_python(value)
+        except ValidationError as exc:
+            msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ValueError(f"{where}{name}: {msg} (got {value!r})") from None

@@ -40,7 +40,8 @@ from pydantic import (
     model_validator,
 )
 
-from trainer.config import TrainConfig, check_json_types, parse_config
+from service.schemas import check_config_text
+from trainer.config import TrainConfig, check_field_values, parse_config
 from trainer.errors import BnnError, ErrorCode
 from trainer.store import RunStatus, RunStore, SweepInfo
 
@@ -85,7 +86,8 @@ class ArmSpec(BaseModel):
     @field_validator("config")
     @classmethod
     def _config_types(cls, value: dict[str, Any]) -> dict[str, Any]:
-        check_json_types(value, "config.")
+        check_field_values(value, "config.")
+        check_config_text(value, "config.")
         return value
 
     @field_validator("tune")
@@ -95,7 +97,7 @@ class ArmSpec(BaseModel):
             if not isinstance(levels, list) or not levels:
                 raise ValueError(f"tune.{key} must be a non-empty list, got {levels!r}")
             for level in levels:
-                check_json_types({key: level}, "tune.")
+                check_field_values({key: level}, "tune.")
         return value
 
     def grid(self) -> list[dict[str, Any]]:
@@ -139,7 +141,8 @@ class StudySpec(BaseModel):
             raise ValueError(f"unknown training configuration fields {unknown}")
         if "seed" in value:
             raise ValueError("base.seed is set by the study: use 'seeds'")
-        check_json_types(value, "base.")
+        check_field_values(value, "base.")
+        check_config_text(value, "base.")
         return value
 
     @field_validator("arms")

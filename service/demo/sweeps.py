@@ -30,8 +30,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, field_validator
 
-from service.schemas import check_text, is_blank
-from trainer.config import TrainConfig, check_json_types, parse_config
+from service.schemas import check_config_text, check_text, is_blank
+from trainer.config import TrainConfig, check_field_values, parse_config
 from trainer.errors import BnnError
 from trainer.store import RunStatus, RunStore, SweepInfo
 
@@ -107,7 +107,8 @@ class SweepSpec(BaseModel):
         if unknown:
             raise ValueError(f"unknown training configuration fields {unknown}")
         check_text(value, "base", 10_000)  # what the catalog cannot hold (NUL, ...)
-        check_json_types(value, "base.")
+        check_field_values(value, "base.")
+        check_config_text(value, "base.")
         tags = value.get("tags") or []
         if isinstance(tags, list) and any(isinstance(t, str) and is_blank(t) for t in tags):
             raise ValueError("base.tags must not be blank")

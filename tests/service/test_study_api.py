@@ -218,7 +218,7 @@ def test_cancel_and_errors(api: Any, settings: Settings) -> None:
         ),
         ({"seeds": [0, 100]}, ["tune_seed 100"]),
         ({"baseline": "nope"}, ["baseline 'nope' is not an arm"]),
-        ({"arms": {"fixed": {"config": {"prior": "wide"}}}}, ["fixed/s0", "prior"]),
+        ({"arms": {"fixed": {"config": {"prior": "wide"}}}}, ["arms.fixed.config", "'wide'"]),
         ({"arms": {"fixed": {"config": {"epochs": 5000}}}}, ["fixed/s0", "BNN_MAX_EPOCHS"]),
         (
             {"arms": {**arms, "big": {"tune": {"lr": [1e-3, 1e-2]}, "config": {"widths": [9999]}}}},

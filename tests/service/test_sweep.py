@@ -60,9 +60,10 @@ def test_width_expansion_and_bad_specs() -> None:
         SweepSpec(kind="width", grid={"depth": [1]})
     with pytest.raises(ValueError, match="unknown training configuration fields"):
         SweepSpec(kind="width", base={"epoch": 3})
+    with pytest.raises(ValueError, match=r"base.epochs: .*greater than or equal to 1 \(got 0\)"):
+        SweepSpec(kind="width", base={**TINY, "epochs": 0})  # each base value checked up front
     bad = [
         SweepSpec(kind="width", base=TINY, grid={"widths": [0]}),
-        SweepSpec(kind="width", base={**TINY, "epochs": 0}),
         SweepSpec(kind="optim", base=TINY, grid={"lr_schedule": ["none", "cosine", "step"]}),
         SweepSpec(kind="optim", base=TINY, grid={"optimizer": ["adam", "adam"]}),
         SweepSpec(kind="optim", base=TINY, grid={"optimizer": ["rmsprop"]}),
