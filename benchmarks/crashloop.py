@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,8 +74,10 @@ LEFTOVER_KINDS = ("orphan", "tmp", "upload_tmp")
 
 
 # ----------------------------------------------------------------------------- processes
-def _fork(argv: list[str], env: dict[str, str] | None = None) -> int:
-    """Run ``bnn <argv>`` in a forked child (output discarded); returns its pid."""
+def _spawn(main: Callable[[], int], env: dict[str, str] | None = None) -> int:
+    """Run ``main()`` in a forked child (output discarded, ``env`` added, no crash hook of
+    the parent's); returns its pid. The child exits with what ``main`` returns (70 if it
+    raised)."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -88,35 +90,31 @@ def _fork(argv: list[str], env: dict[str, str] | None = None) -> int:
             os.environ.pop(CRASH_ENV, None)
             os.environ.update(env or {})
             random.seed()
-            code = bnn(argv)
+            code = main()
         finally:
             os._exit(code)
     return pid
+
+
+def _fork(argv: list[str], env: dict[str, str] | None = None) -> int:
+    """Run ``bnn <argv>`` in a forked child; returns its pid."""
+    return _spawn(lambda: bnn(argv), env)
 
 
 def _serve(data_dir: Path, db_url: str | None, port: int, env: dict[str, str]) -> int:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 70
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os.dup2(devnull, 2)
-            os.environ.pop(CRASH_ENV, None)
-            os.environ.update(env)
-            import uvicorn
+    """Run ``bnn serve`` on ``port`` in a forked child; returns its pid."""
 
-            from service.app import create_app
-            from service.settings import Settings
+    def main() -> int:
+        import uvicorn
 
-            settings = Settings(data_dir=data_dir, database_url=db_url, port=port)
-            uvicorn.run(create_app(settings), host="127.0.0.1", port=port, log_level="error")
-            code = 0
-        finally:
-            os._exit(code)
-    return pid
+        from service.app import create_app
+        from service.settings import Settings
+
+        settings = Settings(data_dir=data_dir, database_url=db_url, port=port)
+        uvicorn.run(create_app(settings), host="127.0.0.1", port=port, log_level="error")
+        return 0
+
+    return _spawn(main, env)
 
 
 _REAPED: dict[int, int] = {}  # pid -> exit status of the children already waited for
