@@ -78,7 +78,9 @@ def _demo_parser(sub: Any) -> None:
         help="a subset of the arms, comma-separated (e.g. 'fixed N(0,1),EB burn-in')",
     )
     p.add_argument("--workers", type=int, default=2, help="local Dask worker processes (2)")
-    p.add_argument("--tune-epochs", type=int, help="epochs of each tuning run (mnist 3, full 20)")
+    p.add_argument(
+        "--tune-epochs", type=int, help="epochs per tuning run (regression 50, mnist 3, full 20)"
+    )
     p.add_argument("--temper", action="store_true", help="add kl_weight 0.1/1 to every tuning grid")
     p.add_argument("--epochs", type=int, help="epochs per run (regression 100, mnist 5, full 50)")
     p.add_argument("--widths", type=_ints, metavar="N,N", help="hidden layer widths, e.g. 32,32")

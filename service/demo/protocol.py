@@ -54,7 +54,7 @@ PROTOCOL_BASE: dict[str, dict[str, Any]] = {
 def protocol_arms(dataset: str, *, temper: bool = False) -> dict[str, dict[str, Any]]:
     """The seven arms for ``dataset`` ("regression" or "mnist"), as ``StudySpec.arms``."""
     mnist = dataset != "regression"
-    burnin = [1, 2, 3] if mnist else [10, 30, 60]
+    burnin = [1, 2, 3] if mnist else [10, 20, 40]  # regression: within 50-epoch tuning
     arms: dict[str, dict[str, Any]] = {
         "fixed N(0,1)": {"config": {"prior": "fixed", "prior_sigma0": 1.0}},
         "fixed tuned": {

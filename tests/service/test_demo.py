@@ -29,6 +29,7 @@ from service.demo.common import (
 )
 from service.demo.mnist import auroc, find_fashion_mnist, read_idx_images, run_mnist_demo
 from service.demo.protocol import protocol_spec
+from service.demo.regression import REGRESSION_TUNE_EPOCHS
 from service.demo.report import Report, markdown_table
 from trainer.config import parse_config
 from trainer.layers import bayesian_layers, use_mean
@@ -134,6 +135,7 @@ def test_regression_demo_report(regression_demo: tuple[Path, str, str]) -> None:
     # summary.json: the study, the per-arm table with CIs, the differences, timings
     assert summary["task"] == "regression" and summary["arms"] == REG_ARMS
     assert summary["seeds"] == [0, 1] and summary["tuning_runs"] == 6
+    assert summary["tune_epochs"] == 3  # min(REGRESSION_TUNE_EPOCHS, epochs)
     assert set(summary["summary"]) == set(REG_ARMS) == set(summary["summary_text"])
     assert set(summary["differences"]) == set(REG_ARMS[1:])
     assert set(summary["runs"]) == set(REG_ARMS) and len(summary["evaluation_runs"]) == 6
@@ -298,6 +300,9 @@ def test_demo_helpers() -> None:
     spec = protocol_spec("mnist", base={"epochs": 5}, tune_epochs=3)
     assert "[3]" in burnin_note(spec)  # the 3-epoch burn-in never ends in a 3-epoch tuning run
     assert burnin_note(protocol_spec("regression", base={"epochs": 100})) == ""
+    # the regression demo's shorter tuning runs still see every burn-in level end
+    short = protocol_spec("regression", base={"epochs": 100}, tune_epochs=REGRESSION_TUNE_EPOCHS)
+    assert burnin_note(short) == ""
     assert protocol_spec("regression").seeds == [0, 1, 2, 3, 4]
 
 

@@ -156,6 +156,33 @@ def test_prior_optimizer_sgd_uses_prior_lr() -> None:
     assert _trainer(lr=0.02).prior_optimizer.param_groups[0]["lr"] == 0.02  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_optimizers_update_all_parameters_in_one_multi_tensor_pass(optimizer: str) -> None:
+    """Adam/AdamW run fused on CPU, SGD foreach: the same update as the per-parameter loop."""
+    trainer = _trainer(optimizer=optimizer, prior="learnable")
+    opt, prior_opt = trainer.optimizer, trainer.prior_optimizer
+    assert prior_opt is not None and prior_opt.defaults["fused"] is True
+    if optimizer == "sgd":
+        assert opt.defaults["foreach"] is True
+    else:
+        assert opt.defaults["fused"] is True
+    params = [p for group in opt.param_groups for p in group["params"]]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    kind = type(opt)
+    settings = {k: opt.defaults[k] for k in ("lr", "weight_decay")}
+    if optimizer == "sgd":
+        settings["momentum"] = opt.defaults["momentum"]
+    loop = kind(twins, foreach=False, **settings)
+    for _ in range(3):
+        for p, q in zip(params, twins, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        loop.step()
+    for p, q in zip(params, twins, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("bad", [0, 0.0, -1e-3])
 def test_non_positive_prior_lr_is_rejected(bad: float) -> None:
     with pytest.raises(BnnError) as err:
