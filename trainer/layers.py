@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from trainer.errors import BnnError
-from trainer.mixture import ScaleMixturePrior
+from trainer.mixture import ScaleMixturePrior, mixture_kl_batched
 from trainer.priors import (
     BATCHED_KL_MAX_NUMEL,
     DEFAULT_PRIOR,
@@ -54,6 +54,7 @@ from trainer.priors import (
     PriorSpec,
     inverse_positive,
     kl_normal_sum_batched,
+    log_hyperprior_batched,
     positive,
 )
 
@@ -453,21 +454,27 @@ def model_kl(model: nn.Module) -> Tensor:
     operations for the small groups instead of a dozen per group.
     """
     total = _zero(model)
-    small: dict[tuple[torch.device, torch.dtype], list[tuple[Tensor, Tensor, Tensor, Tensor]]]
-    small = {}
+    Key = tuple[torch.device, torch.dtype]
+    gaussian: dict[Key, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
+    mixture: dict[Key, list[tuple[ScaleMixturePrior, Tensor, Tensor]]] = {}
     for _, layer in bayesian_layers(model):
         if type(layer).kl is not BayesianLayer.kl or type(layer).kl_terms is not _KL_TERMS:
             total = total + layer.kl()
             continue
         for prior, mu, sigma in layer.kl_groups():
-            if isinstance(prior, GaussianPrior) and mu.numel() <= BATCHED_KL_MAX_NUMEL:
-                small.setdefault((mu.device, mu.dtype), []).append(
-                    (mu, sigma, prior.mu, prior.sigma)
-                )
+            key = (mu.device, mu.dtype)
+            if mu.numel() > BATCHED_KL_MAX_NUMEL:
+                total = total + prior.kl_fused(mu, sigma)
+            elif type(prior) is GaussianPrior:
+                gaussian.setdefault(key, []).append((mu, sigma, prior.mu, prior.sigma))
+            elif type(prior) is ScaleMixturePrior:
+                mixture.setdefault(key, []).append((prior, mu, sigma))
             else:
                 total = total + prior.kl_fused(mu, sigma)
-    for groups in small.values():
+    for groups in gaussian.values():
         total = total + kl_normal_sum_batched(groups)
+    for mixed in mixture.values():
+        total = total + mixture_kl_batched(mixed)
     return total
 
 
@@ -478,13 +485,18 @@ def prior_penalty(model: nn.Module) -> Tensor:
     contribute exactly 0 and are skipped, so a model without any costs one operation.
     """
     total = _zero(model)
+    hierarchical: dict[tuple[torch.device, torch.dtype], list[GaussianPrior]] = {}
     for _, layer in bayesian_layers(model):
         if type(layer).prior_penalty is not _PRIOR_PENALTY:
             total = total + layer.prior_penalty()
             continue
         for prior in layer.priors().values():
-            if prior.has_hyperprior:
+            if type(prior) is GaussianPrior and prior.has_hyperprior and prior.rho is not None:
+                hierarchical.setdefault((prior.rho.device, prior.rho.dtype), []).append(prior)
+            elif prior.has_hyperprior:
                 total = total - prior.log_hyperprior()
+    for priors in hierarchical.values():
+        total = total - log_hyperprior_batched(priors)
     return total
 
 

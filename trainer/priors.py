@@ -67,6 +67,7 @@ __all__ = [
     "kl_normal_sum",
     "kl_normal_sum_batched",
     "kl_normal_sum_fused",
+    "log_hyperprior_batched",
     "positive",
 ]
 
@@ -224,7 +225,7 @@ def kl_normal_sum_batched(groups: Sequence[tuple[Tensor, Tensor, Tensor, Tensor]
     sigma_q = torch.cat([_flat(g[1]) for g in groups])
     mu_p = torch.cat([_flat(g[2]) for g in groups])
     sigma_p = torch.cat([_flat(g[3]) for g in groups]).to(torch.float64)
-    n, index = _group_index(tuple(g[0].numel() for g in groups), mu_q.device)
+    n, index = group_index(tuple(g[0].numel() for g in groups), mu_q.device)
     d = (mu_q - mu_p.index_select(0, index)).to(torch.float64)
     s = sigma_q.to(torch.float64)
     zeros = n.new_zeros(len(groups))
@@ -239,9 +240,10 @@ def _flat(t: Tensor) -> Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _group_index(counts: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
-    """(element count per group as float64, the group of every element): a model's groups
-    do not change between steps, so these are built once per model layout and device."""
+def group_index(counts: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(element count per group as float64, the group of every element) for groups of
+    ``counts`` elements laid end to end: a model's groups do not change between steps, so
+    these are built once per model layout and device (cached)."""
     n = torch.tensor(counts, dtype=torch.float64, device=device)
     index = torch.repeat_interleave(
         torch.arange(len(counts), device=device),
@@ -249,6 +251,35 @@ def _group_index(counts: tuple[int, ...], device: torch.device) -> tuple[Tensor,
         output_size=sum(counts),
     )
     return n, index
+
+
+def log_hyperprior_batched(priors: Sequence[GaussianPrior]) -> Tensor:
+    """sum of ``prior.log_hyperprior()`` over hierarchical ``priors`` (learnable, one device
+    and dtype), a scalar: their sigmas and inverse-gamma terms computed together, a fixed
+    number of operations however many priors (see :func:`kl_normal_sum_batched`)."""
+    if not priors:
+        raise BnnError.invalid("log_hyperprior_batched needs at least one prior (got none)")
+    rho = torch.cat([p.rho.reshape(1) for p in priors if p.rho is not None])
+    if rho.numel() != len(priors) or any(p.mode is not LearnMode.HIERARCHICAL for p in priors):
+        raise BnnError.invalid("log_hyperprior_batched takes hierarchical priors only")
+    terms = [(*p.hyperprior(), p.factor) for p in priors]
+    alpha, beta, factor, const = _hyper_constants(tuple(terms), rho.device, rho.dtype)
+    sigma = positive(rho) * factor
+    log_var = 2 * torch.log(sigma)
+    return (const - (alpha + 1) * log_var - beta / sigma.square()).sum()
+
+
+@functools.lru_cache(maxsize=64)
+def _hyper_constants(
+    terms: tuple[tuple[float, float, float], ...], device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(alpha, beta, factor, alpha log beta - lgamma(alpha)) as tensors, one entry per prior."""
+    columns = zip(*terms, strict=True)
+    alpha, beta, factor = (torch.tensor(c, dtype=dtype, device=device) for c in columns)
+    const = torch.tensor(
+        [a * math.log(b) - math.lgamma(a) for a, b, _ in terms], dtype=dtype, device=device
+    )
+    return alpha, beta, factor, const
 
 
 class GaussianPrior(LayerPrior):

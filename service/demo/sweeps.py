@@ -307,18 +307,22 @@ def train_stored_run(
 def dask_client(workers: int = 2, scheduler: str | None = None) -> Iterator[Any]:
     """A Dask client: of a LocalCluster of ``workers`` single-threaded processes, or of the
     ``scheduler`` at an address; both closed on exit."""
+    import dask
     from distributed import Client, LocalCluster
 
     cluster = None
     if scheduler is None:
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-        )
+        # no statistical profiler in the workers: it samples every thread's stack every
+        # 10 ms under the GIL, a cost paid by the training loop, whose time is per-op overhead
+        with dask.config.set({"distributed.worker.profile.enabled": False}):
+            cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            )
     client = Client(cluster or scheduler, set_as_default=False)
     try:
         yield client

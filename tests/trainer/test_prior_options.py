@@ -14,7 +14,7 @@ from torch import nn
 
 from trainer.errors import BnnError, ErrorCode
 from trainer.layers import BayesLinear, make_prior, resolved_priors
-from trainer.mixture import ScaleMixturePrior
+from trainer.mixture import ScaleMixturePrior, mixture_kl_batched
 from trainer.priors import (
     GaussianPrior,
     LearnMode,
@@ -24,6 +24,7 @@ from trainer.priors import (
     PriorSpec,
     kl_normal,
     kl_normal_sum_fused,
+    log_hyperprior_batched,
 )
 
 
@@ -347,6 +348,57 @@ def test_mixture_kl_is_unbiased() -> None:
     assert stderr > 0
     assert abs(mean - exact) < 3 * stderr, (mean, exact, stderr)
     assert abs(mean - exact) < 0.02 * exact  # and the estimate is tight enough to mean it
+
+
+def test_batched_mixture_kl_is_unbiased_for_each_groups_own_prior() -> None:
+    """Two groups under different mixtures in one batched estimate: its mean over draws is
+    the sum of the per-group exact KLs (quadrature), so each element met its own prior."""
+    wide = _mixture(PriorKind.FIXED, sigma0=1.0, mixture_pi=0.3, mixture_sigma2=0.05)
+    narrow = _mixture(PriorKind.FIXED, sigma0=0.2, mixture_pi=0.8, mixture_sigma2=0.01)
+    groups = [
+        (wide, torch.tensor([0.0, 0.3]), torch.tensor([0.05, 0.2])),
+        (narrow, torch.tensor([[0.1, -0.05]]), torch.tensor([[0.02, 0.01]])),
+    ]
+    with torch.no_grad():
+        draws = torch.stack([mixture_kl_batched(groups) for _ in range(4000)]).double()
+    mean, stderr = float(draws.mean()), float(draws.std() / math.sqrt(len(draws)))
+    exact = 0.0
+    for (pi, s1, s2), (_, mus, sigmas) in zip(
+        [(0.3, 1.0, 0.05), (0.8, 0.2, 0.01)], groups, strict=True
+    ):
+        p = _reference_mixture(pi, s1, s2)
+        for m, s in zip(
+            mus.double().ravel().tolist(), sigmas.double().ravel().tolist(), strict=True
+        ):
+            w = torch.linspace(m - 12 * s, m + 12 * s, 200_001, dtype=torch.float64)
+            log_q = torch.distributions.Normal(m, s).log_prob(w)
+            exact += float(torch.trapezoid(log_q.exp() * (log_q - p.log_prob(w)), w))
+    assert abs(mean - exact) < 3 * stderr, (mean, exact, stderr)
+    with pytest.raises(BnnError, match="at least one group"):
+        mixture_kl_batched([])
+
+
+def test_batched_log_hyperprior_is_the_sum_of_the_priors_own() -> None:
+    specs = [PriorSpec(mode="hierarchical"), PriorSpec(mode="hierarchical", scale="fan_in")]
+    priors = [
+        GaussianPrior(spec, numel=n, fan_in=f)
+        for spec, n, f in zip(specs, [40, 500], [4, 25], strict=True)
+    ]
+    with torch.no_grad():
+        for k, prior in enumerate(priors):
+            assert prior.rho is not None
+            prior.rho.fill_(0.3 * k - 0.4)
+    got = log_hyperprior_batched(priors)
+    want = sum(p.log_hyperprior() for p in priors)
+    assert isinstance(want, torch.Tensor)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    rhos = [p.rho for p in priors]
+    g_got = torch.autograd.grad(got, rhos)
+    g_want = torch.autograd.grad(want, rhos)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(BnnError, match="hierarchical priors only"):
+        log_hyperprior_batched([GaussianPrior(PriorSpec(mode="gradient"), numel=40)])
 
 
 def test_mixture_kl_gradients_reach_posterior_and_learnable_prior() -> None:
