@@ -84,7 +84,9 @@ def _demo_parser(sub: Any) -> None:
     p.add_argument("--temper", action="store_true", help="add kl_weight 0.1/1 to every tuning grid")
     p.add_argument("--epochs", type=int, help="epochs per run (regression 100, mnist 5, full 50)")
     p.add_argument("--widths", type=_ints, metavar="N,N", help="hidden layer widths, e.g. 32,32")
-    p.add_argument("--n-train", type=int, help="training examples (default: all)")
+    p.add_argument(
+        "--n-train", type=int, help="training examples (regression 1024, mnist 10000, --full all)"
+    )
     p.add_argument("--n-test", type=int, help="test examples (default: all)")
     p.add_argument("--eval-samples", type=int, help="posterior samples for the test metrics")
     p.add_argument("--capture-every", type=int, help="capture every N epochs (25 / 1 / 5)")

@@ -53,8 +53,11 @@ router = APIRouter(
     dependencies=[Depends(authorized)],
     responses=_ERRORS,
 )
-# comma-separated epochs, blanks around and between commas allowed ("" and "," too: all)
-EPOCHS_PATTERN = r"^ *([0-9]{1,10} *)?(, *([0-9]{1,10} *)?)*$"
+# epochs separated by commas and/or blanks ("", "," and " " too: all captured); the schema
+# states this pattern, and every string it admits is answered (an epoch of more than 10
+# digits is one no run has: 404, like any epoch that was not captured)
+EPOCHS_PATTERN = r"^[0-9, ]*$"
+_EPOCH_DIGITS = 10
 
 EpochQuery = Annotated[
     int | None, Query(ge=0, le=MAX_EPOCH, description="a captured epoch; default the latest")
@@ -63,7 +66,8 @@ EpochsQuery = Annotated[
     str | None,
     Query(
         max_length=100_000,
-        description="comma-separated epochs (0-9, commas, spaces); default (or blank) all captured",
+        pattern=EPOCHS_PATTERN,
+        description="epochs separated by commas or blanks; default (or blank) all captured",
     ),
 ]
 DistQuery = Annotated[DistType, Query(description="posterior (default) or the layer prior")]
@@ -101,18 +105,24 @@ VanishQuery = Annotated[
 
 
 def parse_ints(value: str | None, name: str) -> list[int] | None:
-    """``"0,5,10"`` -> [0, 5, 10]; None when not given or blank (``epochs=``: all captured).
+    """``"0,5,10"`` (or ``"0 5 10"``) -> [0, 5, 10]; None when not given or blank (all).
 
     INVALID_ARGUMENT naming ``name`` unless the value matches :data:`EPOCHS_PATTERN` (the
-    pattern in the schema); an epoch beyond any capture is left to the caller's 404."""
+    pattern in the schema); NOT_FOUND for an epoch of more than 10 digits (beyond any
+    capture, and beyond what ``int`` should parse); any other epoch beyond the captures is
+    left to the caller's 404."""
     if value is None:
         return None
     if not re.fullmatch(EPOCHS_PATTERN.strip("^$"), value):
         raise BnnError.invalid(
-            f"{name} must be comma-separated integers (at most 10 digits), got {value[:50]!r}",
-            fields={name: "comma-separated integers"},
+            f"{name} must be epochs (digits) separated by commas or blanks, got {value[:50]!r}",
+            fields={name: "epochs separated by commas or blanks"},
         )
-    items = [v.strip() for v in value.split(",") if v.strip()]
+    items = [v for v in re.split(r"[ ,]+", value) if v]
+    huge = next((v for v in items if len(v.lstrip("0")) > _EPOCH_DIGITS), None)
+    if huge is not None:
+        shown = huge if len(huge) <= 30 else f"{huge[:12]}...({len(huge)} digits)"
+        raise BnnError.not_found(f"{name}: no run has epoch {shown}", **{name: shown})
     return [int(item) for item in items] or None
 
 

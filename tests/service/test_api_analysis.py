@@ -186,6 +186,9 @@ def test_csv_spells_non_finite_values_and_joins_indices(stored: Stored) -> None:
         ("/runs/{main}/kl?format=xml", 422, "format"),
         ("/runs/{main}/kl/trajectory?epochs=0,3", 404, "has no epoch 3"),
         ("/runs/{main}/kl/trajectory?epochs=0,x", 422, "epochs"),
+        ("/runs/{main}/kl/trajectory?epochs=0,-2", 422, "epochs: String should match pattern"),
+        ("/runs/{main}/kl/trajectory?epochs=2," + "9" * 5000, 404, "(5000 digits)"),
+        ("/runs/{main}/kl/trajectory?epochs=0 3", 404, "has no epoch 3"),
         ("/runs/{main}/kl/trajectory?of=both", 422, "of"),
         ("/runs/{main}/priors?layers=layer9", 404, "unknown layer 'layer9'"),
         ("/runs/{main}/percentiles", 422, "layer"),
@@ -205,6 +208,16 @@ def test_errors_name_the_problem(stored: Stored, url: str, status: int, needle: 
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert needle in error["message"] + str(error["details"])
+
+
+@pytest.mark.parametrize("epochs", ["0,4", "0 4", " 0 ,, 4 ", "00004,0", "4 0 4"])
+def test_epochs_are_separated_by_commas_or_blanks(stored: Stored, epochs: str) -> None:
+    url = f"/runs/{stored.ids['main']}/kl/trajectory"
+    table = stored.client.get(url, params={"epochs": epochs})
+    assert table.status_code == 200, table.text
+    assert sorted(set(frame_of(table.json())["epoch"])) == [0, 4]
+    every = frame_of(stored.client.get(url, params={"epochs": " , "}).json())
+    assert sorted(set(every["epoch"])) == [0, 2, 4]  # blank: all captured
 
 
 def test_unknown_epoch_lists_the_captured_epochs(stored: Stored) -> None:

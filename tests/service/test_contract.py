@@ -53,6 +53,7 @@ class Known:
     code: str  # ST101 server error, ST201 schema-violating accepted, ST202 valid rejected ...
     text: str  # regex on the failure's text
     where: str
+    tool: bool = False  # the tool's fault, not the API's (the server's answer is right)
 
     def matches(self, finding: Finding) -> bool:
         return (
@@ -68,8 +69,12 @@ KNOWN = [
         r"PUT /runs/\{run_id\}/epochs/\{epoch\}|Stateful tests",
         "ST202",
         r"the body is empty",
-        "service/routers/epochs.py put_epoch: the body schema has minLength 1, but the "
-        "coverage phase still sends an empty binary body (b'' for format: binary); 422",
+        "Schemathesis: the body schema is a binary string of minLength 1; the tool generates a "
+        "valid string such as '\\ud800' and its binary serializer encodes it with "
+        "errors='ignore', which drops lone surrogates, so b'' goes out as 'valid' data. The "
+        "server's 422 for an empty upload is right (schemathesis 4.32.5, "
+        "transport/serialization.py serialize_binary)",
+        tool=True,
     ),
     Known(
         "config-cross-field-rules",
@@ -79,17 +84,6 @@ KNOWN = [
         r"is not an arm|tune_seed",
         "trainer/config.py, service/demo: rules between fields (cnn needs an image dataset, "
         "a half design needs two levels, baseline among arms, ...) no schema keyword states",
-    ),
-]
-KNOWN += [
-    Known(
-        "epochs-pattern-not-in-schema",
-        r"GET /runs/\{run_id\}/kl/\w+|GET /runs/\{run_id\}/(priors|percentiles)|"
-        r"GET /compare/\w+|Stateful tests",
-        "ST202",
-        r"epochs must be comma-separated integers",
-        "service/routers/analysis.py parse_ints: the server takes EPOCHS_PATTERN, the schema "
-        "does not state it (stating it tripped Schemathesis' 'example too large' health check)",
     ),
 ]
 # Schemathesis' own trouble, not the API's (its coverage phase recursing on StudySpec),
@@ -136,8 +130,9 @@ def test_the_server_keeps_the_contract(live: LiveServer, tmp_path: Path) -> None
     listing = "\n".join(f.headline() for f in unknown)
     assert not unknown, listing + "\n\n" + "\n\n".join(f.text[:2000] for f in unknown)
     assert "Traceback" not in live.output(), live.output()[-5000:]
-    if known:
-        pytest.xfail("known findings in other files: " + ", ".join(sorted(known)))
+    api = sorted(name for name in known if not next(k for k in KNOWN if k.name == name).tool)
+    if api:
+        pytest.xfail("known findings in other files: " + ", ".join(api))
 
 
 # ----------------------------------------------------------------------------- by hand
