@@ -23,6 +23,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 
+from service import dashboard
 from service.deps import StoreDep
 from service.errors import BodyLimit, LastResort, Options, install_error_handlers
 from service.jobs import JobRunner
@@ -122,6 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(plots.router)
     app.include_router(sweeps.router)
     app.include_router(studies.router)
+    app.include_router(dashboard.router)  # HTML pages at / and /ui/...
 
     @app.get("/healthz", tags=["service"], summary="Liveness and catalog check")
     def healthz(request: Request, store: StoreDep) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from service.settings import Settings
 from trainer.config import TrainConfig, check_device, parse_config
 from trainer.errors import BnnError, ErrorCode
 from trainer.store import EpochInfo, RunInfo, RunStatus
+from trainer.store import RunPage as CatalogPage
 
 __all__ = ["check_limits", "router", "run_out"]
 
@@ -129,23 +130,32 @@ def list_runs(
     ] = [],  # noqa: B006 - FastAPI copies a default list
     dataset: str | None = None,
     prior: str | None = None,
+    name: Annotated[
+        str | None,
+        Query(max_length=256, description="runs whose name contains this (any case)"),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
 ) -> Response:
-    """Filter by status, tags, dataset and prior kind; ``total`` counts all matches."""
-    runs = store.list_runs(status=status)
-    tags = set(tag)
-    runs = [
-        r
-        for r in runs
-        if tags <= set(r.tags)
-        and (dataset is None or r.config.get("dataset") == dataset)
-        and (prior is None or r.config.get("prior") == prior)
-    ]
-    page = [run_out(request, r) for r in runs[offset : offset + limit]]
+    """Filter by name (substring), status, tags, dataset and prior kind; filtered and
+    paginated by the catalog. ``total`` counts all matches."""
+    given = [name, dataset, prior, *tag]
+    if any(v is not None and "\x00" in v for v in given):  # in no run; PostgreSQL refuses NUL
+        found = CatalogPage(0, [])
+    else:
+        found = store.query_runs(
+            name=name,
+            tags=tag,
+            status=status,
+            dataset=dataset,
+            prior=prior,
+            limit=limit,
+            offset=offset,
+        )
+    page = [run_out(request, r.run) for r in found.runs]
     rows = [{**r["config"], **r} for r in page]
-    payload = {"total": len(runs), "limit": limit, "offset": offset, "runs": page}
-    headers = {"X-Total-Count": str(len(runs))}
+    payload = {"total": found.total, "limit": limit, "offset": offset, "runs": page}
+    headers = {"X-Total-Count": str(found.total)}
     return table_response(fmt, payload, rows, LIST_COLUMNS, "runs.csv", headers)
 
 

@@ -8,6 +8,7 @@
 Public names:
     RunStore, RunReader, load_distribution_log  -- write / read runs
     RunInfo, EpochInfo, RunStatus               -- plain records and the run life cycle
+    RunListing, RunPage, RUN_SORTS, METRIC_SORT -- RunStore.query_runs(): filtered, sorted pages
     SweepInfo                                   -- a sweep: a named group of runs
     FsckReport, Finding                         -- RunStore.fsck(): recovery after crashes
     SCHEMA_VERSION, write_epoch_file, read_epoch_file, EpochFile, EpochHeader, validate_snapshot
@@ -17,6 +18,7 @@ Public names:
 from __future__ import annotations
 
 from ._records import EpochInfo, RunInfo, RunStatus
+from .catalog import METRIC_SORT, RUN_SORTS, RunListing, RunPage
 from .fsck import Finding, FsckReport
 from .hdf5 import (
     SCHEMA_VERSION,
@@ -31,6 +33,8 @@ from .runstore import RunStore
 from .sweeps import SweepInfo
 
 __all__ = [
+    "METRIC_SORT",
+    "RUN_SORTS",
     "SCHEMA_VERSION",
     "EpochFile",
     "EpochHeader",
@@ -38,6 +42,8 @@ __all__ = [
     "Finding",
     "FsckReport",
     "RunInfo",
+    "RunListing",
+    "RunPage",
     "RunReader",
     "RunStatus",
     "RunStore",

@@ -9,15 +9,19 @@ SQLAlchemy errors into ``BnnError(STORAGE)``. Files are :class:`~trainer.store.R
 
 from __future__ import annotations
 
+import operator
+import re
 import socket
 import uuid
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
 from sqlalchemy import (
     JSON,
     BigInteger,
+    ColumnElement,
     DateTime,
     Dialect,
     ForeignKey,
@@ -25,8 +29,11 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    case,
     delete,
+    exists,
     func,
+    literal,
     select,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -49,7 +56,36 @@ from ._records import (
 )
 from .migrations import make_engine, normalize_url, session_scope, upgrade_to_head
 
-__all__ = ["Base", "Catalog", "EpochRow", "RunRow"]
+__all__ = [
+    "BOUNDS",
+    "METRIC_NAME",
+    "METRIC_SORT",
+    "RUN_SORTS",
+    "Base",
+    "Catalog",
+    "EpochRow",
+    "RunListing",
+    "RunPage",
+    "RunRow",
+]
+
+# what :meth:`Catalog.query_runs` sorts by (config values for dataset, prior, prior_mode
+# and epochs, the number of captured epochs for epochs_done)
+RUN_SORTS = (
+    "created_at",
+    "finished_at",
+    "name",
+    "status",
+    "dataset",
+    "prior",
+    "prior_mode",
+    "epochs",
+    "epochs_done",
+    "host",
+)
+METRIC_SORT = "metric:"  # sort="metric:test_nll": by the latest epoch's value of a metric
+METRIC_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+BOUNDS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 
 
 # ----------------------------------------------------------------------------- ORM
@@ -140,6 +176,25 @@ class EpochRow(Base):
             checksum=self.checksum,
             created_at=self.created_at,
         )
+
+
+@dataclass(frozen=True)
+class RunListing:
+    """One row of :meth:`Catalog.query_runs`: a run, its number of captured epochs, and
+    its latest captured epoch with that epoch's metrics (None and {} before the first)."""
+
+    run: RunInfo
+    epochs_done: int
+    last_epoch: int | None = None
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunPage:
+    """One page of :meth:`Catalog.query_runs`; ``total`` counts every matching run."""
+
+    total: int
+    runs: list[RunListing]
 
 
 # ----------------------------------------------------------------------------- catalog
@@ -270,6 +325,146 @@ class Catalog:
             query = query.limit(limit)
         with self._session() as s:
             return [row.info() for row in s.scalars(query)]
+
+    def query_runs(
+        self,
+        *,
+        name: str | None = None,
+        tags: Iterable[str] = (),
+        status: RunStatus | str | None = None,
+        dataset: str | None = None,
+        prior: str | None = None,
+        metrics: Iterable[tuple[str, str, float]] = (),
+        sort: str = "created_at",
+        descending: bool = True,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> RunPage:
+        """Runs filtered, sorted and paginated in the database, each with its number of
+        captured epochs and the metrics of its latest one (the dashboard's runs table).
+
+        ``name``: a case-insensitive substring of the name; ``tags``: runs having all of
+        them; ``status``, ``dataset``, ``prior`` (the config's prior kind): equal to.
+        ``metrics``: (name, one of :data:`BOUNDS`, bound) conditions on the metrics of the
+        run's latest captured epoch, e.g. ``("test_nll", "<", 0.1)``; a run whose value is
+        missing or not finite does not match. ``sort`` is one of :data:`RUN_SORTS` or
+        ``metric:<name>`` (that latest value); missing values last, ties newest first.
+        INVALID_ARGUMENT naming a bad sort, metric condition, limit or offset.
+        """
+        sort_metric = sort.removeprefix(METRIC_SORT) if sort.startswith(METRIC_SORT) else None
+        if sort not in RUN_SORTS and not (sort_metric and METRIC_NAME.fullmatch(sort_metric)):
+            raise BnnError.invalid(
+                f"cannot sort runs by {sort!r}; one of {list(RUN_SORTS)} or {METRIC_SORT}<name>"
+            )
+        conditions = list(metrics)
+        for metric, bound, value in conditions:
+            if not METRIC_NAME.fullmatch(str(metric)) or bound not in BOUNDS:
+                raise BnnError.invalid(
+                    f"bad metric condition {metric!r} {bound!r} {value!r}: a metric name "
+                    f"(letters, digits, '_', '.', '-') and one of {list(BOUNDS)}"
+                )
+        for what, value in (("limit", limit), ("offset", offset)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise BnnError.invalid(f"{what} must be an integer >= 0, got {value!r}")
+        self._auto_reap()
+        done = (
+            select(func.count())
+            .select_from(EpochRow)
+            .where(EpochRow.run_id == RunRow.id)
+            .correlate(RunRow)
+            .scalar_subquery()
+        )
+        where: list[ColumnElement[bool]] = []
+        if name:
+            where.append(RunRow.name.icontains(name, autoescape=True))
+        for tag in dict.fromkeys(tags):
+            where.append(self._has_tag(tag))
+        if status is not None:
+            where.append(RunRow.status == RunStatus.parse(status).value)
+        for field_name, wanted in (("dataset", dataset), ("prior", prior)):
+            if wanted is not None:
+                where.append(RunRow.config[field_name].as_string() == wanted)
+        for metric, bound, value in conditions:
+            where.append(BOUNDS[bound](self._last_metric(metric), float(value)))
+        keys: dict[str, Any] = {
+            "created_at": RunRow.created_at,
+            "finished_at": RunRow.finished_at,
+            "name": RunRow.name,
+            "status": RunRow.status,
+            "host": RunRow.host,
+            "epochs": RunRow.config["epochs"].as_integer(),
+            "epochs_done": done,
+            **{k: RunRow.config[k].as_string() for k in ("dataset", "prior", "prior_mode")},
+        }
+        column = self._last_metric(sort_metric) if sort_metric else keys[sort]
+        key = column.desc() if descending else column.asc()
+        query = (
+            select(RunRow, done)
+            .where(*where)
+            .order_by(key.nulls_last(), RunRow.created_at.desc(), RunRow.id.desc())
+            .limit(limit)
+            .offset(offset)
+        )
+        with self._session() as s:
+            total = s.scalar(select(func.count()).select_from(RunRow).where(*where)) or 0
+            found = [(row.info(), int(n)) for row, n in s.execute(query).all()]
+            latest = self._latest_metrics(s, [info.id for info, _ in found])
+        runs = [RunListing(info, n, *latest.get(info.id, (None, {}))) for info, n in found]
+        return RunPage(int(total), runs)
+
+    def _has_tag(self, tag: str) -> ColumnElement[bool]:
+        """``tag`` is one of the run's tags (a JSON array: ``?`` on PostgreSQL's JSONB,
+        ``json_each`` on SQLite)."""
+        if self._engine.dialect.name == "postgresql":
+            return RunRow.tags.op("?", is_comparison=True)(literal(tag, String()))
+        values = func.json_each(RunRow.tags).table_valued("value")
+        return exists(select(1).select_from(values).where(values.c.value == tag))
+
+    def _last_metric(self, metric: str) -> Any:
+        """The run's value of ``metric`` at its latest captured epoch, when a finite number
+        (NULL when missing or stored as "nan"/"inf"): a correlated scalar subquery."""
+        if self._engine.dialect.name == "postgresql":
+            number = func.jsonb_typeof(EpochRow.metrics[metric]) == "number"
+        else:
+            path = f'$."{metric}"'  # METRIC_NAME: no quote to escape
+            number = func.json_type(EpochRow.metrics, path).in_(("integer", "real"))
+        value = case((number, EpochRow.metrics[metric].as_float()), else_=None)
+        return (
+            select(value)
+            .where(EpochRow.run_id == RunRow.id)
+            .order_by(EpochRow.epoch.desc())
+            .limit(1)
+            .correlate(RunRow)
+            .scalar_subquery()
+        )
+
+    @staticmethod
+    def _latest_metrics(
+        session: Session, run_ids: list[str]
+    ) -> dict[str, tuple[int, dict[str, Any]]]:
+        """Each run's latest captured epoch and its metrics (runs without epochs absent)."""
+        if not run_ids:
+            return {}
+        last = (
+            select(EpochRow.run_id, func.max(EpochRow.epoch).label("epoch"))
+            .where(EpochRow.run_id.in_(run_ids))
+            .group_by(EpochRow.run_id)
+            .subquery()
+        )
+        query = select(EpochRow.run_id, EpochRow.epoch, EpochRow.metrics).join(
+            last, (EpochRow.run_id == last.c.run_id) & (EpochRow.epoch == last.c.epoch)
+        )
+        return {
+            run_id: (epoch, decode_json(metrics))
+            for run_id, epoch, metrics in session.execute(query).all()
+        }
+
+    def config_values(self, key: str) -> list[str]:
+        """The distinct string values of ``config[key]`` over all runs, sorted (e.g. the
+        datasets to offer as a filter)."""
+        column = RunRow.config[key].as_string()
+        with self._session() as s:
+            return sorted(v for v in s.scalars(select(column).distinct()) if v is not None)
 
     def set_status(self, run_id: str, status: RunStatus | str, error: str | None = None) -> RunInfo:
         """Move a run to ``status``; CONFLICT where ``TRANSITIONS`` forbids it (from COMPLETED)."""
