@@ -185,7 +185,7 @@ _COLUMNS = [  # (label, sort key or None)
     ("prior", "prior"),
     ("mode", "prior_mode"),
     ("widths", None),
-    ("epochs", "epochs_done"),
+    ("captured / epochs", "epochs_done"),
     ("host", "host"),
     ("started", "created_at"),
     ("tags", None),
