@@ -172,7 +172,10 @@ class JobRunner:
                 processes=True,
                 host="127.0.0.1",
                 scheduler_port=0,
-                dashboard_address=None,
+                # Dask's scheduler always serves HTTP (health, metrics); without a dashboard
+                # address it would take :8787, so it gets a free loopback port instead
+                dashboard_address=s.dask_dashboard or "127.0.0.1:0",
+                scheduler_kwargs={"dashboard": bool(s.dask_dashboard)},
                 silence_logs=logging.WARNING,
             )
             self._client = Client(self._cluster, set_as_default=False)

@@ -2,6 +2,7 @@
 
     BNN_DATA_DIR=./bnn-data  BNN_DATABASE_URL=postgresql+psycopg://...  BNN_HOST=127.0.0.1
     BNN_PORT=8000  BNN_DASK_SCHEDULER=tcp://host:8786  BNN_DASK_WORKERS=2
+    BNN_DASK_DASHBOARD=127.0.0.1:8787 (default: no dashboard)
     BNN_PUBLIC_URL=http://api:8000  BNN_API_TOKEN=...  BNN_AUTH_READS=false
     BNN_MAX_EPOCHS=1000  BNN_MAX_WIDTH=4096  BNN_MAX_LAYERS=8  BNN_MAX_MC_SAMPLES=100 ...
     BNN_MAX_UPLOAD_BYTES=536870912  BNN_MAX_UPLOAD_LAYERS=64  BNN_MAX_UPLOAD_ELEMENTS=50000000
@@ -40,6 +41,11 @@ class Settings(BaseSettings):
         default=None, description="scheduler address; default a LocalCluster of processes"
     )
     dask_workers: int = Field(default=2, ge=1, le=64, description="LocalCluster worker processes")
+    dask_dashboard: str | None = Field(
+        default=None,
+        description="address of the LocalCluster's Dask dashboard, e.g. 127.0.0.1:8787 (its "
+        "pages need bokeh); default none: Dask's HTTP endpoints on a free loopback port",
+    )
     dask_timeout_s: float = Field(default=20.0, gt=0, description="wait for the scheduler")
     api_token: SecretStr | None = Field(default=None, description="Bearer token for writes")
     auth_reads: bool = Field(default=False, description="reads need the token too")

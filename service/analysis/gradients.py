@@ -5,17 +5,21 @@ layer, the mean and max of |g| over the epoch's steps and the count of non-finit
 (per element at ``grad_level="element"``, per tensor at ``"layer"``), plus each layer's
 gradient L2 norm per step (see :mod:`trainer.snapshot`).
 
-An element is *suspected exploding* when its gradient was non-finite at some step, when
-its robust z-score exceeds the threshold, or when |g| exceeds ``explode_abs``; *vanishing*
-when |g| is 0, its z-score is below minus the threshold, or |g| < ``vanish_abs``. The robust
-z-score is 0.6745 (x - median) / MAD of x = log10 |g| within the layer. The default
-threshold is ``max(3.5, Phi^-1(1 - 0.005 / n))``: a normal log|g| over n elements then
-flags nothing with probability 99 %, so a healthy million-weight layer is not flagged.
-At ``grad_level="layer"`` only the absolute thresholds and non-finite counts apply.
+Robust z = (x - median) / max(MAD / 0.6745, :data:`MIN_LOG_SCALE`) of x = log10 |g| within
+the layer. *Exploding*: non-finite at some step, |g| > ``explode_abs``, or z above the
+exploding threshold; *vanishing*: |g| exactly 0, |g| < ``vanish_abs``, or z below minus the
+vanishing threshold. Defaults (``z_threshold=None``), calibrated on healthy runs
+(``benchmarks/gradient_false_alarms.py``, ``docs/gradients.md``): exploding
+``max(Z_EXPLODING, Phi^-1(1 - 0.005/n))`` in layers of at least :data:`MIN_Z_ELEMENTS`
+finite |g| > 0, none in smaller ones; vanishing by exact zeros only, since a healthy ReLU
+network's left tail holds weights that only the KL pulls (|g| down to 1e-41, z to -45).
+An explicit ``z_threshold`` applies to both sides in layers of any size. At
+``grad_level="layer"`` only the absolute thresholds and non-finite counts apply.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -36,6 +40,9 @@ from .source import EpochView, RunLike, RunSource, open_source, parse_enum
 from .summary import PARAMS, frame_from_rows, prefetch, select_layers
 
 __all__ = [
+    "MIN_LOG_SCALE",
+    "MIN_Z_ELEMENTS",
+    "Z_EXPLODING",
     "GradKind",
     "GradStat",
     "GradThresholds",
@@ -44,6 +51,12 @@ __all__ = [
     "iter_grad_summaries",
     "layer_scores",
 ]
+
+
+#: Calibrated defaults (see the module docstring and ``docs/gradients.md``).
+Z_EXPLODING = 6.0  # floor of the default exploding threshold (robust z)
+MIN_Z_ELEMENTS = 100  # fewer finite |g| > 0 in a layer: no default z-score flags
+MIN_LOG_SCALE = 0.5  # decades: floor of the robust scale of log10 |g|
 
 
 class GradKind(StrEnum):
@@ -65,9 +78,9 @@ class GradThresholds:
     param: str = "weight"
     grad_param: str = "mu"
     stat: str = "mean_abs"
-    z_threshold: float | None = None  # None: max(3.5, Bonferroni normal quantile)
+    z_threshold: float | None = None  # None: the calibrated defaults (module docstring)
     explode_abs: float | None = 1e2
-    vanish_abs: float | None = 1e-10
+    vanish_abs: float | None = None
 
     def __post_init__(self) -> None:
         if self.param not in PARAMS:
@@ -89,10 +102,13 @@ class GradThresholds:
                     f"{name} must be >= 0 or None, got {value!r}", **{name: str(value)}
                 )
 
-    def z_for(self, n: int) -> float:
+    def z_for(self, n: int) -> tuple[float, float]:
+        """(exploding, vanishing) z thresholds for a layer of ``n`` finite |g| > 0."""
         if self.z_threshold is not None:
-            return float(self.z_threshold)
-        return max(3.5, NormalDist().inv_cdf(1.0 - 0.005 / max(n, 1)))
+            return float(self.z_threshold), float(self.z_threshold)
+        if n < MIN_Z_ELEMENTS:
+            return math.inf, math.inf
+        return max(Z_EXPLODING, NormalDist().inv_cdf(1.0 - 0.005 / n)), math.inf
 
 
 @dataclass(frozen=True)
@@ -107,9 +123,10 @@ class LayerScores:
 
     g: np.ndarray  # |g| statistic, float32
     nonfinite: np.ndarray  # bool: non-finite at some step, or a non-finite stored value
-    z_threshold: float
+    z_threshold: float  # exploding (inf: no z-score flags)
     median: float  # of log10 |g| over finite |g| > 0 (NaN at layer level)
-    scale: float  # robust scale of log10 |g| (0 or NaN: no z-score flags)
+    scale: float  # robust scale of log10 |g|, at least MIN_LOG_SCALE (NaN: no z-score)
+    z_vanishing: float = math.inf  # vanishing threshold (inf: no z-score flags)
 
     @property
     def _z_ok(self) -> bool:
@@ -127,8 +144,11 @@ class LayerScores:
     def log_bound(self, kind: GradKind) -> float:
         """log10 of the |g| beyond which the z-score flags ``kind``: median +- z * scale
         (+-inf for an infinite threshold; NaN when there is no z-score)."""
-        reach = self.z_threshold * self.scale if self._z_ok else float("nan")
-        return self.median + reach if kind is GradKind.EXPLODING else self.median - reach
+        if not self._z_ok:
+            return float("nan")
+        if kind is GradKind.EXPLODING:
+            return self.median + self.z_threshold * self.scale
+        return self.median - self.z_vanishing * self.scale
 
     def exploding(self, th: GradThresholds) -> np.ndarray:
         hit = self.nonfinite.copy()
@@ -175,7 +195,10 @@ def layer_scores(tree: dict[str, Any], th: GradThresholds, where: str = "layer")
     if g_arr.ndim == 0:
         return LayerScores(g, nonfinite, np.inf, float("nan"), float("nan"))
     med, scale, n_pos = robust_log_scale(g)
-    return LayerScores(g, nonfinite, th.z_for(n_pos), med, scale)
+    if math.isfinite(scale):
+        scale = max(scale, MIN_LOG_SCALE)
+    z_explode, z_vanish = th.z_for(n_pos)
+    return LayerScores(g, nonfinite, z_explode, med, scale, z_vanish)
 
 
 def grad_tree(
@@ -214,7 +237,8 @@ class GradSummary:
     step_norm: np.ndarray
     exploding: int = -1
     vanishing: int = -1
-    z_threshold: float = float("nan")
+    z_threshold: float = float("nan")  # exploding
+    z_vanishing: float = float("nan")
 
 
 def _finite_max(x: np.ndarray) -> float:
@@ -287,15 +311,16 @@ def _grad_summary(
     if summary is None or not flags:
         return summary
 
-    def flag_counts() -> tuple[int, int, float]:
+    def flag_counts() -> tuple[int, int, float, float]:
         t = tree()
         assert t is not None
         sc = layer_scores(t, th, where)
         explode, vanish = sc.exploding(th), sc.vanishing(th)
-        return int(np.count_nonzero(explode)), int(np.count_nonzero(vanish)), sc.z_threshold
+        e, v = int(np.count_nonzero(explode)), int(np.count_nonzero(vanish))
+        return e, v, sc.z_threshold, sc.z_vanishing
 
-    e, v, z = cached(None if base is None else ("gradflags", base, layer, th), flag_counts)
-    return replace(summary, exploding=e, vanishing=v, z_threshold=z)
+    e, v, z, zv = cached(None if base is None else ("gradflags", base, layer, th), flag_counts)
+    return replace(summary, exploding=e, vanishing=v, z_threshold=z, z_vanishing=zv)
 
 
 def _mean_step_norm(
@@ -314,16 +339,20 @@ def _mean_step_norm(
     return cached(None if base is None else ("stepnorm", base, layer), compute)
 
 
-def _norm_ratio(src: RunSource, view: EpochView, known: dict[str, GradSummary]) -> float:
-    """Mean step norm of the first layer over the last layer's (NaN with one layer)."""
-    layers = view.layers
-    if len(layers) < 2:
-        return float("nan")
-    first, last = (
-        _mean_step_norm(src, view, name, known.get(name)) for name in (layers[0], layers[-1])
-    )
+def _norm_ratios(
+    src: RunSource, view: EpochView, known: dict[str, GradSummary]
+) -> dict[str, float]:
+    """Per layer in ``known``: its mean step norm over the last (output) layer's mean step
+    norm (NaN when either is missing; the last layer's step norms are read if not known)."""
+    if not known:
+        return {}
+    last = view.layers[-1]
+    ref = np.float64(_mean_step_norm(src, view, last, known.get(last)))
     with np.errstate(divide="ignore", invalid="ignore"):
-        return float(np.float64(first) / np.float64(last))
+        return {
+            name: float(np.float64(_mean_step_norm(src, view, name, s)) / ref)
+            for name, s in known.items()
+        }
 
 
 def iter_grad_summaries(
@@ -334,25 +363,26 @@ def iter_grad_summaries(
     *,
     flags: bool = True,
 ) -> Iterator[tuple[int, str, GradSummary, float]]:
-    """``(epoch, layer, summary, first/last norm ratio)`` for layers with statistics.
+    """``(epoch, layer, summary, step norm ratio)`` for layers with statistics; the ratio
+    is the layer's mean step norm over the last layer's (see :func:`gradient_diagnostics`).
 
     Stored runs are summarised in a thread pool first (one epoch per thread at a time).
     """
 
-    def summaries(view: EpochView) -> tuple[dict[str, GradSummary], float]:
+    def summaries(view: EpochView) -> tuple[dict[str, GradSummary], dict[str, float]]:
         found: dict[str, GradSummary] = {}
         for name in select_layers(view, layers):
             s = grad_summary(src, view, name, th, flags=flags)
             if s is not None:
                 found[name] = s
-        return found, (_norm_ratio(src, view, found) if found else float("nan"))
+        return found, _norm_ratios(src, view, found)
 
     prefetch(src, epochs, summaries)
     for epoch in epochs:
         with src.open(epoch) as view:
-            found, ratio = summaries(view)
+            found, ratios = summaries(view)
             for layer, s in found.items():
-                yield epoch, layer, s, ratio
+                yield epoch, layer, s, ratios[layer]
 
 
 def gradient_diagnostics(
@@ -365,7 +395,7 @@ def gradient_diagnostics(
     stat: str = "mean_abs",
     z_threshold: float | None = None,
     explode_abs: float | None = 1e2,
-    vanish_abs: float | None = 1e-10,
+    vanish_abs: float | None = None,
     data_dir: str | Path | None = None,
     db_url: str | None = None,
 ) -> pd.DataFrame:
@@ -375,8 +405,11 @@ def gradient_diagnostics(
     ``non-finite steps``, ``zero``, ``median |g|`` and ``max |g|`` (of the examined ``stat``),
     ``peak |g|`` (largest single-step |g|, from ``max_abs``),
     ``exploding``/``vanishing`` (element counts), ``exploding flag``/``vanishing flag``,
-    ``z threshold``, ``steps``, ``step norm mean``/``max``/``non-finite`` and
-    ``first/last norm ratio`` (mean step norm of the first layer over the last's).
+    ``z threshold`` (exploding) and ``vanishing z threshold`` (inf: no z-score flags; the
+    defaults are in the module docstring), ``steps``, ``step norm mean``/``max``/``non-finite`` and
+    ``step norm / last layer`` (this layer's mean step norm over the last layer's: 1 in
+    the last layer; far below 1 in the first layers when gradients shrink on their way back
+    to the input, far above when they grow).
     Epochs without gradient statistics are skipped; NOT_FOUND when none has any.
     """
     th = GradThresholds(param, grad_param, stat, z_threshold, explode_abs, vanish_abs)
@@ -399,11 +432,12 @@ def gradient_diagnostics(
                 "exploding flag": s.exploding > 0,
                 "vanishing flag": s.vanishing > 0,
                 "z threshold": s.z_threshold,
+                "vanishing z threshold": s.z_vanishing,
                 "steps": int(s.step_norm.size),
                 "step norm mean": float(finite.mean()) if finite.size else float("nan"),
                 "step norm max": float(finite.max()) if finite.size else float("nan"),
                 "step norm non-finite": int(s.step_norm.size - finite.size),
-                "first/last norm ratio": ratio,
+                "step norm / last layer": ratio,
             }
         if not rows:
             raise BnnError.not_found(

@@ -1,6 +1,10 @@
 """The diagnostic sections of a demo report, for stored runs ``{label: run_id}``: metrics over
 the captured epochs, prior vs posterior scales, learned priors, posterior statistics, KL tables,
-parameter evolution and gradient outliers (every number from :mod:`service.analysis`)."""
+parameter evolution and gradient outliers (every number from :mod:`service.analysis`).
+
+Quantities that every arm has (KL, gradient norms, percentile bands) are drawn as one figure
+with the arms side by side on one shared y scale; the evolution and epoch plots, whose
+weights differ from arm to arm, stay one figure per arm."""
 
 from __future__ import annotations
 
@@ -17,22 +21,21 @@ from service.analysis import (
     kl_between_runs,
     kl_to_prior,
     plot_epoch_distributions,
-    plot_gradient_magnitudes,
-    plot_kl_over_epochs,
     plot_params_log_distributions,
-    plot_percentile_bands,
     plot_prior_trajectories,
     plot_scale_diagnostics,
     prior_trajectories,
     scale_diagnostics,
 )
-from service.demo._plots import plot_training_curves
+from service.demo._arm_figures import band_figures, gradient_figures, kl_figures
+from service.demo._plots import DPI, plot_training_curves
 from service.demo.report import Report
 from trainer.store import RunReader, RunStore
 
 __all__ = ["DPI", "GRAD_COLUMNS", "add_diagnostics", "slug"]
 
-DPI = 80
+#: Weights drawn in each arm's evolution plot (2 keep the figure readable at page width).
+EVOLUTION_TOP_K = 2
 GRAD_COLUMNS = [
     "level",
     "elements",
@@ -43,7 +46,7 @@ GRAD_COLUMNS = [
     "max |g|",
     "step norm mean",
     "step norm max",
-    "first/last norm ratio",
+    "step norm / last layer",
 ]
 
 
@@ -172,53 +175,55 @@ def _diagnostics(
             kl_between_runs(readers[label], readers[ref]),
             f"between runs: {label} (a) vs {ref} (b) posteriors",
         )
-    for label, reader in readers.items():
-        sec.image(
-            f"kl_{slug(label)}",
-            plot_kl_over_epochs(reader, dpi=DPI),
-            f"{label}: KL over epochs",
-        )
+    for image, png, caption in kl_figures(readers):
+        sec.image(image, png, caption)
 
     sec = report.section("evolution", "Parameter evolution")
     sec.text(
-        "The seed's plots. Evolution: the four weights whose posterior mean moved most, each "
-        "epoch's Gaussian from dark red (early) to neon green (late). Epoch overlay: every "
+        f"The seed's plots. Evolution: the {EVOLUTION_TOP_K} weights whose posterior mean moved "
+        "most in each arm (other weights in each arm, so one figure per arm), each epoch's "
+        "Gaussian coloured from dark purple (early) to yellow (late). Epoch overlay: every "
         "layer's posteriors at the last epoch (a stated random subset of curves, histograms "
-        "of all). Percentile bands: min-max and the 7/16/31 % bands of mu and sigma over epochs."
+        "of all). Percentile bands: min-max and the 7/16/31 % bands of mu and sigma over "
+        "epochs, the arms side by side on one scale."
     )
     for label, reader in readers.items():
         name = slug(label)
         sec.image(
             f"evolution_{name}",
-            plot_params_log_distributions(reader, top_k=4, criterion="mu_change", dpi=DPI),
-            f"{label}: evolution of the 4 weights that moved most",
+            plot_params_log_distributions(
+                reader, top_k=EVOLUTION_TOP_K, criterion="mu_change", dpi=DPI
+            ),
+            f"{label}: evolution of the {EVOLUTION_TOP_K} weights that moved most",
         )
         sec.image(
             f"overlay_{name}",
             plot_epoch_distributions(reader, max_curves=60, dpi=DPI),
             f"{label}: posteriors at epoch {last[label]}",
         )
-        sec.image(
-            f"bands_{name}",
-            plot_percentile_bands(reader, dpi=DPI),
-            f"{label}: percentile bands over epochs",
-        )
+    for image, png, caption in band_figures(readers):
+        sec.image(image, png, caption)
 
     sec = report.section("gradients", "Gradient outliers compared")
     sec.text(
-        "Gradient statistics of the last captured epoch. Per element (grad_capture "
-        "'element'): an element is flagged exploding (vanishing) when its robust z-score of "
-        "log10 mean |g| within its layer is above (below) the threshold, when |g| > 1e2 "
-        "(< 1e-10), or when a step's gradient was non-finite (exactly zero). Per layer (the "
-        "protocol's 'layer' capture): only the absolute thresholds and non-finite counts apply."
+        "Gradient statistics of the last captured epoch, with the defaults of "
+        "`gradient_diagnostics` (calibrated on healthy runs: docs/gradients.md). Per element "
+        "(grad_capture 'element'): an element is flagged exploding when its robust z-score of "
+        "log10 mean |g| within its layer passes max(6, Bonferroni) in a layer of at least 100 "
+        "weights, when |g| > 1e2, or when a step's gradient was non-finite; vanishing when its "
+        "|g| is exactly 0. 'step norm / last layer' is the layer's mean per-step gradient norm "
+        "over the last layer's: far below 1 in the first layers means gradients vanish on "
+        "their way back. Per layer (the protocol's 'layer' capture): only the absolute "
+        "thresholds and non-finite counts apply."
     )
     per_element = True
-    for label, reader in readers.items():
-        diag = gradient_diagnostics(reader, [last[label]]).xs(last[label], level="epoch")
-        per_element &= bool((diag["level"] == "element").all())
+    diags = {label: gradient_diagnostics(reader) for label, reader in readers.items()}
+    for label, diag in diags.items():
+        at_last = diag.xs(last[label], level="epoch")
+        per_element &= bool((at_last["level"] == "element").all())
         sec.table(
-            diag[[c for c in GRAD_COLUMNS if c in diag.columns]],
-            f"{label}: gradient diagnostics",
+            at_last[[c for c in GRAD_COLUMNS if c in at_last.columns]],
+            f"{label}: gradient diagnostics, epoch {last[label]}",
         )
     if not per_element:
         sec.text(
@@ -237,9 +242,5 @@ def _diagnostics(
             "top-3 exploding candidates of each run, beside the other runs (robust z and "
             "|g| of the same weight in every run)",
         )
-    for label, reader in readers.items():
-        sec.image(
-            f"gradients_{slug(label)}",
-            plot_gradient_magnitudes(reader, dpi=DPI),
-            f"{label}: gradient magnitudes",
-        )
+    for image, png, caption in gradient_figures(readers, diags):
+        sec.image(image, png, caption)

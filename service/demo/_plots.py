@@ -1,27 +1,47 @@
 """The demos' own figures (Agg canvases, no pyplot): training curves, predictive bands,
-reliability diagrams, entropy histograms and sweep plots. Each returns PNG bytes."""
+reliability diagrams, entropy histograms, sweep plots, and arms side by side on one shared
+y scale. Each returns PNG bytes.
+
+Sizes: a report page shows figures up to ``report.PAGE_PX`` (1400) pixels wide at their own
+size, so figures are drawn at :data:`DPI` (100) and at most 14 inches wide: a 10-point label
+is then 14 px on screen, not shrunk."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.artist import Artist
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from service.analysis._figure import (
+    integer_ticks,
+    legend_outside,
+    legend_width,
+    new_figure,
+    style_handle,
+    to_png,
+)
+
 __all__ = [
+    "DPI",
     "figure",
     "plot_entropy_histograms",
     "plot_regression_fit",
     "plot_reliability",
+    "plot_side_by_side",
     "plot_training_curves",
     "png",
+    "style_handle",
 ]
 
-DPI = 80
+DPI = 100
 #: One colour per arm of the standard protocol (and the old fixed/learnable pair), so that an
 #: arm looks the same in every demo figure; other labels take tab10 by position.
 COLOURS = {
@@ -37,10 +57,12 @@ COLOURS = {
 }
 
 
-def figure(nrows: int, ncols: int, panel: tuple[float, float] = (4.6, 3.2)) -> tuple[Figure, Any]:
+def figure(
+    nrows: int, ncols: int, panel: tuple[float, float] = (4.6, 3.2), *, sharey: bool = False
+) -> tuple[Figure, Any]:
     fig = Figure(figsize=(panel[0] * ncols + 0.6, panel[1] * nrows + 0.8))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=sharey)
     return fig, axes
 
 
@@ -58,10 +80,13 @@ def colour(label: str, i: int) -> Any:
 def plot_training_curves(
     histories: Mapping[str, Sequence[Mapping[str, float]]], keys: Sequence[str]
 ) -> bytes:
-    """One panel per metric key, one line per run, against the epoch."""
-    fig, axes = figure(1, len(keys), panel=(3.8, 3.0))
+    """One panel per metric key (at most 3 a row; 4 as 2 x 2), one line per run, against
+    the epoch."""
+    ncols = 2 if len(keys) == 4 else min(3, len(keys))
+    nrows = -(-len(keys) // ncols)
+    fig, axes = figure(nrows, ncols, panel=(4.2, 3.0))
     for j, key in enumerate(keys):
-        ax = axes[0][j]
+        ax = axes[j // ncols][j % ncols]
         for i, (label, hist) in enumerate(histories.items()):
             xs = [h["epoch"] for h in hist if key in h]
             ys = [h[key] for h in hist if key in h]
@@ -71,8 +96,56 @@ def plot_training_curves(
             ax.set_yscale("log")
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("epoch")
+        integer_ticks(ax)
         ax.legend(fontsize=8)
+    for j in range(len(keys), nrows * ncols):
+        axes[j // ncols][j % ncols].set_visible(False)
     return png(fig)
+
+
+def plot_side_by_side(
+    panels: Mapping[str, Callable[[Axes], object]],
+    handles: Sequence[Artist],
+    *,
+    title: str,
+    ylabel: str,
+    xlabel: str = "epoch",
+    log: bool = False,
+    ncols: int = 3,
+    panel: tuple[float, float] = (3.4, 2.6),
+) -> bytes:
+    """One panel per arm (``panels[label](ax)`` draws it), side by side, at most ``ncols`` a
+    row, every panel on the same x and y scale (y tick labels in the first column only);
+    one legend right of the panels from ``handles``."""
+    n = len(panels)
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    labels = [str(h.get_label()) for h in handles]
+    fig, axes = new_figure(nrows, ncols, panel=panel, right=legend_width(labels), wgap=0.3)
+    first = axes[0][0]
+    for i, (label, draw) in enumerate(panels.items()):
+        ax = axes[i // ncols][i % ncols]
+        if ax is not first:
+            ax.sharex(first)
+            ax.sharey(first)
+        draw(ax)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3, linewidth=0.5)
+        if i % ncols == 0:
+            ax.set_ylabel(ylabel)
+        if xlabel.startswith("epoch"):
+            integer_ticks(ax)
+    for j in range(n, nrows * ncols):
+        axes[j // ncols][j % ncols].set_visible(False)
+    if log:
+        first.set_yscale("log")
+    for i in range(n):
+        if i % ncols:  # after the scale: a log scale brings its own (minor) tick labels
+            axes[i // ncols][i % ncols].tick_params(axis="y", which="both", labelleft=False)
+    legend_outside(fig, handles)
+    fig.suptitle(title)
+    return to_png(fig, dpi=DPI)
 
 
 def plot_regression_fit(
@@ -87,7 +160,7 @@ def plot_regression_fit(
     ``fits[label]`` holds ``x``, ``mean``, ``sigma`` (total) and ``epistemic`` (posterior
     spread without the noise), all 1-D over the evaluation grid.
     """
-    fig, axes = figure(1, len(fits), panel=(5.6, 3.8))
+    fig, axes = figure(1, len(fits), panel=(4.2, 3.6), sharey=True)
     rng = np.random.default_rng(0)
     keep = rng.permutation(x_train.size)[:400]
     lo_all = min(float(f["x"].min()) for f in fits.values())
@@ -194,7 +267,7 @@ def plot_reliability(
 
 def plot_entropy_histograms(entropies: Mapping[str, Mapping[str, np.ndarray]]) -> bytes:
     """Predictive entropy per model (panels) and input set (test first, then OOD sets)."""
-    fig, axes = figure(1, len(entropies), panel=(4.6, 3.4))
+    fig, axes = figure(1, len(entropies), panel=(4.2, 3.4), sharey=True)
     top = np.log(10.0)
     bins = np.linspace(0, top, 41)
     for i, (label, sets) in enumerate(entropies.items()):

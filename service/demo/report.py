@@ -9,7 +9,9 @@
 
 ``report.html`` embeds every PNG (base64, one self-contained file); ``report.md`` links
 to ``img/<name>.png`` beside it. Each section is an ``<h2 id=...>`` / ``## `` heading,
-so tests can check that every section is present.
+so tests can check that every section is present. The page is :data:`PAGE_PX` wide, so
+figures up to that width are shown at their own size. Tables print one number format per
+column (:func:`format_column`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import base64
 import html
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,13 +28,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["Report", "Section", "format_value", "markdown_table"]
+__all__ = ["PAGE_PX", "Report", "Section", "format_column", "format_value", "markdown_table"]
+
+#: Width of the page's content in CSS pixels: figures up to this wide are not shrunk.
+PAGE_PX = 1400
 
 _CSS = """
-body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em;
+body { font-family: system-ui, sans-serif; max-width: PAGE_PXpx; margin: 2em auto; padding: 0 1em;
        color: #222; line-height: 1.45; }
+p, ul { max-width: 60em; }
 table { border-collapse: collapse; margin: 0.5em 0 1.2em; font-size: 0.85em; }
 th, td { border: 1px solid #ccc; padding: 2px 6px; text-align: right; }
+td { font-variant-numeric: tabular-nums; }
 th { background: #f0f0f0; }
 caption { caption-side: top; text-align: left; font-weight: bold; padding: 4px 0; }
 figure { margin: 0.5em 0 1.5em; }
@@ -39,7 +47,7 @@ figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.9em; color: #555; }
 code { background: #f4f4f4; padding: 0 3px; }
 nav li { display: inline; margin-right: 1em; }
-"""
+""".replace("PAGE_PX", str(PAGE_PX))
 
 
 def format_value(value: Any) -> str:
@@ -62,6 +70,42 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(
+        v, bool | np.bool_
+    )
+
+
+def _special(v: float) -> str | None:
+    if math.isnan(v):
+        return "nan"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return None
+
+
+def format_column(values: Sequence[Any]) -> list[str]:
+    """One column's cells in one number format: integers as integers; otherwise fixed
+    decimals (4 significant digits for the largest |value|, at least 2 for the smallest
+    non-zero one) or, when the values reach 1e5 or fall below 1e-3 or need more than 9
+    digits, scientific with 4 significant digits for every value. NaN/inf as ``nan``/``inf``;
+    columns that are not all numbers (text, tuples, booleans) cell by cell."""
+    vals = list(values)
+    if not vals or not all(_number(v) for v in vals):
+        return [format_value(v) for v in vals]
+    floats = [float(v) for v in vals]
+    finite = [v for v in floats if math.isfinite(v)]
+    if all(v == int(v) and abs(v) < 1e15 for v in finite):
+        return [_special(v) or str(int(v)) for v in floats]
+    nonzero = [abs(v) for v in finite if v != 0]
+    hi, lo = max(nonzero), min(nonzero)
+    hi_exp, lo_exp = math.floor(math.log10(hi)), math.floor(math.log10(lo))
+    decimals = max(0, 3 - hi_exp, 1 - lo_exp)
+    if hi >= 1e5 or lo < 1e-3 or max(hi_exp, 0) + decimals > 9:
+        return [_special(v) or f"{v:.3e}" for v in floats]
+    return [_special(v) or f"{v:.{decimals}f}" for v in floats]
+
+
 def _flat(frame: pd.DataFrame) -> pd.DataFrame:
     """Index levels as leading columns, so that both renderers show them."""
     if frame.index.names == [None] and isinstance(frame.index, pd.RangeIndex):
@@ -69,24 +113,28 @@ def _flat(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.reset_index()
 
 
+def _cells(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """Column names and the formatted rows (one format per column) of ``frame``."""
+    flat = _flat(frame)
+    columns = [format_column(flat.iloc[:, j].tolist()) for j in range(flat.shape[1])]
+    return [str(c) for c in flat.columns], [list(r) for r in zip(*columns, strict=True)]
+
+
 def markdown_table(frame: pd.DataFrame) -> str:
     """A GitHub Markdown table of ``frame`` (index levels as columns)."""
-    flat = _flat(frame)
-    cols = [str(c) for c in flat.columns]
+    cols, rows = _cells(frame)
     lines = ["| " + " | ".join(c.replace("|", "\\|") for c in cols) + " |"]
     lines.append("|" + "|".join("---" for _ in cols) + "|")
-    for row in flat.itertuples(index=False):
-        cells = [format_value(v).replace("|", "\\|") for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
+    for row in rows:
+        lines.append("| " + " | ".join(v.replace("|", "\\|") for v in row) + " |")
     return "\n".join(lines)
 
 
 def _html_table(frame: pd.DataFrame, caption: str) -> str:
-    flat = _flat(frame)
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in flat.columns)
+    cols, rows = _cells(frame)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(format_value(v))}</td>" for v in row) + "</tr>"
-        for row in flat.itertuples(index=False)
+        "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in rows
     )
     cap = f"<caption>{_inline(caption)}</caption>" if caption else ""
     return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

@@ -26,7 +26,7 @@ import pandas as pd
 
 from service.analysis import comparison_table
 from service.demo._plots import colour, figure, png
-from service.demo.report import Report
+from service.demo.report import Report, format_column
 from service.demo.study import TUNE_PREFIX, StudySpec, study_phase
 from trainer.errors import BnnError, ErrorCode
 from trainer.store import RunStatus, RunStore, SweepInfo
@@ -208,10 +208,14 @@ def display_summary(data: StudyData, tables: dict[str, pd.DataFrame]) -> pd.Data
             continue
         scale = 100.0 if m in ("error", "test_ece") or m.startswith("coverage") else 1.0
         unit = " %" if scale == 100.0 else ""
+        # one number format for the column's means and bounds together
+        arms = list(summary.index)
+        cells = format_column(
+            [_num(summary, a, m + k) * scale for k in ("", " lo", " hi") for a in arms]
+        )
+        n = len(arms)
         out[LABELS.get(m, m) + unit] = [
-            f"{_num(summary, a, m) * scale:.4g} [{_num(summary, a, m + ' lo') * scale:.4g}, "
-            f"{_num(summary, a, m + ' hi') * scale:.4g}]"
-            for a in summary.index
+            f"{cells[i]} [{cells[n + i]}, {cells[2 * n + i]}]" for i in range(n)
         ]
     return pd.DataFrame(out, index=summary.index)
 

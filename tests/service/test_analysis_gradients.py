@@ -10,6 +10,13 @@ from service.analysis import (
     gradient_outliers,
     prior_gradient_series,
 )
+from service.analysis.gradients import (
+    MIN_LOG_SCALE,
+    MIN_Z_ELEMENTS,
+    Z_EXPLODING,
+    GradThresholds,
+    layer_scores,
+)
 from service.analysis.synthetic import synthetic_snapshot
 from trainer.errors import BnnError, ErrorCode
 from trainer.snapshot import EpochSnapshot
@@ -76,9 +83,13 @@ def test_diagnostics_flag_planted_layers_and_not_clean_ones() -> None:
     assert hit["non-finite steps"] == 2
     assert not diag.loc[(0, "layer2"), "exploding flag"]
     assert diag.loc[(1, "layer1"), "z threshold"] > 5  # Bonferroni for 60,000 elements
-    ratio = diag.loc[(1, "layer1"), "first/last norm ratio"]
     norms = gradient_norm_series(_planted(), 1)
-    assert ratio == pytest.approx(norms["layer1"].mean() / norms["layer2"].mean())
+    assert "first/last norm ratio" not in diag.columns  # one model-wide value per row, once
+    ratio = diag.xs(1, level="epoch")["step norm / last layer"]
+    assert ratio["layer1"] == pytest.approx(norms["layer1"].mean() / norms["layer2"].mean())
+    assert ratio["layer2"] == 1.0
+    alone = gradient_diagnostics(_planted(), [1], layers="layer1")  # still over the last layer
+    assert alone.loc[(1, "layer1"), "step norm / last layer"] == pytest.approx(ratio["layer1"])
     assert list(norms.columns) == ["layer1", "layer2"] and norms.index.name == "step"
 
 
@@ -107,7 +118,7 @@ def test_layer_level_statistics_use_absolute_thresholds() -> None:
     assert not gradient_diagnostics([snap], explode_abs=1e3).loc[(0, "layer1"), "exploding flag"]
     with pytest.raises(BnnError, match=r"element-level .* grad_level 'layer'") as err:
         gradient_outliers([snap])
-    assert err.value.code is ErrorCode.INVALID_ARGUMENT
+    assert err.value.code is ErrorCode.NOT_FOUND  # 404: no such data in this run
 
 
 def test_bad_arguments_are_named() -> None:
@@ -170,3 +181,85 @@ def test_compare_runs_with_different_priors_trained_for_real(tmp_path: Path) -> 
     with pytest.raises(BnnError, match="same architecture") as err:
         compare_gradient_outliers([runs["fixed"], other], data_dir=tmp_path)
     assert err.value.code is ErrorCode.INVALID_ARGUMENT
+
+
+# ------------------------------------------------- calibrated flags on real training runs
+def _trained(tmp_path: Path, **cfg: object) -> RunReader:
+    store = RunStore(tmp_path)
+    base = dict(dataset="regression", n_test=64, eval_samples=4, device="cpu", seed=0)
+    run_id = train(base | cfg, sink=store, progress=False).run_id
+    store.close()
+    assert run_id is not None
+    return RunReader(run_id, tmp_path)
+
+
+def _tree(g: np.ndarray) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    stats = {"mean_abs": g.astype(np.float32), "nonfinite": np.zeros(g.shape, np.int64)}
+    return {"weight": {"mu": stats}}
+
+
+def test_healthy_runs_raise_no_default_flags(tmp_path: Path) -> None:
+    # the 5-epoch 1-10-1 run (10-weight layers, a z of -4 was flagged vanishing)
+    # and a 1-50-50-1 run; benchmarks/gradient_false_alarms.py measures many more
+    for i, cfg in enumerate(({"epochs": 5}, {"widths": [50, 50], "epochs": 5})):
+        with _trained(tmp_path / str(i), **cfg) as reader:
+            diag = gradient_diagnostics(reader)
+            assert (diag["exploding"] == 0).all() and (diag["vanishing"] == 0).all(), diag
+            small = diag["elements"] < MIN_Z_ELEMENTS
+            assert np.isinf(diag.loc[small, "z threshold"]).all()
+            assert (diag.loc[~small, "z threshold"] >= Z_EXPLODING).all()
+            assert np.isinf(diag["vanishing z threshold"]).all()
+            # an explicit threshold is used as given, in layers of any size
+            loose = gradient_diagnostics(reader, z_threshold=1.0)
+            assert (loose["vanishing"] > 0).any() and (loose["z threshold"] == 1.0).all()
+
+
+def test_small_layers_get_no_default_z_flags() -> None:
+    g = 10.0 ** np.array([-3.0, -3.1, -2.9, -3.05, -2.95, -3.0, -3.02, -2.98, -7.0, 1.0])
+    th = GradThresholds()
+    sc = layer_scores(_tree(g), th)
+    assert sc.z()[-2] < -4 and sc.z()[-1] > 4  # far out, but only 10 elements
+    assert not sc.exploding(th).any() and not sc.vanishing(th).any()
+    assert sc.z_threshold == sc.z_vanishing == np.inf
+    explicit = GradThresholds(z_threshold=3.5)
+    sc = layer_scores(_tree(g), explicit)
+    assert sc.exploding(explicit).tolist() == [False] * 9 + [True]
+    assert sc.vanishing(explicit).tolist() == [False] * 8 + [True, False]
+    # the absolute bounds and non-finite steps apply at any size
+    assert layer_scores(_tree(g * 1e5), th).exploding(th)[-1]  # 1e5 > explode_abs
+
+
+def test_scale_has_a_floor_of_half_a_decade() -> None:
+    # |g| nearly all alike (a rho gradient that the KL term dominates): MAD ~ 1e-4 decades
+    rng = np.random.default_rng(0)
+    g = 1e-3 * (1 + 1e-4 * rng.standard_normal(1000))
+    g[0] = 1e-2  # 10x: z would be ~ 1e4 with the raw MAD
+    th = GradThresholds()
+    sc = layer_scores(_tree(g), th)
+    assert sc.scale == MIN_LOG_SCALE and sc.z(np.array([0]))[0] == pytest.approx(2.0, abs=1e-3)
+    assert not sc.exploding(th).any()
+    g[0] = 1e-3 * 10**3.5  # 3.5 decades above: beyond 6 * 0.5
+    assert layer_scores(_tree(g), th).exploding(th).tolist() == [True] + [False] * 999
+
+
+def test_an_injected_exploding_gradient_in_a_real_run_is_flagged(tmp_path: Path) -> None:
+    with _trained(tmp_path, widths=[50, 50], epochs=3) as reader:
+        last = reader.epochs[-1]
+        tree = reader.gradients(last, "layer2")
+    g = np.abs(np.asarray(tree["weight"]["mu"]["mean_abs"], np.float32))
+    th = GradThresholds()
+    assert not layer_scores(tree, th).exploding(th).any()
+    spike = (7, 31)
+    g[spike] = float(g.max()) * 1e4  # a spike 4 decades above the layer's largest |g|
+    tree["weight"]["mu"]["mean_abs"] = g
+    sc = layer_scores(tree, th)
+    assert np.flatnonzero(sc.exploding(th)).tolist() == [7 * 50 + 31]
+    assert not sc.vanishing(th).any()
+
+
+def test_a_diverging_run_is_flagged_exploding(tmp_path: Path) -> None:
+    with _trained(tmp_path, widths=[50, 50], epochs=5, optimizer="sgd", lr=10.0) as reader:
+        diag = gradient_diagnostics(reader, [reader.epochs[-1]])
+    assert diag["exploding flag"].any()
+    assert (diag["exploding"] >= diag["non-finite elements"]).all()
+    assert diag["non-finite elements"].sum() > 0

@@ -10,6 +10,7 @@ import gzip
 import io
 import json
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from service.demo.common import (
 from service.demo.mnist import auroc, find_fashion_mnist, read_idx_images, run_mnist_demo
 from service.demo.protocol import protocol_spec
 from service.demo.regression import REGRESSION_TUNE_EPOCHS
-from service.demo.report import Report, markdown_table
+from service.demo.report import PAGE_PX, Report, format_column, markdown_table
 from trainer.config import parse_config
 from trainer.layers import bayesian_layers, use_mean
 from trainer.priors import GaussianPrior
@@ -57,10 +58,65 @@ REQUIRED_TEXT = [
 
 
 def _diagnostic_images(arms: list[str]) -> set[str]:
-    kinds = ("kl", "evolution", "overlay", "bands", "gradients")
-    return {"training_curves", "scale_diagnostics", "prior_trajectories"} | {
-        f"{kind}_{slug(arm)}" for kind in kinds for arm in arms
-    }
+    # KL, gradients and bands: one figure with the arms side by side; evolution and the
+    # epoch overlay show other weights in each arm: one figure per arm
+    side_by_side = {"kl_prior", "kl_pairwise", "bands_mu", "bands_sigma"}
+    side_by_side |= {"gradient_norms", "gradient_magnitudes"}
+    return (
+        {"training_curves", "scale_diagnostics", "prior_trajectories"}
+        | side_by_side
+        | {f"{kind}_{slug(arm)}" for kind in ("evolution", "overlay") for arm in arms}
+    )
+
+
+def _png_size(path: Path) -> tuple[int, int, float]:
+    """Width and height in pixels and the dots per inch (pHYs chunk) of a PNG file."""
+    data = path.read_bytes()
+    width, height = struct.unpack(">II", data[16:24])
+    at = data.index(b"pHYs")
+    per_metre = struct.unpack(">I", data[at + 4 : at + 8])[0]
+    return width, height, per_metre * 0.0254
+
+
+def _check_readable(out: Path, images: set[str]) -> None:
+    """Every figure shows >= 80 pixels per inch of its drawing on the report page (at most
+    PAGE_PX wide; was 57-76 with 80 dpi figures up to 21 inches wide): a 7-point legend is
+    >= 7.8 px on screen, a 10-point label >= 11 px."""
+    for name in images:
+        width, height, dpi = _png_size(out / "img" / f"{name}.png")
+        shown = dpi * min(1.0, PAGE_PX / width)
+        assert shown >= 80, (name, width, height, dpi)
+        assert height >= 250, (name, width, height)
+
+
+NUMBER = r"(?:-?\d+(?:\.\d+)?(?:e[+-]\d+)?|nan|-?inf)"
+CI_CELL = rf"{NUMBER} \[{NUMBER}, {NUMBER}\]"  # "mean [lo, hi]"
+
+
+def _check_one_format_per_column(html: str) -> int:
+    """In every table, each column's numbers share one format: all integers, all with the
+    same number of decimals, or all scientific."""
+    checked = 0
+    for table in re.findall(r"<table>(.*?)</table>", html, flags=re.S):
+        rows = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table)]
+        rows = [r for r in rows if r]
+        for col in zip(*rows, strict=True):
+            kinds = set()
+            # "mean [lo, hi]" cells: the three numbers count as cells of the column
+            parts = [p for cell in col for p in re.split(r" \[|, |\]$", cell) if p]
+            for cell in parts if all(re.fullmatch(CI_CELL, c) for c in col) else col:
+                if cell in ("nan", "inf", "-inf"):
+                    continue
+                if re.fullmatch(r"-?\d+\.\d{3}e[+-]\d\d", cell):
+                    kinds.add("scientific")
+                elif m := re.fullmatch(r"-?\d+(?:\.(\d+))?", cell):
+                    kinds.add(len(m.group(1) or ""))
+                else:
+                    kinds.add("text")
+            if kinds - {"text"}:
+                assert len(kinds) == 1, (col, kinds)
+                checked += 1
+    return checked
 
 
 def _check_report(out: Path, sections: list[str], images: set[str]) -> tuple[str, str, dict]:
@@ -83,6 +139,8 @@ def _check_report(out: Path, sections: list[str], images: set[str]) -> tuple[str
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sections"] == sections and sorted(summary["images"]) == sorted(images)
     assert summary["significance"] and all("**" not in s for s in summary["significance"])
+    _check_readable(out, images)
+    assert _check_one_format_per_column(html) > 50
     return html, md, summary
 
 
@@ -356,3 +414,22 @@ def test_report_renders_tables_text_and_images(tmp_path: Path) -> None:
     )
     assert (tmp_path / "img" / "p.png").read_bytes() == b"\x89PNG"
     assert "![cap](img/p.png)" not in md.read_text() and "](img/p.png)" in md.read_text()
+
+
+def test_one_number_format_per_column() -> None:
+    # before: 0.0123 | 1.500e-05 | 2.5 in one column, each value on its own
+    assert format_column([0.0123, 1.5e-5, 2.5]) == ["1.230e-02", "1.500e-05", "2.500e+00"]
+    assert format_column([0.5, 0.0123, 2.25]) == ["0.500", "0.012", "2.250"]
+    assert format_column([1234.5, 5.2, float("nan")]) == ["1234.5", "5.2", "nan"]
+    assert format_column([120.3, 0.05]) == ["120.300", "0.050"]
+    assert format_column([3.5e5, 2.5]) == ["3.500e+05", "2.500e+00"]
+    assert format_column([6.0, float("inf"), 12.0]) == ["6", "inf", "12"]  # integral floats
+    assert format_column([1, 20, 300]) == ["1", "20", "300"]
+    assert format_column([True, False]) == ["True", "False"]
+    assert format_column(["a", 1.5, (1, 2)]) == ["a", "1.5", "(1, 2)"]  # not all numbers
+    assert format_column([float("nan")] * 2) == ["nan", "nan"]
+    frame = pd.DataFrame({"x": [1e-4, 0.5], "n": [3, 4]}, index=pd.Index(["a", "b"], name="k"))
+    assert markdown_table(frame).splitlines()[2:] == [
+        "| a | 1.000e-04 | 3 |",
+        "| b | 5.000e-01 | 4 |",
+    ]
