@@ -13,13 +13,21 @@ a free loopback port over that directory; an asynchronous httpx client sends req
   request per epoch: even epochs one at a time (the latency of a cold request), odd epochs
   ``--concurrency`` at a time (cold throughput);
 * ``plots/kl.png`` (KL over all epochs) is cold only once per server: ``--restarts`` (3)
-  fresh servers give its cold latency.
+  fresh servers give its cold latency;
+* the dashboard's pages, warm: the runs page ``/`` (its first 50 runs) and the trained
+  run's page ``/ui/runs/{id}``, with ``--catalog-runs`` (200) runs in the catalog: a
+  temporary data directory gets small synthetic runs (4-6-2 MLP, 2 epochs each) beside the
+  trained one; a ``--data-dir`` is measured as it is, never written to. Warm pages come
+  from the dashboard's page cache (until the catalog changes); ``--page-misses`` also
+  measures each page made anew every time (``?nocache=<n>``-like distinct URLs: the cost
+  right after a change of the catalog). ``--pages-only`` skips the analysis endpoints.
 
     python benchmarks/service_load.py [--data-dir DIR --run-id ID] [--requests 500]
+    python benchmarks/service_load.py --epochs 2 --n-train 256 --requests 100 --no-cold  # short
 
-Targets: warm JSON tables p50 <= 20 ms and >= 300 requests/s (2 cores); a cold KL table
-<= 200 ms; a cold PNG <= 1.5 s. The machine may be shared: the load average is printed
-with the figures.
+Targets: warm JSON tables p50 <= 20 ms and >= 300 requests/s (2 cores); warm pages p50
+<= 50 ms at concurrency 8; a cold KL table <= 200 ms; a cold PNG <= 1.5 s. The machine may
+be shared: the load average is printed with the figures; compare ratios within one run.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 TARGETS = {  # the issue's targets
     "warm p50 ms": 20.0,
     "warm req/s": 300.0,
+    "warm page p50 ms": 50.0,
     "cold KL ms": 200.0,
     "cold PNG ms": 1500.0,
 }
@@ -66,6 +75,30 @@ def train_run(data_dir: Path, epochs: int, n_train: int) -> str:
         f"epochs, n_train {n_train}, in {time.perf_counter() - t0:.0f} s, {size / 1e6:.0f} MB"
     )
     return str(result.run_id)
+
+
+def add_catalog_runs(data_dir: Path, total: int) -> int:
+    """Small synthetic runs until the catalog holds ``total`` runs; how many it holds."""
+    from service.analysis.synthetic import synthetic_snapshot
+    from trainer.store import RunStatus, RunStore
+
+    t0 = time.perf_counter()
+    with RunStore(data_dir) as store:
+        have = len(store.list_runs())
+        for i in range(have, total):
+            config = {
+                "dataset": "regression", "prior": ("learnable", "fixed")[i % 2],
+                "prior_mode": "gradient", "widths": [6], "epochs": 2, "seed": i,
+            }  # fmt: skip
+            run = store.create_run(f"catalog-{i:03d}", config, [f"group{i % 5}"]).id
+            for e in range(2):
+                snap = synthetic_snapshot(e, (4, 6, 2), seed=i)
+                snap.metrics["test_rmse"] = 0.5 / (1 + e) + i / 1000
+                store.write_epoch(run, snap)
+            store.set_status(run, RunStatus.COMPLETED if i % 7 else RunStatus.FAILED)
+        have = max(have, total)
+    print(f"catalog: {have} runs ({time.perf_counter() - t0:.0f} s to add the synthetic ones)")
+    return have
 
 
 def free_port() -> int:
@@ -164,9 +197,26 @@ def endpoints(run: str, epochs: list[int]) -> dict[str, list[str]]:
     }
 
 
+def pages(run: str, misses: int = 0) -> dict[str, list[str]]:
+    """The dashboard's pages (HTML): the runs page and the trained run's page; with
+    ``misses``, as many distinct URLs of each (a page the cache does not hold yet: the
+    runs page sorted by name, then by each status; the run page at each table)."""
+    out = {"page /": ["/"], "page /ui/runs/{id}": [f"/ui/runs/{run}"]}
+    if misses:  # the same work as the plain page, under URLs never asked before
+        out["page / (made anew)"] = [f"/?q=&order=desc&page=1&tag={'+' * i}" for i in range(misses)]
+        out["page /ui/runs/{id} (made anew)"] = [
+            f"/ui/runs/{run}?{'&' * (i + 1)}" for i in range(misses)
+        ]
+    return out
+
+
 def target_of(r: Result) -> list[tuple[str, float, float]]:
     """(label, measured, target) pairs that apply to a result."""
     out = []
+    if r.name.startswith("page "):
+        if r.phase == "warm" and r.concurrency > 1 and "anew" not in r.name:
+            out += [("p50 ms", r.pct(50), TARGETS["warm page p50 ms"])]
+        return out
     if r.phase == "warm" and r.concurrency > 1 and not r.name.endswith(".png"):
         out += [("p50 ms", r.pct(50), TARGETS["warm p50 ms"])]
         out += [("req/s", r.rps, TARGETS["warm req/s"])]
@@ -207,6 +257,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500, help="warm requests per endpoint")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--restarts", type=int, default=3, help="cold samples of plots/kl.png")
+    parser.add_argument("--catalog-runs", type=int, default=200, help="runs in the catalog")
+    parser.add_argument("--no-cold", action="store_true", help="skip the cold phases (shorter)")
+    parser.add_argument("--pages-only", action="store_true", help="measure the pages only")
+    parser.add_argument(
+        "--page-misses", action="store_true", help="also pages made anew at each request"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary data directory")
     args = parser.parse_args()
     if (args.data_dir is None) != (args.run_id is None):
@@ -220,11 +276,14 @@ def main() -> None:
 
         with RunStore(data_dir, create=False) as store:
             epochs = [e.epoch for e in store.list_epochs(run)]
+            runs_in_catalog = len(store.list_runs())
+        if args.data_dir is None:
+            runs_in_catalog = add_catalog_runs(data_dir, args.catalog_runs)
         log = tmp / "server.log"
-        urls = endpoints(run, epochs)
+        urls = {} if args.pages_only else endpoints(run, epochs)
         results: list[Result] = []
         c = args.concurrency
-        for name, group in urls.items():  # cold: a fresh server each
+        for name, group in urls.items() if not args.no_cold else ():  # cold: a fresh server each
             server = Server(data_dir, log)
             try:
                 results.append(measure(name, "cold", server.url, group[0::2], 1))
@@ -232,19 +291,29 @@ def main() -> None:
             finally:
                 server.stop()
         kl_png: list[float] = []
-        for _ in range(args.restarts):
+        for _ in range(args.restarts if not (args.no_cold or args.pages_only) else 0):
             server = Server(data_dir, log)
             try:
                 kl_png += measure("", "", server.url, [f"/runs/{run}/plots/kl.png"], 1).latencies_ms
             finally:
                 server.stop()
         load = os.getloadavg()[0]
-        results.append(Result("plots/kl.png", "cold", 1, kl_png, sum(kl_png) / 1e3, load))
+        if kl_png:
+            results.append(Result("plots/kl.png", "cold", 1, kl_png, sum(kl_png) / 1e3, load))
+        print(f"pages measured with {runs_in_catalog} runs in the catalog")
         server = Server(data_dir, log)
         try:  # warm
-            for name, group in urls.items():
-                measure(name, "prime", server.url, group, c)
+            misses = args.requests if args.page_misses else 0
+            for name, group in {**urls, **pages(run, misses)}.items():
+                anew = "anew" in name
+                if not anew:
+                    measure(name, "prime", server.url, group, c)
                 n = args.requests if not name.endswith(".png") else args.requests // 2
+                if anew:  # each URL once per phase: the two phases get their own
+                    half = len(group) // 2
+                    results.append(measure(name, "warm", server.url, group[:half], 1))
+                    results.append(measure(name, "warm", server.url, group[half:], c))
+                    continue
                 cycle = [group[i % len(group)] for i in range(n)]
                 results.append(measure(name, "warm", server.url, cycle, 1))
                 results.append(measure(name, "warm", server.url, cycle, c))

@@ -289,7 +289,7 @@ def test_run_page_shows_config_curves_tables_and_working_links(client: TestClien
     store = store_of(client)
     run = add_run(store, "shown", epochs=3, tags=("t1",))
     html = html_of(client, f"/ui/runs/{run}")
-    assert "<h1>shown" in html and "completed" in html
+    assert '<h1><span id="run-name">shown</span>' in html and "completed" in html
     assert 'id="config"' in html and ">prior_mode<" in html and ">gradient<" in html
     assert html.count('<figure class="chart">') == 2 and "<polyline" in html  # loss, test_rmse
     assert "Tables at epoch 2" in html  # the latest by default
