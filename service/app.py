@@ -9,7 +9,8 @@ re-read, ``bnn runs fsck`` does that) and runs still QUEUED by an earlier proces
 to Dask again; the Dask cluster
 itself starts with the first job. A background thread (every ``BNN_STUDY_POLL_S`` seconds,
 and once at start) starts the evaluation runs of studies whose tuning has ended. OpenAPI at
-``/docs``, liveness at ``/healthz``.
+``/openapi.json``, shown by ``/docs`` (Swagger UI) and ``/redoc`` from files shipped in
+:mod:`service.apidocs` (no CDN); liveness at ``/healthz``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from starlette.responses import Response
 
-from service import dashboard
+from service import apidocs, dashboard
 from service.deps import StoreDep
 from service.errors import BodyLimit, LastResort, Options, install_error_handlers
 from service.jobs import JobRunner
@@ -32,6 +34,7 @@ from service.routers import (
     compare,
     complete_openapi,
     epochs,
+    error_responses,
     plots,
     runs,
     studies,
@@ -108,9 +111,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "need `Authorization: Bearer <token>`."
         ),
         lifespan=lifespan,
+        docs_url=None,  # served by service.apidocs, from files of this package
+        redoc_url=None,
+        strict_content_type=False,  # a JSON body without a Content-Type header is JSON
     )
     app.state.settings = settings
-    install_error_handlers(app)
+    install_error_handlers(app, html_page=_not_found_page)
     app.add_middleware(
         BodyLimit, json_limit=settings.max_json_bytes, upload_limit=settings.max_upload_bytes
     )
@@ -124,8 +130,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sweeps.router)
     app.include_router(studies.router)
     app.include_router(dashboard.router)  # HTML pages at / and /ui/...
+    app.include_router(apidocs.router)  # /docs, /redoc and their scripts
 
-    @app.get("/healthz", tags=["service"], summary="Liveness and catalog check")
+    @app.get(
+        "/healthz",
+        tags=["service"],
+        summary="Liveness and catalog check",
+        responses=error_responses((503, "the catalog does not answer")),
+    )
     def healthz(request: Request, store: StoreDep) -> dict[str, Any]:
         """200 when the catalog answers (503 otherwise), with the job back end's state."""
         store.list_runs(limit=1)
@@ -139,6 +151,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     _contract_openapi(app, settings)
     return app
+
+
+def _not_found_page(request: Request, message: str) -> Response:
+    """The dashboard's error page: what a browser gets for a path no route has."""
+    from service.dashboard._common import error_page
+
+    return error_page(request, 404, "Not found", message)
 
 
 def _contract_openapi(app: FastAPI, settings: Settings) -> None:

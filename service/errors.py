@@ -4,13 +4,20 @@ Every error body is ``{"error": {"code": ..., "message": ..., "details": {...}}}
 :class:`~trainer.errors.BnnError` codes map through :data:`STATUS`; the transport-level
 failures the library has no code for (bad token, body too large, unknown route, wrong
 method, wrong media type) use the extra codes of the same table.
+
+A JSON body that does not parse is a 400 naming the line and column; a body of another
+media type sent to a JSON operation a 415 saying which header to send (a body without a
+Content-Type is read as JSON: ``create_app`` turns FastAPI's strict check off). A path
+no route has is a 404 listing the API's resources and pointing to ``/docs`` (an HTML
+page for a browser, when the app gives :func:`install_error_handlers` one).
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Match
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from trainer.errors import BnnError, ErrorCode
@@ -26,6 +33,7 @@ from trainer.errors import BnnError, ErrorCode
 __all__ = [
     "STATUS",
     "BodyLimit",
+    "HtmlPage",
     "LastResort",
     "Options",
     "PayloadTooLarge",
@@ -56,14 +64,15 @@ _CODE_OF_STATUS = {401: "unauthenticated", 404: "not_found", 405: "method_not_al
 _CODE_OF_STATUS |= {413: "too_large", 415: "unsupported_media_type"}
 
 
-def json_safe(value: Any) -> Any:
-    """A copy JSON can hold: non-finite floats as "nan"/"inf"/"-inf" (the catalog's spelling)."""
+def json_safe(value: Any, nan: Any = "nan") -> Any:
+    """A copy JSON can hold: infinite floats as "inf"/"-inf" and NaN as ``nan`` ("nan", the
+    catalog's spelling of a recorded value; None in tables, where NaN means no value)."""
     if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        return nan if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v, nan) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
+        return [json_safe(v, nan) for v in value]
     if isinstance(value, str):
         try:
             value.encode("utf-8")
@@ -75,7 +84,7 @@ def json_safe(value: Any) -> Any:
     if hasattr(value, "isoformat"):
         return value.isoformat()
     if hasattr(value, "item"):  # numpy scalars
-        return json_safe(value.item())
+        return json_safe(value.item(), nan)
     return str(value)
 
 
@@ -108,10 +117,43 @@ async def _bnn_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.code, exc.message, exc.details)
 
 
-async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+def _json_syntax_error(exc: RequestValidationError, err: Mapping[str, Any]) -> JSONResponse:
+    """400 for a body that is not JSON: what is wrong, at which line and column."""
+    loc = tuple(err.get("loc", ()))
+    pos = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else 0
+    doc = exc.body if isinstance(exc.body, str) else ""
+    line = doc.count("\n", 0, pos) + 1
+    column = pos - doc.rfind("\n", 0, pos)
+    what = str((err.get("ctx") or {}).get("error", "JSON decode error"))
+    return error_response(
+        "bad_request",
+        f"invalid JSON at line {line}, column {column}: {what}",
+        {"line": line, "column": column, "position": pos, "error": what},
+    )
+
+
+def _not_json(request: Request) -> JSONResponse:
+    """415 for a body of another media type sent to an operation that takes JSON."""
+    given = request.headers.get("content-type", "")
+    hint = " (curl's default for -d)" if given.startswith("application/x-www-form-") else ""
+    return error_response(
+        "unsupported_media_type",
+        f"the body must be JSON, sent with 'Content-Type: application/json'; got "
+        f"Content-Type {given[:100]!r}{hint}",
+        {"content_type": given[:100], "expected": "application/json"},
+    )
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    for err in errors:
+        if err.get("type") == "json_invalid":
+            return _json_syntax_error(exc, err)
+        if tuple(err.get("loc", ())) == ("body",) and isinstance(err.get("input"), bytes):
+            return _not_json(request)  # FastAPI hands the raw bytes of non-JSON media types
     fields: dict[str, str] = {}
-    for err in exc.errors():
+    for err in errors:
         loc = [str(p) for p in err.get("loc", ())]
         where = ".".join(loc[1:] if loc and loc[0] in ("body", "query", "path") else loc)
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
@@ -145,12 +187,70 @@ def allowed_methods(routes: Sequence[BaseRoute], scope: Scope) -> list[str]:
     return sorted(methods | {"OPTIONS"}, key=lambda m: (order.index(m) if m in order else 99, m))
 
 
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+# (request, message) -> an HTML error page for a browser (the dashboard's)
+HtmlPage = Callable[[Request, str], Response]
+DOCS = {"docs": "/docs", "redoc": "/redoc", "openapi": "/openapi.json", "dashboard": "/"}
+
+
+def _api_paths(routes: Sequence[BaseRoute]) -> list[str]:
+    """The paths of the routes in the OpenAPI document, in order, each once."""
+    paths: list[str] = []
+    stack = list(reversed(routes))
+    while stack:
+        route = stack.pop()
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            stack.extend(reversed(included.routes))
+        elif isinstance(route, Route) and getattr(route, "include_in_schema", False):
+            paths.append(route.path)
+    return list(dict.fromkeys(paths))
+
+
+def _wants_html(request: Request) -> bool:
+    """A browser navigating (``Accept`` names text/html), not an API client (``*/*``)."""
+    return "text/html" in request.headers.get("accept", "")
+
+
+def _unknown_path(request: Request, html: HtmlPage | None) -> Response:
+    """404 for a path no route has: the API's resources, the closest one, ``/docs``."""
+    root = request.scope.get("root_path", "")
+    path = request.url.path.removeprefix(root) or "/"
+    paths = _api_paths(request.app.router.routes)
+    resources = list(dict.fromkeys("/" + p.split("/")[1] for p in paths))
+    first = "/" + path.split("/")[1]
+    under = [p for p in paths if p == first or p.startswith(first + "/")]
+    close = [] if under else difflib.get_close_matches(first, resources, n=1, cutoff=0.6)
+    lead = f"no route at {path!r}" + (f"; did you mean {root}{close[0]}?" if close else ".")
+    listing = ", ".join(root + r for r in resources)
+    message = (
+        f"{lead} The API's resources are {listing}; every operation is listed at {root}/docs "
+        f"(OpenAPI: {root}/openapi.json), the dashboard is at {root}/"
+    )
+    if html is not None and _wants_html(request):
+        response = html(request, message)
+        response.status_code = 404
+        return response
+    details = {"path": path, "resources": resources, **DOCS}
+    if under:
+        details["operations"] = under
+    return error_response(ErrorCode.NOT_FOUND, message, details)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404 and not allowed_methods(request.app.router.routes, request.scope):
+        return _unknown_path(request, getattr(request.app.state, "html_error_page", None))
     code = _CODE_OF_STATUS.get(
         exc.status_code, "bad_request" if exc.status_code < 500 else "internal"
     )
     headers = dict(exc.headers or {})
+    cause = exc.__cause__
+    if exc.status_code == 400 and isinstance(cause, UnicodeDecodeError):  # FastAPI's body read
+        message = (
+            f"invalid JSON: the body is not text in {cause.encoding.upper()} ({cause.reason} "
+            f"at byte {cause.start}); send JSON as UTF-8"
+        )
+        return error_response("bad_request", message, {"position": cause.start})
     if exc.status_code == 405:  # Starlette names the first matching route's methods only
         allow = allowed_methods(request.app.router.routes, request.scope)
         if allow:
@@ -171,7 +271,10 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response("internal", f"internal error: {type(exc).__name__}")
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, html_page: HtmlPage | None = None) -> None:
+    """The handlers of every error; ``html_page`` draws the 404 of an unknown path for a
+    browser (JSON for everyone else, and for every other error)."""
+    app.state.html_error_page = html_page
     app.add_exception_handler(BnnError, _bnn_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

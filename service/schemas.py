@@ -6,6 +6,7 @@ models here describe them in the OpenAPI document.
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
 
@@ -14,12 +15,11 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
-    StrictInt,
     ValidationInfo,
     field_validator,
 )
 
-from trainer.config import TrainConfig, check_json_types
+from trainer.config import CONFIG_RULES, TrainConfig, check_json_types, json_int
 from trainer.store import RunStatus
 
 __all__ = [
@@ -145,6 +145,7 @@ def _run_create_schema(schema: dict[str, Any]) -> None:
     for branch in props.get("widths", {}).get("anyOf", ()):
         if branch.get("type") == "array":
             branch["items"] = {"type": "integer", "minimum": 1}
+    schema.setdefault("allOf", []).extend(copy.deepcopy(CONFIG_RULES))
     if "resolved_priors" in props:
         text = {"type": "string", "maxLength": 256, "pattern": NO_NUL}
         _nullable(
@@ -209,6 +210,11 @@ class RunCreate(TrainConfig):
 def _run_patch_schema(schema: dict[str, Any]) -> None:
     """What RunPatch's validators and ``PATCH /runs/{id}`` check, in its schema."""
     props = schema.get("properties", {})
+    if "name" in props:
+        _nullable(props["name"], {"type": "string", "maxLength": 256, "pattern": NOT_BLANK})
+    if "tags" in props:
+        items = {"type": "string", "maxLength": 64, "pattern": NOT_BLANK}
+        _nullable(props["tags"], {"type": "array", "maxItems": MAX_TAGS, "items": items})
     for name in ("error", "train_host", "diverged_layer"):
         for branch in props.get(name, {}).get("anyOf", ()):
             if branch.get("type") == "string":
@@ -250,24 +256,43 @@ class RunPatch(BaseModel):
         'heartbeat. Only a JSON boolean (not 0, 1, "true" or a timestamp)',
     )
     train_host: str | None = Field(default=None, max_length=256, description="where it trains")
-    diverged_step: StrictInt | None = Field(
+    diverged_step: int | None = Field(
         default=None,
         ge=0,
         le=2**53,  # exact in a double: JSON tools compare numbers as doubles
         description="global step where it first became non-finite",
     )
-    diverged_epoch: StrictInt | None = Field(
+    diverged_epoch: int | None = Field(
         default=None, ge=0, lt=2**31, description="that step's epoch (with diverged_step)"
     )
     diverged_layer: str | None = Field(
         default=None, min_length=1, max_length=256, description="first non-finite parameter"
     )
+    name: str | None = Field(default=None, max_length=256, description="rename the run")
+    tags: list[str] | None = Field(
+        default=None, max_length=MAX_TAGS, description="replace the run's tags"
+    )
+
+    @field_validator("diverged_step", "diverged_epoch", mode="before")
+    @classmethod
+    def _json_int(cls, value: Any) -> Any:
+        return json_int(value)  # 3 or 3.0, not true or "3"
 
     @field_validator("error", "summary", "train_host", "diverged_layer")
     @classmethod
     def _no_nul(cls, value: Any) -> Any:
         check_text(value, "value", 20_000)
         return value
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str | None) -> str | None:
+        return RunCreate._check_name(value)
+
+    @field_validator("tags")
+    @classmethod
+    def _check_tags(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else RunCreate._check_tags(value)
 
 
 def complete_components(components: dict[str, Any]) -> None:
@@ -298,10 +323,10 @@ class RunOut(BaseModel):
     train_host: str | None = Field(description="where it trains, as its trainer reported")
     error: str | None
     summary: dict[str, Any]
-    diverged_step: StrictInt | None = Field(
+    diverged_step: int | None = Field(
         default=None, description="global training step where it first became non-finite"
     )
-    diverged_epoch: StrictInt | None = Field(default=None, description="the epoch of that step")
+    diverged_epoch: int | None = Field(default=None, description="the epoch of that step")
     diverged_layer: str | None = Field(
         default=None, description="first parameter with a non-finite gradient at that step"
     )

@@ -64,6 +64,47 @@ class ModelKind(StrEnum):
     CNN = "cnn"
 
 
+def json_int(value: Any) -> Any:
+    """An integer as JSON Schema counts one: ``3`` or ``3.0`` (a number without a fraction),
+    as an int; not ``true``, ``"3"`` or ``3.5``. ``None`` passes (left to the field). For
+    JSON bodies, in ``mode="before"`` field validators (they keep the field's constraints
+    in its schema, where an annotated validator would not)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be an integer, got {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"must be an integer, got {value!r}")
+        return int(value)
+    return value
+
+
+IMAGE_DATASETS = tuple(d.value for d in Dataset if d is not Dataset.REGRESSION)
+# The rule between fields that `_fill_defaults` keeps, in JSON Schema: "model is mlp (or
+# absent), or dataset is an image dataset". Put in the schemas of RunCreate and of the
+# sweep / study ``base`` objects (service.schemas, service.routers.complete_openapi).
+CNN_NEEDS_IMAGES: dict[str, Any] = {
+    "anyOf": [
+        {"properties": {"model": {"const": ModelKind.MLP.value}}},
+        {"required": ["dataset"], "properties": {"dataset": {"enum": list(IMAGE_DATASETS)}}},
+    ]
+}
+
+
+# PriorSpec's rule in JSON Schema: a learnable scale-mixture prior is learned by gradient
+# ("prior fixed, or family gaussian (or absent), or mode gradient (or absent)").
+MIXTURE_BY_GRADIENT: dict[str, Any] = {
+    "anyOf": [
+        {"required": ["prior"], "properties": {"prior": {"const": "fixed"}}},
+        {"properties": {"prior_family": {"const": "gaussian"}}},
+        {"properties": {"prior_mode": {"const": "gradient"}}},
+    ]
+}
+# Every rule between TrainConfig fields that a schema can state (see CNN_NEEDS_IMAGES).
+CONFIG_RULES: list[dict[str, Any]] = [CNN_NEEDS_IMAGES, MIXTURE_BY_GRADIENT]
+
+
 class Optimizer(StrEnum):
     SGD = "sgd"  # with momentum
     ADAM = "adam"
@@ -106,7 +147,17 @@ DATASET_DEFAULTS: dict[Dataset, dict[str, Any]] = {
 }
 
 
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,4})?")
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:(0|[1-9][0-9]{0,3}))?")
+
+
+def available_devices() -> list[str]:
+    """The devices :func:`check_device` accepts on this machine: 'auto', 'cpu', and
+    'cuda', 'cuda:0'..'cuda:N-1' with N CUDA devices, 'mps' with Apple's Metal backend."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cuda = ["cuda", *(f"cuda:{i}" for i in range(count))] if count else []
+    return ["auto", "cpu", *cuda, *(["mps"] if torch.backends.mps.is_available() else [])]
 
 
 def check_device(device: str) -> None:
@@ -158,7 +209,11 @@ class TrainConfig(BaseModel):
         description="hidden layer widths, e.g. 400,400 (default: the dataset's: 10 for "
         "regression, 400,400 for the image datasets)",
     )
-    activation: str = Field(default="relu", description="activation of the hidden layers")
+    activation: str = Field(
+        default="relu",
+        description="activation of the hidden layers",
+        json_schema_extra={"enum": [a.value for a in Activation]},
+    )
     # prior (see trainer.prior_spec for what each option means)
     prior: PriorKind = Field(
         default=PriorKind.LEARNABLE,
@@ -319,6 +374,7 @@ class TrainConfig(BaseModel):
         default="auto",
         description="'auto' (CUDA when there is one), 'cpu', 'cuda', 'cuda:N' or 'mps'; "
         "checked against the machine when training starts",
+        json_schema_extra={"pattern": f"^({_DEVICE.pattern})$"},
     )
     # data size (None: the whole split)
     n_train: int | None = Field(
@@ -491,7 +547,9 @@ def _json_type_ok(kind: str, value: Any) -> bool:
         return isinstance(value, bool)
     if isinstance(value, bool):
         return False
-    return isinstance(value, int) if kind == "integer" else isinstance(value, (int, float))
+    if kind == "integer":  # JSON Schema: a number without a fraction (2.0 is one)
+        return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    return isinstance(value, (int, float))
 
 
 _EXPECTED = {
@@ -508,9 +566,10 @@ def check_json_types(data: Mapping[str, Any], where: str = "") -> None:
     """Raise ValueError unless every known field of ``data`` has its JSON type exactly.
 
     Pydantic's lax mode (what the CLI and Python callers get) takes ``0`` for a boolean or
-    ``2.0`` for an integer; a JSON API should not, so its bodies are checked with this
-    first: booleans ``true``/``false``, integers without a fraction or a boolean, numbers
-    not booleans, arrays item by item. ``null`` and unknown fields are left to the model.
+    ``"2"`` for an integer; a JSON API should not, so its bodies are checked with this
+    first: booleans ``true``/``false``, integers as JSON Schema has them (a number without
+    a fraction: ``2`` or ``2.0``; not a boolean), numbers not booleans, arrays item by
+    item. ``null`` and unknown fields are left to the model.
     """
     for name, value in data.items():
         field = TrainConfig.model_fields.get(name)
@@ -519,6 +578,13 @@ def check_json_types(data: Mapping[str, Any], where: str = "") -> None:
         kind = _json_kind(field.annotation)
         if kind is not None and not _json_type_ok(kind, value):
             raise ValueError(f"{where}{name} must be {_EXPECTED[kind]}, got {value!r}")
+
+
+_FIELD_VALIDATORS = {
+    "widths": "_check_widths",
+    "device": "_check_device",
+    "activation": "_check_activation",
+}
 
 
 @cache
@@ -541,6 +607,11 @@ def check_field_values(data: Mapping[str, Any], where: str = "") -> None:
             continue
         try:
             _field_adapter(name).validate_python(value)
+            if name in _FIELD_VALIDATORS and value is not None:
+                # the model's own field validators (the adapter runs only the type's)
+                getattr(TrainConfig, _FIELD_VALIDATORS[name])(value)
         except ValidationError as exc:
             msg = exc.errors()[0]["msg"].removeprefix("Value error, ")
             raise ValueError(f"{where}{name}: {msg} (got {value!r})") from None
+        except ValueError as exc:
+            raise ValueError(f"{where}{name}: {exc}") from None

@@ -34,7 +34,9 @@ __all__ = ["OutlierComparison", "compare_gradient_outliers", "gradient_outliers"
 def _require_element(view: EpochView, layer: str, tree: dict[str, Any], th: GradThresholds) -> None:
     g, _ = stat_arrays(tree, th, f"epoch {view.epoch} layer {layer!r}")
     if g.ndim == 0:
-        raise BnnError.invalid(
+        # 404: what the request names (a well-formed one) does not exist in this run,
+        # like an epoch never captured; the run's capture decided it, not the caller
+        raise BnnError.not_found(
             f"gradient outliers need element-level gradient statistics; epoch {view.epoch} "
             f"layer {layer!r} was captured with grad_level 'layer'",
             layer=layer,
@@ -149,7 +151,7 @@ def gradient_outliers(
     stat: str = "mean_abs",
     z_threshold: float | None = None,
     explode_abs: float | None = 1e2,
-    vanish_abs: float | None = 1e-10,
+    vanish_abs: float | None = None,
     data_dir: str | Path | None = None,
     db_url: str | None = None,
 ) -> pd.DataFrame:
@@ -223,7 +225,7 @@ def compare_gradient_outliers(
     stat: str = "mean_abs",
     z_threshold: float | None = None,
     explode_abs: float | None = 1e2,
-    vanish_abs: float | None = 1e-10,
+    vanish_abs: float | None = None,
     data_dir: str | Path | None = None,
     db_url: str | None = None,
 ) -> OutlierComparison:

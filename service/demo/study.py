@@ -35,13 +35,12 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
-    StrictInt,
     field_validator,
     model_validator,
 )
 
 from service.schemas import check_config_text
-from trainer.config import TrainConfig, check_field_values, parse_config
+from trainer.config import TrainConfig, check_field_values, json_int, parse_config
 from trainer.errors import BnnError, ErrorCode
 from trainer.store import RunStatus, RunStore, SweepInfo
 
@@ -98,6 +97,7 @@ class ArmSpec(BaseModel):
                 raise ValueError(f"tune.{key} must be a non-empty list, got {levels!r}")
             for level in levels:
                 check_field_values({key: level}, "tune.")
+                check_config_text({key: level}, "tune.")  # what the catalog cannot hold
         return value
 
     def grid(self) -> list[dict[str, Any]]:
@@ -114,24 +114,42 @@ class ArmSpec(BaseModel):
 
 
 class StudySpec(BaseModel):
-    """What a study trains (see the module docstring)."""
+    """What a study trains: N arms x K paired seeds, tuned arms on validation first.
+
+    Rules between fields that JSON Schema cannot state (each broken one is a 422 naming
+    it): `baseline` is one of the keys of `arms` (default: the first arm); `tune_seed` is
+    not one of `seeds`; with `equal_budget` (default true) every tuned arm has the same
+    grid size (the product of its level counts); every run's configuration (`base`, then
+    the arm's `config`, then one point of its `tune` grid) is a valid TrainConfig, so e.g.
+    model 'cnn' only with an image dataset; at most 2,000 runs in all.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, max_length=200)
     base: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields shared")
     arms: dict[str, ArmSpec] = Field(description="arm name -> overrides and tuning grid")
-    seeds: list[StrictInt] = Field(
+    seeds: list[int] = Field(
         default_factory=lambda: [0, 1, 2, 3, 4],
         min_length=1,
         json_schema_extra={"uniqueItems": True},
     )
     baseline: str | None = Field(default=None, description="arm the others are compared to")
-    tune_seed: StrictInt = Field(default=1000, description="seed of the tuning runs")
-    tune_epochs: StrictInt | None = Field(
+    tune_seed: int = Field(default=1000, description="seed of the tuning runs")
+    tune_epochs: int | None = Field(
         default=None, ge=1, description="epochs of a tuning run (None: the base's epochs)"
     )
     equal_budget: StrictBool = Field(default=True, description="tuned arms must have equal grids")
+
+    @field_validator("tune_seed", "tune_epochs", mode="before")
+    @classmethod
+    def _json_int(cls, value: Any) -> Any:
+        return json_int(value)
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _json_ints(cls, value: Any) -> Any:
+        return [json_int(v) for v in value] if isinstance(value, list) else value
 
     @field_validator("base")
     @classmethod
@@ -230,17 +248,16 @@ def _parse(label: str, cfg: dict[str, Any]) -> TrainConfig:
 def _register(
     store: RunStore, sweep: SweepInfo, spec: StudySpec, configs: list[tuple[str, dict]]
 ) -> list[tuple[str, str, dict[str, Any]]]:
-    runs = []
     tags = [*spec.base.get("tags", []), f"{STUDY_TAG}{sweep.id}"]
     have = sweep.labels
+    todo = []
     for label, cfg in configs:
         if label in have:  # already registered (advance after a restart)
             continue
         config = parse_config(cfg, name=f"{sweep.name}/{label}", tags=tags).to_json_dict()
-        run = store.create_run(config["name"], config, tags, RunStatus.QUEUED)
-        store.add_sweep_run(sweep.id, run.id, label)
-        runs.append((label, run.id, config))
-    return runs
+        todo.append((label, config["name"], config, tags))
+    ids = store.add_sweep_runs(sweep.id, todo)  # one transaction for them all
+    return [(item[0], run_id, item[2]) for item, run_id in zip(todo, ids, strict=True)]
 
 
 def register_study(

@@ -19,6 +19,7 @@ interaction), and every cell has its fixed and learnable pair.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import sys
 import time
@@ -28,10 +29,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, field_validator, model_validator
 
 from service.schemas import check_config_text, check_text, is_blank
-from trainer.config import TrainConfig, check_field_values, parse_config
+from trainer.config import Optimizer, TrainConfig, check_field_values, parse_config
 from trainer.errors import BnnError
 from trainer.store import RunStatus, RunStore, SweepInfo
 
@@ -56,7 +57,9 @@ OPTIM_GRID: dict[str, list[Any]] = {
     "prior": ["fixed", "learnable"],
 }
 WIDTH_GRID: dict[str, list[Any]] = {"widths": [25, 50, 100, 200, 400, 800], "prior": ["learnable"]}
-SGD_LR_FACTOR = 10.0  # SGD (momentum 0.9) gets 10x the dataset's Adam learning rate ...
+# Learning rate of an optimiser: grid.lr's for it, else base.lr when given, else the
+# dataset's default, which is Adam's: SGD (momentum 0.9) gets 10x that ...
+SGD_LR_FACTOR = 10.0
 ADAMW_WEIGHT_DECAY = 1e-2  # ... and AdamW torch's default decoupled weight decay
 _ONOFF = ("grad_clip", "kl_anneal_epochs", "lr_schedule")
 
@@ -77,6 +80,63 @@ _GRID_SCHEMA: dict[str, Any] = {
 }
 
 
+def _json_key(value: Any) -> str:
+    """Equal keys for values JSON Schema's ``uniqueItems`` counts as equal (1 and 1.0; not
+    true and 1, which Python's == would confuse)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        try:
+            return f"n:{float(value)!r}" if float(value) == value else f"n:{value!r}"
+        except OverflowError:  # an integer beyond a double: itself
+            return f"n:{value!r}"
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _sweep_rules(schema: dict[str, Any]) -> None:
+    """The rule :func:`_optim_rows` keeps, in the schema: an optim sweep of design 'half'
+    (the default) has exactly two levels (off, on) of each on/off factor it sets."""
+    two = {"minItems": 2, "maxItems": 2}
+    half_ok = {"properties": {"grid": {"properties": {k: dict(two) for k in _ONOFF}}}}
+    schema.setdefault("allOf", []).append(
+        {
+            "anyOf": [
+                {"properties": {"kind": {"const": SweepKind.WIDTH.value}}},
+                {"required": ["design"], "properties": {"design": {"const": "full"}}},
+                half_ok,
+            ]
+        }
+    )
+    # the factors each kind takes
+    by_kind = [
+        (SweepKind.WIDTH, sorted(WIDTH_GRID)),
+        (SweepKind.OPTIM, sorted(set(OPTIM_GRID) | {"lr"})),
+    ]
+    schema["allOf"].append(
+        {
+            "anyOf": [
+                {
+                    "properties": {
+                        "kind": {"const": kind.value},
+                        "grid": {"propertyNames": {"enum": factors}},
+                    }
+                }
+                for kind, factors in by_kind
+            ]
+        }
+    )
+    # a width sweep sets the width of the hidden layers: its base has at least one
+    hidden = {"anyOf": [{"type": "null"}, {"type": "array", "minItems": 1}]}
+    schema["allOf"].append(
+        {
+            "anyOf": [
+                {"properties": {"kind": {"const": SweepKind.OPTIM.value}}},
+                {"properties": {"base": {"properties": {"widths": hidden}}}},
+            ]
+        }
+    )
+
+
 class SweepSpec(BaseModel):
     """What a sweep trains. ``grid`` keys (defaults in :data:`WIDTH_GRID` / :data:`OPTIM_GRID`):
 
@@ -85,7 +145,7 @@ class SweepSpec(BaseModel):
       optionally ``lr`` as ``{optimizer: lr}``.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=lambda s: _sweep_rules(s))
 
     kind: SweepKind
     name: str | None = Field(default=None, max_length=200)
@@ -132,9 +192,38 @@ class SweepSpec(BaseModel):
             if key == "lr":
                 if not isinstance(levels, dict):
                     raise ValueError(f"grid.lr must map optimizer to lr, got {levels!r}")
+                optimizers = [o.value for o in Optimizer]
+                unknown = sorted(str(k) for k in levels if k not in optimizers)
+                if unknown:
+                    raise ValueError(f"grid.lr: unknown optimizers {unknown}; known: {optimizers}")
+                for optimizer, lr in levels.items():
+                    if lr is None:
+                        raise ValueError(f"grid.lr.{optimizer} must be a number, got null")
+                    check_field_values({"lr": lr}, f"grid.lr.{optimizer}: ")
             elif not isinstance(levels, list) or not levels:
                 raise ValueError(f"grid.{key} must be a non-empty list, got {levels!r}")
+            else:
+                keys = [_json_key(level) for level in levels]
+                if len(set(keys)) != len(keys):
+                    raise ValueError(f"grid.{key} must not repeat a level, got {levels!r}")
+                for level in levels:  # each a value of its field (widths: one width)
+                    if key == "widths":
+                        level = [level]
+                    if key == "kl_anneal_epochs" and level is None:
+                        continue  # null: a quarter of the epochs
+                    check_field_values({key: level}, "grid.")
         return value
+
+    @model_validator(mode="after")
+    def _factors_of_kind(self) -> SweepSpec:
+        known = set(WIDTH_GRID) if self.kind is SweepKind.WIDTH else set(OPTIM_GRID) | {"lr"}
+        other = sorted(set(self.grid) - known)
+        if other:
+            raise ValueError(
+                f"grid factors {other} do not apply to a {self.kind.value} sweep; "
+                f"it takes {sorted(known)}"
+            )
+        return self
 
     def factor(self, key: str) -> list[Any]:
         default = (WIDTH_GRID if self.kind is SweepKind.WIDTH else OPTIM_GRID).get(key, [])
@@ -183,10 +272,17 @@ def _optim_rows(spec: SweepSpec, epochs: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _number(value: float) -> str:
+    """The shortest text that reads back as ``value`` ('1', '0.5', '1e-05'): distinct
+    levels get distinct labels (``:g`` made 0.5 and 0.50000001 both '0.5')."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
 def _optim_label(row: dict[str, Any]) -> str:
     parts = [row["optimizer"]]
     if row["grad_clip"] is not None:
-        parts.append(f"clip{row['grad_clip']:g}")
+        parts.append(f"clip{_number(row['grad_clip'])}")
     if row["kl_anneal_epochs"]:
         parts.append(f"anneal{row['kl_anneal_epochs']}")
     if row["lr_schedule"] != "none":
@@ -201,8 +297,14 @@ def expand(spec: SweepSpec) -> list[tuple[str, dict[str, Any]]]:
     depth = len(base.hidden)
     out: list[tuple[str, dict[str, Any]]] = []
     if spec.kind is SweepKind.WIDTH:
+        if depth == 0:
+            raise BnnError.invalid(
+                "a width sweep needs hidden layers to set the width of: base.widths is []"
+            )
         priors = spec.factor("prior")
         for width in spec.factor("widths"):
+            if isinstance(width, float) and width.is_integer():
+                width = int(width)  # JSON Schema's integer: 132.0 is one
             if not isinstance(width, int) or isinstance(width, bool) or width < 1:
                 raise BnnError.invalid(f"grid.widths must hold positive integers, got {width!r}")
             for prior in priors:
@@ -212,16 +314,24 @@ def expand(spec: SweepSpec) -> list[tuple[str, dict[str, Any]]]:
         lr_map = dict(spec.grid.get("lr", {}))
         for row in _optim_rows(spec, base.epochs):
             optimizer = row["optimizer"]
-            lr = lr_map.get(optimizer) or (
-                base.learning_rate * (SGD_LR_FACTOR if optimizer == "sgd" else 1.0)
-            )
+            if optimizer in lr_map:  # the grid's, for this optimizer
+                lr = lr_map[optimizer]
+            elif spec.base.get("lr") is not None:  # the one the base gives, for every optimizer
+                lr = base.learning_rate
+            else:  # the dataset's (Adam's), x10 for SGD
+                lr = base.learning_rate * (SGD_LR_FACTOR if optimizer == "sgd" else 1.0)
             cfg = fields | {k: v for k, v in row.items() if not k.startswith("_")} | {"lr": lr}
             if optimizer == "adamw" and "weight_decay" not in spec.base:
                 cfg["weight_decay"] = ADAMW_WEIGHT_DECAY
             out.append((_optim_label(row), cfg))
-    labels = [label for label, _ in out]
-    if len(set(labels)) != len(labels):
-        raise BnnError.invalid(f"the grid gives repeated runs: {labels}")
+    # Levels that resolve to the same run (``kl_anneal_epochs`` null is a quarter of the
+    # epochs, which may equal a level given as a number) are trained as replicates: the
+    # later ones are labelled '#2', '#3', ... rather than the grid being refused.
+    seen: dict[str, int] = {}
+    for i, (label, cfg) in enumerate(out):
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            out[i] = (f"{label}#{seen[label]}", cfg)
     for _, cfg in out:
         parse_config(cfg)  # INVALID_ARGUMENT naming the bad field before anything is stored
     return out
@@ -236,17 +346,13 @@ def register_sweep(
     """
     configs = expand(spec)
     sweep = store.create_sweep(spec.kind.value, spec.to_json(), spec.name)
-    runs = []
+    tags = [*spec.base.get("tags", []), f"{SWEEP_TAG}{sweep.id}", f"{SWEEP_TAG}{spec.kind.value}"]
+    todo = []
     for label, cfg in configs:
-        tags = [
-            *spec.base.get("tags", []),
-            f"{SWEEP_TAG}{sweep.id}",
-            f"{SWEEP_TAG}{spec.kind.value}",
-        ]
         config = parse_config(cfg, name=f"{sweep.name}/{label}", tags=tags).to_json_dict()
-        run = store.create_run(config["name"], config, tags, RunStatus.QUEUED)
-        store.add_sweep_run(sweep.id, run.id, label)
-        runs.append((label, run.id, config))
+        todo.append((label, config["name"], config, tags))
+    ids = store.add_sweep_runs(sweep.id, todo)  # one transaction for them all
+    runs = [(item[0], run_id, item[2]) for item, run_id in zip(todo, ids, strict=True)]
     return store.get_sweep(sweep.id), runs
 
 
@@ -320,7 +426,10 @@ def dask_client(workers: int = 2, scheduler: str | None = None) -> Iterator[Any]
                 threads_per_worker=1,
                 processes=True,
                 host="127.0.0.1",
-                dashboard_address=None,
+                # Dask's scheduler serves HTTP even without a dashboard address (then on
+                # :8787, which a running `bnn serve` may hold): a free loopback port, no pages
+                dashboard_address="127.0.0.1:0",
+                scheduler_kwargs={"dashboard": False},
                 silence_logs=logging.ERROR,
             )
     client = Client(cluster or scheduler, set_as_default=False)

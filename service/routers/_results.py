@@ -320,17 +320,19 @@ def render(
     filename: str,
     csv_table: str | None = None,
 ) -> Rendered:
-    """JSON ``{**meta, name: {"columns", "rows"}}``, or one table as CSV."""
+    """JSON ``{**meta, name: {"columns", "rows"}}``, or one table as CSV. A NaN cell is a
+    value that does not exist (a layer without bias has no bias KL): null in JSON, an empty
+    cell in CSV; infinite values are "inf"/"-inf" in both."""
     if fmt is Format.CSV:
         name = csv_table or next(iter(tables))
         columns, rows = frame_rows(tables[name])
-        response = csv_response(rows, columns, filename)
+        response = csv_response(rows, columns, filename, nan="")
     else:
         payload = dict(meta)
         for name, frame in tables.items():
             columns, rows = frame_rows(frame)
             payload[name] = {"columns": columns, "rows": rows}
-        response = json_response(payload)
+        response = json_response(payload, nan=None)
     headers = {k: v for k, v in response.headers.items() if k == "content-disposition"}
     return Rendered(bytes(response.body), response.media_type or "", headers)
 

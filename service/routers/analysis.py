@@ -3,8 +3,10 @@
 
 Every table is JSON ``{"run_id", "epoch", ..., "table": {"columns", "rows"}}`` or CSV with
 ``?format=csv``. ``epoch`` omitted is the latest captured epoch; an epoch that was not
-captured is a 404 whose details list the captured ones. Results are cached per
-(run, epoch, query) (see ``_results``).
+captured is a 404 whose details list the captured ones. A value that does not exist (the
+average KL of a layer with one bias: no pairs) is null in JSON and an empty cell in CSV;
+each route's description says when. Results are cached per (run, epoch, query) (see
+``_results``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from service import analysis as an
 from service.analysis import DistType, GradKind, GradStat
 from service.analysis.source import ParamKind
 from service.deps import MAX_EPOCH
-from service.routers import Format, FormatQuery
+from service.routers import AUTH_RESPONSES, Format, FormatQuery, error_responses
 from service.routers._results import (
     AppStoreDep,
     RunEpochs,
@@ -29,7 +31,6 @@ from service.routers._results import (
     cached_table,
     open_reader,
 )
-from service.schemas import ErrorOut
 from trainer.errors import BnnError
 
 __all__ = [
@@ -44,9 +45,12 @@ __all__ = [
     "router",
 ]
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut} for code in (401, 404, 422, 503)
-}
+NOT_FOUND = (
+    404,
+    "unknown run or layer, an epoch that was not captured (the details list the captured "
+    "ones), or a run without captured epochs",
+)
+_ERRORS = {**AUTH_RESPONSES, **error_responses(NOT_FOUND, 422, 503)}
 router = APIRouter(
     prefix="/runs/{run_id}",
     tags=["analysis"],
@@ -91,7 +95,8 @@ ZQuery = Annotated[
         gt=0,
         le=MAX_Z,
         allow_inf_nan=False,
-        description="robust z-score threshold, (0, 1e6]; default max(3.5, Bonferroni)",
+        description="robust z-score threshold for both sides, (0, 1e6]; default: exploding "
+        "max(6, Bonferroni) in layers of >= 100 elements, no vanishing z-score",
     ),
 ]
 ExplodeQuery = Annotated[
@@ -99,8 +104,13 @@ ExplodeQuery = Annotated[
     Query(gt=0, le=MAX_ABS_G, allow_inf_nan=False, description="|g| above is exploding, (0, 1e38]"),
 ]
 VanishQuery = Annotated[
-    float,
-    Query(ge=0, le=MAX_ABS_G, allow_inf_nan=False, description="|g| below is vanishing, [0, 1e38]"),
+    float | None,
+    Query(
+        ge=0,
+        le=MAX_ABS_G,
+        allow_inf_nan=False,
+        description="|g| below is vanishing, [0, 1e38]; default: none (only |g| = 0)",
+    ),
 ]
 
 
@@ -180,7 +190,10 @@ async def get_stats(
     epoch: EpochQuery = None,
     dist: DistQuery = DistType.POSTERIOR,
 ) -> Response:
-    """The seed's ``get_overall_weight_stats``: first row ``Overall``, then one per layer."""
+    """The seed's ``get_overall_weight_stats``: first row ``Overall``, then one per layer.
+
+    Null (empty in CSV): the ``Bias`` means and stds of a layer without bias (count 0),
+    and any mean or std over no finite element."""
 
     def compute(e: int) -> pd.DataFrame:
         with open_reader(store, run.run_id) as reader:
@@ -200,7 +213,10 @@ async def get_kl(
     dist: DistQuery = DistType.POSTERIOR,
 ) -> Response:
     """``Weight KL Sum``, ``Weight KL Average``, ``Bias KL Sum``, ``Bias KL Average`` per layer
-    (exact over all pairs, linear time), and the non-finite elements left out."""
+    (exact over all pairs, linear time), and the non-finite elements left out.
+
+    Null (empty in CSV): the ``Bias`` columns of a layer without bias, and an average over
+    no pair (fewer than two finite elements, e.g. a layer with one bias)."""
 
     def compute(e: int) -> pd.DataFrame:
         with open_reader(store, run.run_id) as reader:
@@ -218,7 +234,10 @@ async def get_kl_prior(
     fmt: FormatQuery = Format.JSON,
     epoch: EpochQuery = None,
 ) -> Response:
-    """The ELBO's KL term split by layer: ``Weight KL``, ``Bias KL``, ``KL``, per element."""
+    """The ELBO's KL term split by layer: ``Weight KL``, ``Bias KL``, ``KL``, per element.
+
+    Null (empty in CSV): the ``Bias`` columns of a layer without bias, a per-element value
+    over no finite element, and KL to a prior that is not finite."""
 
     def compute(e: int) -> pd.DataFrame:
         with open_reader(store, run.run_id) as reader:
@@ -241,7 +260,8 @@ async def get_kl_trajectory(
     dist: DistQuery = DistType.POSTERIOR,
 ) -> Response:
     """One row per (epoch, layer): the columns of ``/kl`` (``of=pairwise``, for ``dist``) or of
-    ``/kl/prior`` (``of=prior``)."""
+    ``/kl/prior`` (``of=prior``), null where those are (a layer without bias, an average
+    over no pair or no element)."""
     names = parse_names(layers)
 
     def compute(eps: list[int]) -> pd.DataFrame:
@@ -266,7 +286,8 @@ async def get_priors(
     epochs: EpochsQuery = None,
     layers: LayersQuery = None,
 ) -> Response:
-    """``Weight prior mu``/``sigma`` and ``Bias prior mu``/``sigma`` per (epoch, layer)."""
+    """``Weight prior mu``/``sigma`` and ``Bias prior mu``/``sigma`` per (epoch, layer);
+    the ``Bias`` ones are null (empty in CSV) for a layer without bias."""
     names = parse_names(layers)
 
     def compute(eps: list[int]) -> pd.DataFrame:
@@ -289,7 +310,10 @@ async def get_percentiles(
     epochs: EpochsQuery = None,
     dist: DistQuery = DistType.POSTERIOR,
 ) -> Response:
-    """TensorBoard's distribution bands (p0, p6.68, ..., p100), exact over every element."""
+    """TensorBoard's distribution bands (p0, p6.68, ..., p100), exact over every element.
+
+    Null (empty in CSV): the percentiles of an epoch where the layer has no finite element
+    (``count`` 0)."""
 
     def compute(eps: list[int]) -> pd.DataFrame:
         with open_reader(store, run.run_id) as reader:
@@ -313,10 +337,14 @@ async def get_gradients(
     stat: GradStatQuery = GradStat.MEAN_ABS,
     z_threshold: ZQuery = None,
     explode_abs: ExplodeQuery = 1e2,
-    vanish_abs: VanishQuery = 1e-10,
+    vanish_abs: VanishQuery = None,
 ) -> Response:
     """Exploding/vanishing element counts and flags (robust z-score of log10 |g| within the
-    layer, absolute thresholds), non-finite counts, step norms, first/last norm ratio."""
+    layer, absolute thresholds), non-finite counts, step norms, step norm / last layer.
+
+    Null (empty in CSV): ``median |g|``/``max |g|`` without a finite |g|, ``z threshold``
+    where there is no z-score (layer-level statistics, or no spread), step norms without a
+    finite step, and the ratio to the last layer where either norm is missing."""
     opts: dict[str, Any] = {"param": param.value, "grad_param": grad_param, "stat": stat.value}
     opts |= {"z_threshold": z_threshold, "explode_abs": explode_abs, "vanish_abs": vanish_abs}
 
@@ -347,7 +375,11 @@ async def get_gradient_outliers(
     z_threshold: ZQuery = None,
 ) -> Response:
     """Ranked by the robust z-score within each element's layer, with the element's gradient
-    statistics, its posterior mu/sigma and its layer prior at that epoch."""
+    statistics, its posterior mu/sigma and its layer prior at that epoch.
+
+    ``robust z`` is "inf" for an element with a non-finite gradient (ranked first when
+    exploding). Null (empty in CSV): a statistic that is NaN (a NaN gradient), and the
+    prior of a layer that has none for this parameter."""
     opts: dict[str, Any] = {"param": param.value, "grad_param": grad_param, "stat": stat.value}
     opts |= {"z_threshold": z_threshold}
 

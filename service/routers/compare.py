@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from service import analysis as an
 from service.analysis import GradKind, GradStat
 from service.analysis.source import ParamKind
-from service.routers import CSV_RESPONSES, Format, FormatQuery
+from service.routers import AUTH_RESPONSES, CSV_RESPONSES, Format, FormatQuery, error_responses
 from service.routers._results import (
     AppStoreDep,
     RunEpochs,
@@ -34,7 +34,6 @@ from service.routers.analysis import (
     parse_ints,
     parse_names,
 )
-from service.schemas import ErrorOut
 from trainer.errors import BnnError
 from trainer.store import RunReader, RunStore
 
@@ -50,7 +49,21 @@ __all__ = [
 ]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    **{code: {"model": ErrorOut} for code in (401, 404, 422, 503)},
+    **AUTH_RESPONSES,
+    **error_responses(
+        (
+            404,
+            "an unknown run or layer, or an epoch some run did not capture (the details "
+            "list each run's epochs)",
+        ),
+        (
+            422,
+            "an invalid parameter (``runs``: 2 to 16 run ids, or exactly 2), or runs "
+            "compared element by element that differ in architecture (the message names the "
+            "first difference)",
+        ),
+        503,
+    ),
     **CSV_RESPONSES,
 }
 router = APIRouter(
@@ -148,7 +161,10 @@ async def compare_gradients(
 ) -> Response:
     """``outliers``: each run's top-k with the same elements' statistics in the other runs
     (columns ``<stat> (<run>)``); ``counts``: exploding / vanishing / non-finite elements
-    per layer and run. ``epoch`` omitted: the latest epoch all runs captured."""
+    per layer and run. ``epoch`` omitted: the latest epoch all runs captured.
+
+    Null (empty in CSV): a statistic that is NaN (a NaN gradient), and the prior of a layer
+    that has none for this parameter; ``robust z`` is "inf" for a non-finite gradient."""
     found = await load_runs(request, runs)
     e = common_epoch(found, epoch)
     opts: dict[str, Any] = {"param": param.value, "grad_param": grad_param, "stat": stat.value}
@@ -177,7 +193,10 @@ async def compare_kl(
 ) -> Response:
     """``KL(a||b)``, ``KL(b||a)``, symmetric and per element, for weights and biases: element i
     of run a against element i of run b, so both runs need the same architecture (422
-    otherwise). ``epoch`` omitted: each run's latest."""
+    otherwise). ``epoch`` omitted: each run's latest.
+
+    Null (empty in CSV): the ``Bias`` columns of layers without bias, and the per-element
+    value over no element finite in both runs."""
     found = await load_runs(request, runs, exactly=2)
     a, b = found
     ea = a.resolve(epoch)
@@ -204,7 +223,10 @@ async def compare_priors(
 ) -> Response:
     """One row per (run, layer): width, fan in/out, the learned weight and bias prior, the
     posterior spread and the KL to the prior per element. ``epoch`` omitted: each run's
-    latest (given, every run must have it)."""
+    latest (given, every run must have it).
+
+    Null (empty in CSV): the ``Bias`` prior of a layer without bias, and the KL per element
+    over no finite weight."""
     found = await load_runs(request, runs)
     chosen = [r.resolve(epoch) for r in found]
 

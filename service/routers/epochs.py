@@ -21,8 +21,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from service.deps import EpochPath, RunDep, SettingsDep, StoreDep, require_token
-from service.routers import Format, FormatQuery, json_response, table_response
-from service.schemas import EpochOut, ErrorOut, MetricsOut
+from service.routers import (
+    AUTH_RESPONSES,
+    Format,
+    FormatQuery,
+    error_responses,
+    json_response,
+    table_response,
+)
+from service.schemas import EpochOut, MetricsOut
 from trainer.errors import BnnError, ErrorCode
 from trainer.store import EpochInfo, RunStore
 from trainer.store._paths import locked_tmp_file
@@ -32,15 +39,14 @@ __all__ = ["UPLOAD_DIR", "epoch_out", "router"]
 
 UPLOAD_DIR = "uploads"  # under the data directory: temporary files of uploads in progress
 HDF5_TYPES = frozenset({"", "application/x-hdf5", "application/x-hdf", "application/octet-stream"})
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut} for code in (401, 404, 409, 413, 415, 422, 503)
-}
 router = APIRouter(
     prefix="/runs/{run_id}",
     tags=["epochs"],
     dependencies=[Depends(require_token)],
-    responses=_ERRORS,
+    responses=AUTH_RESPONSES,
 )
+UNKNOWN_RUN = (404, "unknown run")
+UNKNOWN_EPOCH = (404, "unknown run, or an epoch that was not captured (the details list them)")
 EPOCH_COLUMNS = ("epoch", "size", "checksum", "created_at")
 
 
@@ -55,7 +61,12 @@ def epoch_out(info: EpochInfo) -> dict[str, Any]:
     }
 
 
-@router.get("/epochs", response_model=list[EpochOut], summary="Captured epochs of a run")
+@router.get(
+    "/epochs",
+    response_model=list[EpochOut],
+    responses=error_responses(UNKNOWN_RUN, 422, 503),
+    summary="Captured epochs of a run",
+)
 def list_epochs(run: RunDep, store: StoreDep, fmt: FormatQuery = Format.JSON) -> Response:
     """One row per captured epoch; CSV has the metrics as columns."""
     epochs = [epoch_out(e) for e in store.list_epochs(run.id)]
@@ -67,7 +78,12 @@ def list_epochs(run: RunDep, store: StoreDep, fmt: FormatQuery = Format.JSON) ->
     return table_response(fmt, epochs, rows, columns, f"{run.id}_epochs.csv")
 
 
-@router.get("/epochs/{epoch}", response_model=EpochOut, summary="One captured epoch")
+@router.get(
+    "/epochs/{epoch}",
+    response_model=EpochOut,
+    responses=error_responses(UNKNOWN_EPOCH, 422, 503),
+    summary="One captured epoch",
+)
 def get_epoch(run: RunDep, epoch: EpochPath, store: StoreDep) -> Response:
     """404 listing the captured epochs when ``epoch`` was not captured."""
     return json_response(epoch_out(store.get_epoch(run.id, epoch)))
@@ -76,7 +92,10 @@ def get_epoch(run: RunDep, epoch: EpochPath, store: StoreDep) -> Response:
 @router.get(
     "/epochs/{epoch}/file",
     response_class=FileResponse,
-    responses={200: {"content": {"application/x-hdf5": {}}}},
+    responses={
+        200: {"content": {"application/x-hdf5": {}}},
+        **error_responses(UNKNOWN_EPOCH, 422, 503),
+    },
     summary="Download the epoch's HDF5 file",
 )
 def get_epoch_file(run: RunDep, epoch: EpochPath, store: StoreDep) -> Response:
@@ -85,15 +104,21 @@ def get_epoch_file(run: RunDep, epoch: EpochPath, store: StoreDep) -> Response:
     return FileResponse(path, media_type="application/x-hdf5", filename=name)
 
 
-@router.get("/metrics", response_model=MetricsOut, summary="Per-epoch metric series")
+@router.get(
+    "/metrics",
+    response_model=MetricsOut,
+    responses=error_responses((404, "unknown run, or a metric no epoch of it has"), 422, 503),
+    summary="Per-epoch metric series",
+)
 def get_metrics(
     run: RunDep,
     store: StoreDep,
     fmt: FormatQuery = Format.JSON,
     names: Annotated[str | None, Query(description="comma-separated metric names")] = None,
 ) -> Response:
-    """``series[name][i]`` is the metric at ``epochs[i]`` (null where an epoch lacks it);
-    404 naming a metric that no epoch of the run has."""
+    """``series[name][i]`` is the metric at ``epochs[i]``: null (an empty cell in CSV) where
+    that epoch lacks it; "nan", "inf" or "-inf" where the trainer recorded a value that is
+    not finite (a diverged run). 404 naming a metric that no epoch of the run has."""
     infos = store.list_epochs(run.id)
     known = list(dict.fromkeys(k for e in infos for k in e.metrics))
     wanted = known
@@ -134,7 +159,17 @@ def _check_upload(
     "/epochs/{epoch}",
     status_code=201,
     response_model=EpochOut,
-    responses={200: {"model": EpochOut, "description": "the same file was stored before"}},
+    responses={
+        200: {"model": EpochOut, "description": "the same file was stored before"},
+        **error_responses(
+            UNKNOWN_RUN,
+            (409, "other bytes are stored under this epoch, or the run has finished"),
+            (413, "the file is over the limit (BNN_MAX_UPLOAD_BYTES)"),
+            (415, "a Content-Type other than application/x-hdf5 or application/octet-stream"),
+            (422, "not an epoch file of this run (the message names the problem), or empty"),
+            503,
+        ),
+    },
     openapi_extra={
         "requestBody": {
             "required": True,

@@ -3,27 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from service.deps import JobsDep, RunDep, SettingsDep, StoreDep, require_token
-from service.routers import Format, FormatQuery, json_response, table_response
-from service.schemas import MAX_TAGS, ErrorOut, RunCreate, RunOut, RunPage, RunPatch
+from service.routers import (
+    AUTH_RESPONSES,
+    Format,
+    FormatQuery,
+    error_responses,
+    json_response,
+    table_response,
+)
+from service.schemas import MAX_TAGS, RunCreate, RunOut, RunPage, RunPatch
 from service.settings import Settings
 from trainer.config import TrainConfig, check_device, parse_config
 from trainer.errors import BnnError, ErrorCode
 from trainer.store import EpochInfo, RunInfo, RunStatus
 from trainer.store import RunPage as CatalogPage
+from trainer.store.catalog import METRIC_CONDITION, parse_metric_condition
 
 __all__ = ["check_limits", "router", "run_out"]
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut} for code in (401, 404, 409, 413, 422, 503)
-}
 router = APIRouter(
-    prefix="/runs", tags=["runs"], dependencies=[Depends(require_token)], responses=_ERRORS
+    prefix="/runs", tags=["runs"], dependencies=[Depends(require_token)], responses=AUTH_RESPONSES
 )
+UNKNOWN_RUN = (404, "unknown run")
+ACTIVE_ONLY = (409, "the run has finished (only queued and running runs can change)")
 
 TRAIN_HOST = "train_host"  # kept in the run's summary: where its trainer runs
 LIST_COLUMNS = (
@@ -96,7 +103,18 @@ def check_limits(config: TrainConfig, settings: Settings) -> None:
     "",
     status_code=202,
     response_model=RunOut,
-    responses={201: {"model": RunOut, "description": "registered (execute: false)"}},
+    responses={
+        201: {"model": RunOut, "description": "registered (execute: false)"},
+        **error_responses(
+            (409, "a run with this run_id exists"),
+            (
+                422,
+                "an invalid field, or over one of this service's limits (the message names "
+                "the setting)",
+            ),
+            503,
+        ),
+    },
     summary="Start a training run, or register one trained elsewhere",
 )
 def create_run(
@@ -119,7 +137,14 @@ def create_run(
     return json_response(out, 202 if body.execute else 201, headers={"Location": out["url"]})
 
 
-@router.get("", response_model=RunPage, summary="List runs, newest first")
+@router.get(
+    "",
+    response_model=RunPage,
+    responses=error_responses(
+        (422, "an invalid parameter, e.g. a metric condition (the message names it)"), 503
+    ),
+    summary="List runs, newest first",
+)
 def list_runs(
     store: StoreDep,
     request: Request,
@@ -134,11 +159,23 @@ def list_runs(
         str | None,
         Query(max_length=256, description="runs whose name contains this (any case)"),
     ] = None,
+    metric: Annotated[
+        list[str],
+        Query(
+            max_length=MAX_TAGS,
+            description="runs whose latest captured epoch has a metric within a bound, e.g. "
+            "`test_nll<0.1` or `test_acc >= 0.9` (operators <, <=, >, >=); repeat for several, "
+            "all must hold. A run without that metric (or with a non-finite value) is left out",
+            json_schema_extra={"items": {"type": "string", "pattern": METRIC_CONDITION}},
+        ),
+    ] = [],  # noqa: B006 - FastAPI copies a default list
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
 ) -> Response:
-    """Filter by name (substring), status, tags, dataset and prior kind; filtered and
-    paginated by the catalog. ``total`` counts all matches."""
+    """Filter by name (substring), status, tags, dataset, prior kind and metric bounds;
+    filtered and paginated by the catalog. ``total`` counts all matches. A bad metric
+    condition is 422 naming it."""
+    conditions = [parse_metric_condition(text) for text in metric]
     given = [name, dataset, prior, *tag]
     if any(v is not None and "\x00" in v for v in given):  # in no run; PostgreSQL refuses NUL
         found = CatalogPage(0, [])
@@ -149,6 +186,7 @@ def list_runs(
             status=status,
             dataset=dataset,
             prior=prior,
+            metrics=conditions,
             limit=limit,
             offset=offset,
         )
@@ -159,19 +197,38 @@ def list_runs(
     return table_response(fmt, payload, rows, LIST_COLUMNS, "runs.csv", headers)
 
 
-@router.get("/{run_id}", response_model=RunOut, summary="One run, its epochs and last metrics")
+@router.get(
+    "/{run_id}",
+    response_model=RunOut,
+    responses=error_responses(UNKNOWN_RUN, 503),
+    summary="One run, its epochs and last metrics",
+)
 def get_run(run: RunDep, request: Request, store: StoreDep) -> Response:
     return json_response(run_out(request, run, store.list_epochs(run.id)))
 
 
-@router.patch("/{run_id}", response_model=RunOut, summary="Report status, metrics, heartbeat")
+@router.patch(
+    "/{run_id}",
+    response_model=RunOut,
+    responses=error_responses(
+        UNKNOWN_RUN,
+        (409, "a status change the run's life cycle forbids, or a heartbeat on a finished run"),
+        422,
+        503,
+    ),
+    summary="Report status, metrics, heartbeat",
+)
 def patch_run(body: RunPatch, run: RunDep, request: Request, store: StoreDep) -> Response:
-    """Applied in order: heartbeat, summary and train_host, divergence, then status/error.
+    """Applied in order: name and tags, heartbeat, summary and train_host, divergence, then
+    status/error.
 
-    ``heartbeat: true`` records that the trainer is alive now (server time); anything but
-    a JSON boolean is 422. Status changes follow the run life cycle (409 otherwise, e.g.
-    from completed); a heartbeat on a finished run is 409 too.
+    ``name`` renames the run and ``tags`` replace its tags, in any status (the dashboard's
+    edit form). ``heartbeat: true`` records that the trainer is alive now (server time);
+    anything but a JSON boolean is 422. Status changes follow the run life cycle (409
+    otherwise, e.g. from completed); a heartbeat on a finished run is 409 too.
     """
+    if body.name is not None or body.tags is not None:
+        store.set_labels(run.id, body.name, body.tags)
     if body.heartbeat:
         store.heartbeat(run.id)
     summary = dict(body.summary or {})
@@ -189,7 +246,12 @@ def patch_run(body: RunPatch, run: RunDep, request: Request, store: StoreDep) ->
     return json_response(run_out(request, store.get_run(run.id), store.list_epochs(run.id)))
 
 
-@router.post("/{run_id}/cancel", response_model=RunOut, summary="Cancel a queued or running run")
+@router.post(
+    "/{run_id}/cancel",
+    response_model=RunOut,
+    responses=error_responses(UNKNOWN_RUN, ACTIVE_ONLY, 503),
+    summary="Cancel a queued or running run",
+)
 def cancel_run(run: RunDep, request: Request, store: StoreDep, jobs: JobsDep) -> Response:
     """The run becomes CANCELLED at once; its trainer stops after the epoch in progress."""
     if run.status.terminal:
@@ -204,7 +266,14 @@ def cancel_run(run: RunDep, request: Request, store: StoreDep, jobs: JobsDep) ->
     return json_response(run_out(request, cancelled, store.list_epochs(run.id)))
 
 
-@router.delete("/{run_id}", status_code=204, summary="Delete a run: catalog rows and files")
+@router.delete(
+    "/{run_id}",
+    status_code=204,
+    responses=error_responses(
+        UNKNOWN_RUN, (409, "the run is queued or running: cancel it first"), 503
+    ),
+    summary="Delete a run: catalog rows and files",
+)
 def delete_run(run: RunDep, store: StoreDep) -> Response:
     """409 while the run is queued or running (cancel it first)."""
     if run.status.active:

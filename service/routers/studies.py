@@ -33,9 +33,17 @@ from service.demo.study_report import (
 )
 from service.deps import JobsDep, SettingsDep, StoreDep, require_token
 from service.errors import json_safe
-from service.routers import CSV_RESPONSES, Format, FormatQuery, csv_response, json_response
+from service.routers import (
+    AUTH_RESPONSES,
+    CSV_RESPONSES,
+    Format,
+    FormatQuery,
+    csv_response,
+    error_responses,
+    json_response,
+)
 from service.routers.runs import check_limits
-from service.schemas import MAX_TAGS, ErrorOut, check_text, is_blank
+from service.schemas import MAX_TAGS, check_text, is_blank
 from service.settings import Settings
 from service.study_advancer import StudyAdvancer, jobs_of, poll_seconds
 from trainer.config import parse_config
@@ -49,11 +57,17 @@ log = logging.getLogger("bnn.studies")
 MAX_STUDY_RUNS = 512
 PLOTS = ("metrics", "differences")
 TableName = Literal["summary", "differences", "settings", "display"]
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut} for code in (401, 404, 409, 422, 503)
+_UNKNOWN = (404, "unknown study (or a sweep's id: see /sweeps)")
+_AUTH = AUTH_RESPONSES
+_STARTED: dict[int | str, dict[str, Any]] = {
+    202: {"description": "the study, phase tuning (or evaluation when untuned)"}
 }
+_PNG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}}}
 router = APIRouter(
-    prefix="/studies", tags=["studies"], dependencies=[Depends(require_token)], responses=_ERRORS
+    prefix="/studies",
+    tags=["studies"],
+    dependencies=[Depends(require_token)],
+    responses=AUTH_RESPONSES,
 )
 Phase = Literal["tuning", "evaluation", "failed", "cancelled"]
 StudyPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
@@ -129,6 +143,12 @@ def _check_spec(spec: StudySpec, settings: Settings) -> None:
             limit=MAX_STUDY_RUNS,
         )
     spec.validate_configs()
+    # the values as given, even one that every run overrides (an arm's config value that
+    # a tuned field replaces): the schema bounds them all
+    for where, values in [("base", spec.base)] + [
+        (f"arms.{name}.config", arm.config) for name, arm in spec.arms.items()
+    ]:
+        _check_value_limits(values, settings, where)
     configs = spec.tuning_configs()
     for i in range(max(len(arm.grid()) for arm in spec.arms.values())):
         chosen = {n: a.grid()[min(i, len(a.grid()) - 1)] for n, a in spec.arms.items()}
@@ -219,24 +239,8 @@ def study_out(
     and, once every arm completed a seed, the tables, statements and plot URLs."""
     spec = _spec(sweep)
     status = sweep_status(store, sweep)
-    phase = recorded_phase(sweep)
-    out: dict[str, Any] = {
-        "id": sweep.id,
-        "name": sweep.name,
-        "url": str(request.url_for("get_study", study_id=sweep.id)),
-        "created_at": sweep.created_at.isoformat(),
-        "host": sweep.host,
-        "phase": phase,
-        "error": sweep.summary.get("error"),
-        "arms": list(spec.arms),
-        "baseline": spec.baseline,
-        "seeds": spec.seeds,
-        "chosen": sweep.summary.get("chosen"),
-        "counts": status["counts"],
-        "done": phase != "tuning" and not _active(status["runs"]),
-        "spec": sweep.spec,
-        "runs": [_run_out(request, r, spec) for r in status["runs"]],
-    }
+    out = _head(request, sweep, spec, status["counts"], _active(status["runs"]))
+    out |= {"spec": sweep.spec, "runs": [_run_out(request, r, spec) for r in status["runs"]]}
     if tables:
         got = _tables(store, advancer, sweep, status)
         out["tables"], out["statements"] = got["tables"], got["statements"]
@@ -253,11 +257,44 @@ def study_out(
 
 
 # ----------------------------------------------------------------------------- endpoints
+def _check_value_limits(values: dict[str, Any], settings: Settings, where: str) -> None:
+    """INVALID_ARGUMENT naming a value over this service's training limits (BNN_MAX_*)."""
+    limits = {
+        "epochs": (settings.max_epochs, "BNN_MAX_EPOCHS"),
+        "mc_samples": (settings.max_mc_samples, "BNN_MAX_MC_SAMPLES"),
+        "eval_samples": (settings.max_mc_samples, "BNN_MAX_MC_SAMPLES"),
+        "val_samples": (settings.max_mc_samples, "BNN_MAX_MC_SAMPLES"),
+        "laplace_examples": (settings.max_n_train, "BNN_MAX_N_TRAIN"),
+        "batch_size": (settings.max_batch_size, "BNN_MAX_BATCH_SIZE"),
+        "n_train": (settings.max_n_train, "BNN_MAX_N_TRAIN"),
+        "n_test": (settings.max_n_train, "BNN_MAX_N_TRAIN"),
+        "n_val": (settings.max_n_train, "BNN_MAX_N_TRAIN"),
+    }
+    for field, (limit, setting) in limits.items():
+        value = values.get(field)
+        if isinstance(value, (int, float)) and value > limit:
+            raise BnnError.invalid(
+                f"{where}.{field} {value} exceeds this service's limit {limit} ({setting})"
+            )
+    widths = values.get("widths")
+    if isinstance(widths, list):
+        if len(widths) > settings.max_layers:
+            raise BnnError.invalid(
+                f"{where}.widths has {len(widths)} layers, more than this service's limit "
+                f"{settings.max_layers} (BNN_MAX_LAYERS)"
+            )
+        if any(isinstance(w, (int, float)) and w > settings.max_width for w in widths):
+            raise BnnError.invalid(
+                f"{where}.widths {widths} exceeds this service's limit {settings.max_width} "
+                "(BNN_MAX_WIDTH)"
+            )
+
+
 @router.post(
     "",
     status_code=202,
     summary="Start a study: arms x paired seeds, tuned on validation",
-    responses={202: {"description": "the study, phase tuning (or evaluation when untuned)"}},
+    responses=_STARTED | error_responses(413, 422, 503),
 )
 def create_study(
     body: SpecBody,
@@ -279,7 +316,7 @@ def create_study(
     return json_response(out, 202, headers={"Location": out["url"]})
 
 
-@router.get("", summary="List studies, newest first")
+@router.get("", summary="List studies, newest first", responses=error_responses(422, 503))
 def list_studies(
     store: StoreDep,
     request: Request,
@@ -288,28 +325,64 @@ def list_studies(
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> Response:
     """Each study with its phase, run counts and ``done`` (no runs, no tables)."""
+    sweeps = [
+        sweep
+        for sweep in store.list_sweeps(kind=STUDY_KIND, limit=None if phase else limit)
+        if phase is None or recorded_phase(sweep) == phase
+    ][:limit]
+    # the statuses of every listed study's runs in one query, not two per run
+    statuses = store.run_statuses([run_id for sweep in sweeps for _, run_id in sweep.runs])
     page = []
-    for sweep in store.list_sweeps(kind=STUDY_KIND, limit=None if phase else limit):
-        if phase is not None and recorded_phase(sweep) != phase:
-            continue
+    for sweep in sweeps:
         try:
-            out = study_out(request, store, advancer, sweep, tables=False)
+            out = _study_summary(request, sweep, statuses)
         except BnnError as exc:  # one unreadable study does not hide the others
-            out = dict(id=sweep.id, name=sweep.name, phase=recorded_phase(sweep), runs=None)
-            out |= {"error": exc.message, "spec": None}
-        for key in ("runs", "spec"):
-            out.pop(key)
+            out = dict(id=sweep.id, name=sweep.name, phase=recorded_phase(sweep))
+            out |= {"error": exc.message}
         page.append(out)
-        if len(page) >= limit:
-            break
     return json_response({"total": len(page), "studies": page})
+
+
+def _study_summary(
+    request: Request, sweep: SweepInfo, statuses: dict[str, RunStatus]
+) -> dict[str, Any]:
+    """What :func:`study_out` says of a study without its runs and tables, from the runs'
+    ``statuses`` (a run deleted since is left out, as there)."""
+    known = [statuses[run_id] for _, run_id in sweep.runs if run_id in statuses]
+    counts: dict[str, int] = {}
+    for status in known:
+        counts[status.value] = counts.get(status.value, 0) + 1
+    active = any(status.active for status in known)
+    return _head(request, sweep, _spec(sweep), counts, active)
+
+
+def _head(
+    request: Request, sweep: SweepInfo, spec: StudySpec, counts: dict[str, int], active: bool
+) -> dict[str, Any]:
+    """A study's identity, phase, arms, seeds, chosen settings and run counts."""
+    phase = recorded_phase(sweep)
+    return {
+        "id": sweep.id,
+        "name": sweep.name,
+        "url": str(request.url_for("get_study", study_id=sweep.id)),
+        "created_at": sweep.created_at.isoformat(),
+        "host": sweep.host,
+        "phase": phase,
+        "error": sweep.summary.get("error"),
+        "arms": list(spec.arms),
+        "baseline": spec.baseline,
+        "seeds": spec.seeds,
+        "chosen": sweep.summary.get("chosen"),
+        "counts": counts,
+        "done": phase != "tuning" and not active,
+    }
 
 
 @router.get(
     "/{study_id}",
     name="get_study",
     summary="A study: phase, runs, tables",
-    responses=CSV_RESPONSES,
+    responses=CSV_RESPONSES | error_responses(_UNKNOWN, 409, 422, 503),
 )
 def get_study(
     study_id: StudyPath,
@@ -345,7 +418,7 @@ def get_study(
     "/{study_id}/plots/{name}.png",
     name="get_study_plot",
     summary="A plot of the study",
-    responses={200: {"content": {"image/png": {}}}},
+    responses=_PNG | error_responses(_UNKNOWN, 409, 422, 503),
 )
 def get_study_plot(study_id: StudyPath, name: str, store: StoreDep) -> Response:
     """``metrics`` (headline metrics per arm, 95% CI) or ``differences`` (paired
@@ -381,7 +454,11 @@ def _frames(tables: dict[str, Any]) -> dict[str, pd.DataFrame] | None:
         return None
 
 
-@router.post("/{study_id}/cancel", summary="Cancel the study's queued and running runs")
+@router.post(
+    "/{study_id}/cancel",
+    summary="Cancel the study's queued and running runs",
+    responses=error_responses(_UNKNOWN, 409, 422, 503),
+)
 def cancel_study(
     study_id: StudyPath, store: StoreDep, jobs: JobsDep, request: Request, advancer: AdvancerDep
 ) -> Response:

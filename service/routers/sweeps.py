@@ -18,9 +18,16 @@ from service.demo.studies import study_plots, study_table, sweep_status
 from service.demo.sweeps import SweepSpec, expand, register_sweep
 from service.deps import JobsDep, SettingsDep, StoreDep, require_token
 from service.errors import json_safe
-from service.routers import CSV_RESPONSES, Format, FormatQuery, csv_response, json_response
+from service.routers import (
+    AUTH_RESPONSES,
+    CSV_RESPONSES,
+    Format,
+    FormatQuery,
+    csv_response,
+    error_responses,
+    json_response,
+)
 from service.routers.runs import check_limits
-from service.schemas import ErrorOut
 from trainer.config import parse_config
 from trainer.errors import BnnError, ErrorCode
 from trainer.store import RunStatus, RunStore, SweepInfo
@@ -28,11 +35,14 @@ from trainer.store import RunStatus, RunStore, SweepInfo
 __all__ = ["MAX_SWEEP_RUNS", "router", "sweep_out"]
 
 MAX_SWEEP_RUNS = 256
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut} for code in (401, 404, 409, 413, 422, 503)
-}
+_UNKNOWN = (404, "unknown sweep (or a study's id: see /studies)")
+_AUTH = AUTH_RESPONSES
+_PNG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}}}
 router = APIRouter(
-    prefix="/sweeps", tags=["sweeps"], dependencies=[Depends(require_token)], responses=_ERRORS
+    prefix="/sweeps",
+    tags=["sweeps"],
+    dependencies=[Depends(require_token)],
+    responses=AUTH_RESPONSES,
 )
 SweepPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
 KINDS = ("width", "optim")  # the catalog's other sweeps are studies, served by /studies
@@ -92,7 +102,12 @@ def _plot_names(sweep: SweepInfo) -> list[str]:
     return ["width_posteriors", *(f"width_priors_{p}" for p in priors)]
 
 
-@router.post("", status_code=202, summary="Start a sweep: a width or optimiser study")
+@router.post(
+    "",
+    status_code=202,
+    summary="Start a sweep: a width or optimiser study",
+    responses=error_responses(413, 422, 503),
+)
 def create_sweep(
     body: SweepSpec, request: Request, store: StoreDep, jobs: JobsDep, settings: SettingsDep
 ) -> Response:
@@ -115,7 +130,7 @@ def create_sweep(
     return json_response(out, 202, headers={"Location": out["url"]})
 
 
-@router.get("", summary="List sweeps, newest first")
+@router.get("", summary="List sweeps, newest first", responses=error_responses(422, 503))
 def list_sweeps(
     store: StoreDep,
     request: Request,
@@ -127,10 +142,19 @@ def list_sweeps(
         sweeps = [s for s in store.list_sweeps() if s.kind in KINDS][:limit]
     else:
         sweeps = store.list_sweeps(kind=kind, limit=limit)
+    # the statuses of every listed sweep's runs in one query, not two per run
+    statuses = store.run_statuses([run_id for sweep in sweeps for _, run_id in sweep.runs])
     page = []
     for sweep in sweeps:
-        out = sweep_out(request, store, sweep, study=False)
-        out.pop("runs")
+        out = sweep.to_dict()
+        out.pop("summary")
+        out["url"] = str(request.url_for("get_sweep", sweep_id=sweep.id))
+        known = [statuses[run_id] for _, run_id in sweep.runs if run_id in statuses]
+        counts: dict[str, int] = {}
+        for status in known:
+            counts[status.value] = counts.get(status.value, 0) + 1
+        out |= {"counts": counts, "done": bool(known) and not any(s.active for s in known)}
+        out["study"] = None
         page.append(out)
     return json_response({"total": len(page), "sweeps": page})
 
@@ -139,7 +163,7 @@ def list_sweeps(
     "/{sweep_id}",
     name="get_sweep",
     summary="A sweep: runs, statuses, study table",
-    responses=CSV_RESPONSES,
+    responses=CSV_RESPONSES | error_responses(_UNKNOWN, 409, 422, 503),
 )
 def get_sweep(
     sweep_id: SweepPath, store: StoreDep, request: Request, fmt: FormatQuery = Format.JSON
@@ -164,7 +188,7 @@ def get_sweep(
     "/{sweep_id}/plots/{name}.png",
     name="get_sweep_plot",
     summary="A plot of the study",
-    responses={200: {"content": {"image/png": {}}}},
+    responses=_PNG | error_responses(_UNKNOWN, 409, 422, 503),
 )
 def get_sweep_plot(sweep_id: SweepPath, name: str, store: StoreDep) -> Response:
     """``optim``, or ``width_posteriors`` and ``width_priors_<prior>``; 409 while runs are
@@ -189,7 +213,11 @@ def get_sweep_plot(sweep_id: SweepPath, name: str, store: StoreDep) -> Response:
     return Response(plots[name], media_type="image/png")
 
 
-@router.post("/{sweep_id}/cancel", summary="Cancel the sweep's queued and running runs")
+@router.post(
+    "/{sweep_id}/cancel",
+    summary="Cancel the sweep's queued and running runs",
+    responses=error_responses(_UNKNOWN, 409, 422, 503),
+)
 def cancel_sweep(sweep_id: SweepPath, store: StoreDep, jobs: JobsDep, request: Request) -> Response:
     sweep = _load(store, sweep_id)
     for _, run_id in sweep.runs:

@@ -16,3 +16,131 @@ def hdf5(ctx: Any, value: Any) -> bytes:
     if isinstance(value, bytes):
         return value
     return str(value).encode("utf-8", "surrogatepass")
+
+
+# Rules between fields of ``POST /studies`` that JSON Schema cannot state (a value that must
+# be one of an object's keys, or not one of an array's items; grid sizes compared across
+# arms; a model / dataset pair spread over ``base``, an arm's ``config`` and its ``tune``
+# levels). They are documented in StudySpec's schema description and each has its own 422
+# test (tests/service/test_api_studies.py). Here the generator is taught them: a generated
+# body that breaks one is repaired with values the schema allows, right before the call.
+# Schemathesis re-validates an edited case, so a repaired body is judged by what is sent.
+# The rules that JSON Schema can state (cnn needs an image dataset in RunCreate and a
+# sweep's base, a 'half' design's two levels, grid.lr) are in the schema, not here.
+
+_STUDY_DEFAULT_SEEDS = [0, 1, 2, 3, 4]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _budget(arm: dict[str, Any]) -> int:
+    tune = arm.get("tune") or {}
+    if not isinstance(tune, dict):
+        return 0
+    size = 1
+    for levels in tune.values():
+        size *= len(levels) if isinstance(levels, list) else 1
+    return size if tune else 0
+
+
+def _values(arm: dict[str, Any], base: dict[str, Any], field: str, default: str) -> list[Any]:
+    """Every value ``field`` takes in the arm's runs (its tune levels, else config / base)."""
+    tune = arm.get("tune") if isinstance(arm.get("tune"), dict) else {}
+    if isinstance(tune.get(field), list):
+        return list(tune[field])
+    config = arm.get("config") if isinstance(arm.get("config"), dict) else {}
+    return [config.get(field, base.get(field, default))]
+
+
+def _replace(body: dict[str, Any], field: str, old: str, new: str) -> None:
+    """``field``: ``old`` -> ``new`` wherever the study sets it (base, configs, levels)."""
+    containers = [body.get("base")]
+    for arm in body["arms"].values():
+        containers += [arm.get("config")]
+        tune = arm.get("tune")
+        if isinstance(tune, dict) and isinstance(tune.get(field), list):
+            levels = [new if v == old else v for v in tune[field]]
+            tune[field] = list(dict.fromkeys(levels))  # a repeated level is pointless
+    for container in containers:
+        if isinstance(container, dict) and container.get(field) == old:
+            container[field] = new
+
+
+# The service's cap on a study's runs (service.routers.studies.MAX_STUDY_RUNS; StudySpec's
+# own, 2,000, is higher): tuning runs (each arm's grid size) + arms x seeds.
+STUDY_RUN_LIMIT = 512
+
+
+def _fit_run_limit(body: dict[str, Any], arms: dict[str, Any]) -> None:
+    """Tune grids cut to their first level, then one seed, then fewer arms, until the
+    study's runs fit :data:`STUDY_RUN_LIMIT`."""
+    seeds = body.get("seeds", _STUDY_DEFAULT_SEEDS)
+    n_seeds = len(seeds) if isinstance(seeds, list) else 1
+
+    def total() -> int:
+        return sum(_budget(arm) for arm in arms.values()) + len(arms) * n_seeds
+
+    if total() <= STUDY_RUN_LIMIT:
+        return
+    for arm in arms.values():
+        tune = arm.get("tune")
+        if isinstance(tune, dict):
+            for field, levels in tune.items():
+                if isinstance(levels, list) and levels:
+                    tune[field] = levels[:1]
+    if total() > STUDY_RUN_LIMIT and isinstance(seeds, list) and seeds:
+        body["seeds"] = seeds[:1]
+        n_seeds = 1
+    while total() > STUDY_RUN_LIMIT and len(arms) > 1:
+        last = next(reversed(arms))
+        if last == body.get("baseline"):  # keep the baseline: drop the first other arm
+            last = next(name for name in arms if name != last)
+        del arms[last]
+
+
+def repair_study(body: Any) -> None:
+    """Make a generated study body keep the rules between its fields, in place."""
+    if not isinstance(body, dict):
+        return
+    arms = body.get("arms")
+    if not isinstance(arms, dict) or not arms:
+        return
+    if not all(isinstance(arm, dict) for arm in arms.values()):
+        return
+    _fit_run_limit(body, arms)
+    baseline = body.get("baseline")
+    if isinstance(baseline, str) and baseline not in arms:
+        body["baseline"] = next(iter(arms))
+    seeds = body.get("seeds", _STUDY_DEFAULT_SEEDS)
+    tune_seed = body.get("tune_seed", 1000)
+    if isinstance(seeds, list) and _is_int(tune_seed):
+        taken = {s for s in seeds if _is_int(s)}
+        while tune_seed in taken:
+            tune_seed += 1
+        if tune_seed != body.get("tune_seed", 1000):
+            body["tune_seed"] = tune_seed
+    budgets = {_budget(arm) for arm in arms.values()} - {0}
+    if len(budgets) > 1 and body.get("equal_budget", True) is True:
+        body["equal_budget"] = False
+    # TrainConfig's rules (the ones RunCreate's schema states, trainer.config.CONFIG_RULES)
+    # on every run: the arm's levels of a tuned field vary independently (a full product),
+    # so a conflict among the values each field takes is a conflict in some run
+    base = body.get("base") if isinstance(body.get("base"), dict) else {}
+    for arm in arms.values():
+        models = _values(arm, base, "model", "mlp")
+        datasets = _values(arm, base, "dataset", "regression")
+        if "cnn" in models and "regression" in datasets:
+            _replace(body, "model", "cnn", "mlp")
+        kinds = _values(arm, base, "prior", "learnable")
+        families = _values(arm, base, "prior_family", "gaussian")
+        modes = _values(arm, base, "prior_mode", "gradient")
+        if "learnable" in kinds and "scale_mixture" in families and set(modes) - {"gradient"}:
+            _replace(body, "prior_family", "scale_mixture", "gaussian")
+
+
+@schemathesis.hook
+def before_call(context: Any, case: Any, **kwargs: Any) -> None:
+    if case.method.upper() == "POST" and case.path == "/studies":
+        repair_study(case.body)

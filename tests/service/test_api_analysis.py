@@ -99,8 +99,8 @@ def assert_matches(got: pd.DataFrame, expected: pd.DataFrame) -> None:
     for col in exp.columns:
         want, have = exp[col].to_list(), got[str(col)].to_list()
         for w, h in zip(want, have, strict=True):
-            if isinstance(w, float | np.floating) and not np.isfinite(w):
-                assert h == ("nan" if np.isnan(w) else ("inf" if w > 0 else "-inf")), col
+            if isinstance(w, float | np.floating) and not np.isfinite(w):  # NaN: no value
+                assert h == (None if np.isnan(w) else ("inf" if w > 0 else "-inf")), col
             elif isinstance(w, float | np.floating):
                 assert math.isclose(float(h), float(w), rel_tol=1e-12, abs_tol=0.0), col
             elif isinstance(w, tuple):
@@ -165,13 +165,47 @@ def test_epoch_defaults_to_the_latest_and_the_stored_nan_is_counted(stored: Stor
     assert frame_of(stats)["layer"].to_list() == ["Overall", "layer1", "layer2"]
 
 
-def test_csv_spells_non_finite_values_and_joins_indices(stored: Stored) -> None:
+def test_csv_leaves_values_that_do_not_exist_empty_and_joins_indices(stored: Stored) -> None:
     run_id = stored.ids["main"]
     text = stored.client.get(f"/runs/{run_id}/kl?epoch=0&dist=prior&format=csv").text
     rows = csv_rows(text)
-    assert rows[0]["Weight KL Average"] == "nan"  # a shared prior has no pairs
+    assert rows[0]["Weight KL Average"] == ""  # a shared prior has no pairs
+    assert "nan" not in text.lower()
     outliers = csv_rows(stored.client.get(f"/runs/{run_id}/gradients/outliers?format=csv").text)
     assert len(outliers) == 10 and ";" in outliers[0]["index"]
+
+
+def test_a_value_that_does_not_exist_is_json_null(stored: Stored) -> None:
+    """A layer with one bias has no pair of biases: its average pairwise KL is null (not
+    the string "nan"), in JSON and in the run's tables over epochs; empty in CSV."""
+    run_id = write_run(stored.store, "one_bias", (4, 3, 1), epochs=(0,))
+    for url in (f"/runs/{run_id}/kl", f"/runs/{run_id}/kl/trajectory"):
+        response = stored.client.get(url)
+        assert response.status_code == 200, url
+        assert "nan" not in response.text.lower(), url
+        rows = response.json()["table"]["rows"]
+        last = next(r for r in rows if r["layer"] == "layer2")
+        assert last["Bias KL Average"] is None and last["Bias KL Sum"] == 0, url
+        first = next(r for r in rows if r["layer"] == "layer1")
+        assert isinstance(first["Bias KL Average"], float), url  # three biases: three pairs
+        text = stored.client.get(url, params={"format": "csv"}).text
+        layer2 = next(r for r in csv_rows(text) if r["layer"] == "layer2")
+        assert layer2["Bias KL Average"] == "" and "nan" not in text.lower(), url
+
+
+def test_every_table_says_what_null_means(client: Any) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    tables = [
+        path
+        for path, item in paths.items()
+        if path.startswith(("/runs/{run_id}/", "/compare/"))
+        and "/plots/" not in path
+        and "/epochs" not in path
+        and "get" in item
+    ]
+    assert len(tables) == 12, tables  # 8 of one run, 3 across runs, and the metrics
+    for path in tables:
+        assert "null" in paths[path]["get"]["description"].lower(), path
 
 
 @pytest.mark.parametrize(
@@ -200,7 +234,7 @@ def test_csv_spells_non_finite_values_and_joins_indices(stored: Stored) -> None:
         ("/runs/{main}/gradients?grad_param=sigma", 422, "grad_param"),
         ("/runs/{empty}/kl", 404, "no captured epochs"),
         ("/runs/{empty}/priors", 404, "no captured epochs"),
-        ("/runs/{layer_level}/gradients/outliers", 422, "element-level"),
+        ("/runs/{layer_level}/gradients/outliers", 404, "element-level"),
     ],
 )
 def test_errors_name_the_problem(stored: Stored, url: str, status: int, needle: str) -> None:

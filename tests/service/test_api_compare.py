@@ -119,7 +119,7 @@ def test_width_study_table(stored: Stored) -> None:
         ("/compare/gradients?runs={main},{fixed}&table=both", 422, "table"),
         ("/compare/gradients?runs={main},{fixed}&layer=nope", 404, "unknown layer 'nope'"),
         ("/compare/kl?runs={main},{empty}", 404, "no captured epochs"),
-        ("/compare/gradients?runs={layer_level},{main}", 422, "element-level"),
+        ("/compare/gradients?runs={layer_level},{main}", 404, "element-level"),
     ],
 )
 def test_compare_errors(stored: Stored, url: str, status: int, needle: str) -> None:

@@ -268,7 +268,7 @@ def test_patch_heartbeat_true_records_and_false_does_nothing(client: TestClient)
     [
         ({"skip_test": 0}, "skip_test must be true or false, got 0"),
         ({"local_reparam": "true"}, "local_reparam must be true or false"),
-        ({"epochs": 2.0}, "epochs must be an integer, got 2.0"),
+        ({"epochs": 2.5}, "epochs must be an integer, got 2.5"),
         ({"epochs": True}, "epochs must be an integer, got True"),
         ({"lr": False}, "lr must be a number, got False"),
         ({"widths": [4, 2.5]}, "widths must be an array of integers"),
@@ -283,6 +283,10 @@ def test_post_runs_takes_json_types_exactly(
     assert needle in response.text
     assert client.jobs.submitted == []  # type: ignore[attr-defined]
     assert client.post("/runs", json={**TINY, "lr": 1, "skip_test": True}).status_code == 202
+    # JSON Schema's integer is a number without a fraction: 2.0 is one (stored as 2)
+    accepted = client.post("/runs", json={**TINY, "epochs": 2.0, "widths": [4.0]})
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json()["config"]["epochs"] == 2 and accepted.json()["config"]["widths"] == [4]
 
 
 def test_study_and_sweep_specs_take_json_types_exactly(client: TestClient) -> None:

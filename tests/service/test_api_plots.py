@@ -143,7 +143,12 @@ def test_dpi_changes_the_size_and_results_are_cached(stored: Stored) -> None:
         ("/runs/{main}/plots/evolution.png?params=nope:1", 404, "unknown layer 'nope'"),
         ("/runs/{main}/plots/bands.png?layer=nope", 404, "unknown layer 'nope'"),
         ("/runs/{main}/plots/kl.png?epochs=0,1", 404, "has no epoch 1"),
-        ("/runs/{main}/plots/kl.png?epochs=", 422, "epochs"),
+        ("/runs/{main}/plots/kl.png?epochs=0;2", 422, "epochs"),
+        ("/runs/{main}/plots/kl.png?epochs=99999999999", 404, "no run has epoch"),
+        ("/runs/{main}/plots/kl.png?epochs=2147483648", 404, "has no epoch 2147483648"),
+        ("/runs/{main}/plots/evolution.png?params=", 422, "params"),
+        ("/runs/{main}/plots/evolution.png?params=layer1:1,,layer1:2", 422, "params"),
+        ("/runs/{main}/plots/kl.png?layers=" + "x" * 10_001, 422, "longer than 10000"),
         ("/runs/{main}/plots/kl.png?dpi=5000", 422, "dpi"),
         ("/runs/{main}/plots/gradients.png?stat=median", 422, "stat"),
         ("/runs/{main}/plots/priors.png?param=kernel", 422, "param"),
@@ -163,3 +168,78 @@ def test_plot_errors(stored: Stored, url: str, status: int, needle: str) -> None
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert needle in error["message"] + str(error["details"])
+
+
+# ----------------------------------------------------------------------------- OpenAPI
+def _operations(stored: Stored) -> dict[str, dict]:
+    paths = stored.client.get("/openapi.json").json()["paths"]
+    return {path: item["get"] for path, item in paths.items() if "/plots/" in path}
+
+
+def test_each_kind_is_an_operation_with_its_options_as_query_parameters(stored: Stored) -> None:
+    operations = _operations(stored)
+    expected = {
+        f"/runs/{{run_id}}/plots/{kind}.png": spec.options for kind, spec in RUN_PLOTS.items()
+    }
+    expected |= {f"/compare/plots/{kind}.png": options for kind, options in COMPARE_PLOTS.items()}
+    assert set(expected) <= set(operations)
+    assert not any("{kind}" in path for path in operations)  # no free-text kind any more
+    for path, options in expected.items():
+        params = {p["name"]: p for p in operations[path]["parameters"]}
+        where = "runs" if path.startswith("/compare") else "run_id"
+        assert set(params) == {*options.model_fields, "download", where}, path
+        for name in options.model_fields:
+            assert params[name]["in"] == "query" and not params[name]["required"], (path, name)
+            assert params[name].get("description"), (path, name)
+            assert "$ref" not in str(params[name]["schema"]), (path, name)
+        responses = operations[path]["responses"]
+        assert "image/png" in responses["200"]["content"]
+        assert {"404", "422", "503"} <= set(responses) and "409" not in responses
+    evolution = {
+        p["name"]: p["schema"]
+        for p in operations["/runs/{run_id}/plots/evolution.png"]["parameters"]
+    }
+    assert evolution["criterion"]["enum"] == ["mu_change", "sigma", "gradient"]
+    assert evolution["dist"]["enum"] == ["posterior", "prior"]
+    assert evolution["top_k"] == {"default": 4, "minimum": 1, "maximum": 16, "type": "integer"}
+    assert evolution["epochs"]["type"] == "string" and evolution["params"]["type"] == "string"
+    epoch = {
+        p["name"]: p["schema"] for p in operations["/runs/{run_id}/plots/epoch.png"]["parameters"]
+    }
+    assert epoch["epoch"] == {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}
+    assert epoch["alpha"]["exclusiveMinimum"] == 0 and epoch["alpha"]["maximum"] == 1
+
+
+def test_what_the_schema_admits_the_server_takes(stored: Stored) -> None:
+    """Every enum value of every option, and list options in the schema's text form, are
+    answered with a plot (or a 404 for a layer or epoch the run does not have)."""
+    run = stored.ids["main"]  # with element-level gradient statistics
+    for path, operation in _operations(stored).items():
+        if path.startswith("/compare") or "{name}" in path:
+            continue
+        url = path.replace("{run_id}", run)
+        for param in operation["parameters"]:
+            for value in param["schema"].get("enum", ()):
+                response = stored.client.get(url, params={param["name"]: value})
+                assert response.status_code in (200, 404), (url, param["name"], value)
+    main = stored.ids["main"]
+    for kind, query in [
+        ("kl", {"epochs": " 0 , 4,,", "layers": " layer2 ,"}),
+        ("kl", {"epochs": "", "layers": ""}),  # blank: all
+        ("bands", {"epochs": "0 2"}),
+        ("evolution", {"params": "layer1:3,layer2:1.2"}),
+        ("evolution", {"params": "nope:1"}),
+        ("epoch", {"epoch": "2147483647"}),
+    ]:
+        response = stored.client.get(f"/runs/{main}/plots/{kind}.png", params=query)
+        assert response.status_code in (200, 404), (kind, query, response.text[:300])
+    response = stored.client.get(f"/runs/{main}/plots/kl.png", params={"epochs": "", "layers": ""})
+    assert response.status_code == 200
+
+
+def test_an_unknown_kind_is_a_404_listing_the_kinds_of_the_schema(stored: Stored) -> None:
+    main = stored.ids["main"]
+    error = stored.client.get(f"/runs/{main}/plots/violin.png").json()["error"]
+    assert error["details"]["kinds"] == sorted(RUN_PLOTS)
+    error = stored.client.get("/compare/plots/kl.png?runs=a,b").json()["error"]
+    assert error["details"]["kinds"] == sorted(COMPARE_PLOTS)

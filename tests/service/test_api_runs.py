@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import re
 
 import pytest
 
+from service.analysis.synthetic import synthetic_snapshot
 from tests.service.conftest import AUTH, TINY, TOKEN, ClientFactory, TestClient, external_run
 from trainer.store import RunStatus
+from trainer.store.catalog import parse_metric_condition
 
 
 def test_post_runs_queues_a_job_with_defaults_and_a_location(client: TestClient) -> None:
@@ -64,7 +68,7 @@ def test_bad_bodies_are_422_with_field_messages(client: TestClient) -> None:
         assert response.status_code == 422, body
         assert field in response.json()["error"]["details"]["fields"], body
     not_json = client.post("/runs", content=b"{nope", headers={"Content-Type": "application/json"})
-    assert not_json.status_code == 422 and "JSON" in not_json.json()["error"]["message"]
+    assert not_json.status_code == 400 and "invalid JSON" in not_json.json()["error"]["message"]
     assert client.post("/runs", json=[1, 2]).status_code == 422
     assert client.jobs.submitted == []
 
@@ -274,3 +278,109 @@ def test_openapi_documents_every_endpoint(client: TestClient) -> None:
     assert {"get", "put"} <= set(paths["/runs/{run_id}/epochs/{epoch}"])
     for path in ("/runs/{run_id}/epochs", "/runs/{run_id}/metrics", "/healthz"):
         assert "get" in paths[path]
+
+
+# ----------------------------------------------------------------------------- metric filters
+def _run_with_metrics(client: TestClient, name: str, *metrics: dict[str, float]) -> str:
+    """A run whose epochs 0, 1, ... carry ``metrics`` (the last one counts for filters)."""
+    store = client.app.state.store  # type: ignore[attr-defined]
+    run_id = str(store.create_run(name, {"dataset": "regression"}, ["m"]).id)
+    for epoch, values in enumerate(metrics):
+        snap = synthetic_snapshot(epoch, (4, 6, 2))
+        snap.metrics.clear()
+        snap.metrics.update(values)
+        store.write_epoch(run_id, snap)
+    return run_id
+
+
+def test_list_filters_by_metric_conditions_in_the_catalog(client: TestClient) -> None:
+    good = _run_with_metrics(client, "good", {"test_nll": 0.5}, {"test_nll": 0.05, "acc": 0.9})
+    bad = _run_with_metrics(client, "bad", {"test_nll": 0.01}, {"test_nll": 0.3, "acc": 0.95})
+    nan = _run_with_metrics(client, "nan", {"test_nll": float("nan"), "acc": 0.99})
+    none = external_run(client, name="no epochs")
+
+    def listed(*conditions: str, **extra: str) -> list[str]:
+        params = [("metric", c) for c in conditions] + list(extra.items())
+        response = client.get("/runs", params=params)
+        assert response.status_code == 200, response.text
+        assert response.json()["total"] == len(response.json()["runs"])
+        return sorted(r["id"] for r in response.json()["runs"])
+
+    assert listed() == sorted([good, bad, nan, none])
+    assert listed("test_nll<0.1") == [good]  # the latest epoch's value, not an earlier one
+    assert listed("test_nll <= 0.3") == sorted([good, bad])
+    assert listed("test_nll>0.05") == [bad]
+    assert listed("test_nll>=0.05") == sorted([good, bad])
+    assert listed("test_nll<1", "acc>0.92") == [bad]  # every condition holds
+    assert listed(" acc >= 9e-1 ") == sorted([good, bad, nan])  # NaN: no value, no match
+    assert listed("test_nll<1", tag="m", name="goo") == [good]
+    assert listed("unknown_metric<1") == []
+    assert listed("acc>-1E+2") == sorted([good, bad, nan])
+
+
+@pytest.mark.parametrize(
+    "condition", ["test_nll=0.1", "test_nll<", "<0.1", "test_nll<abc", "test_nll<inf",
+                  "test_nll<nan", "te'st<1", "a<1,b<2", "test_nll!=1", "x<1e999", ""],
+)  # fmt: skip
+def test_a_bad_metric_condition_is_422_naming_it(client: TestClient, condition: str) -> None:
+    response = client.get("/runs", params={"metric": condition})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert repr(condition) in error["message"] and "'test_nll<0.1'" in error["message"]
+    assert error["details"]["fields"] == {"metric": condition}
+
+
+def test_metric_conditions_are_documented_with_the_servers_own_pattern(
+    client: TestClient,
+) -> None:
+    params = client.get("/openapi.json").json()["paths"]["/runs"]["get"]["parameters"]
+    metric = next(p for p in params if p["name"] == "metric")
+    assert metric["schema"]["type"] == "array" and metric["schema"]["maxItems"] == 32
+    pattern = metric["schema"]["items"]["pattern"]
+    for text in ("test_nll<0.1", " a.b-c_d >= -.5e-3 ", "x>1."):
+        assert re.fullmatch(pattern, text) and parse_metric_condition(text)
+    assert parse_metric_condition(" a.b-c_d >= -.5e-3 ") == ("a.b-c_d", ">=", -0.0005)
+    for text in ("x=1", "x<1e999", "x<1_0", "x\t<1", "x<1,y<2"):
+        assert not re.fullmatch(pattern, text), text
+    tag = next(p for p in params if p["name"] == "tag")
+    assert tag["schema"]["type"] == "array"
+
+
+# ----------------------------------------------------------------------------- bodies
+def test_a_json_syntax_error_says_what_and_where(client: TestClient) -> None:
+    body = b'{\n  "epochs": 3\n  "prior": "fixed"\n}'
+    response = client.post("/runs", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "bad_request"
+    assert error["message"] == "invalid JSON at line 3, column 3: Expecting ',' delimiter"
+    assert (error["details"]["line"], error["details"]["column"]) == (3, 3)
+    trailing = client.patch("/runs/x", content=b'{"heartbeat": true,}')  # no Content-Type
+    assert trailing.status_code == 400
+    assert "line 1, column 20" in trailing.json()["error"]["message"]
+    assert client.jobs.submitted == []  # type: ignore[attr-defined]
+
+
+def test_a_json_body_without_content_type_is_json(client: TestClient) -> None:
+    body = json.dumps({**TINY, "execute": False, "name": "no header"}).encode()
+    response = client.post("/runs", content=body)
+    assert "content-type" not in response.request.headers
+    assert response.status_code == 201, response.text
+    assert response.json()["name"] == "no header"
+
+
+@pytest.mark.parametrize(
+    ("media", "hint"),
+    [("text/plain", False), ("application/x-www-form-urlencoded", True)],
+)
+def test_a_body_of_another_media_type_is_415_saying_which_header(
+    client: TestClient, media: str, hint: bool
+) -> None:
+    body = json.dumps({**TINY, "execute": False}).encode()
+    response = client.post("/runs", content=body, headers={"Content-Type": media})
+    assert response.status_code == 415
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_media_type"
+    assert "'Content-Type: application/json'" in error["message"] and media in error["message"]
+    assert ("curl's default for -d" in error["message"]) is hint
+    assert client.get("/runs").json()["total"] == 0

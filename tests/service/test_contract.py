@@ -76,15 +76,6 @@ KNOWN = [
         "transport/serialization.py serialize_binary)",
         tool=True,
     ),
-    Known(
-        "config-cross-field-rules",
-        r"POST /runs|POST /sweeps|POST /studies|Stateful tests",
-        "ST202",
-        r"needs an image dataset|design '\w+' needs|repeated runs|same tuning budget|"
-        r"is not an arm|tune_seed",
-        "trainer/config.py, service/demo: rules between fields (cnn needs an image dataset, "
-        "a half design needs two levels, baseline among arms, ...) no schema keyword states",
-    ),
 ]
 # Schemathesis' own trouble, not the API's (its coverage phase recursing on StudySpec),
 # and a transport limit: uvicorn resets the connection on a request line of ~300 KB (its

@@ -219,10 +219,11 @@ def test_cancel_and_errors(api: Any, settings: Settings) -> None:
         ({"seeds": [0, 100]}, ["tune_seed 100"]),
         ({"baseline": "nope"}, ["baseline 'nope' is not an arm"]),
         ({"arms": {"fixed": {"config": {"prior": "wide"}}}}, ["arms.fixed.config", "'wide'"]),
-        ({"arms": {"fixed": {"config": {"epochs": 5000}}}}, ["fixed/s0", "BNN_MAX_EPOCHS"]),
+        ({"arms": {"fixed": {"config": {"epochs": 5000}}}}, ["arms.fixed.config.epochs", "1000"]),
+        ({"arms": {"fixed": {"tune": {"epochs": [2, 5000]}}}}, ["tune/fixed/1", "BNN_MAX_EPOCHS"]),
         (
             {"arms": {**arms, "big": {"tune": {"lr": [1e-3, 1e-2]}, "config": {"widths": [9999]}}}},
-            ["tune/big/0", "BNN_MAX_WIDTH"],
+            ["arms.big.config.widths", "BNN_MAX_WIDTH"],
         ),
         ({"seeds": list(range(200, 200 + MAX_STUDY_RUNS))}, [f"limit {MAX_STUDY_RUNS}"]),
         ({"arms": {}}, ["at least one arm"]),

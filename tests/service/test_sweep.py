@@ -62,11 +62,19 @@ def test_width_expansion_and_bad_specs() -> None:
         SweepSpec(kind="width", base={"epoch": 3})
     with pytest.raises(ValueError, match=r"base.epochs: .*greater than or equal to 1 \(got 0\)"):
         SweepSpec(kind="width", base={**TINY, "epochs": 0})  # each base value checked up front
-    bad = [
-        SweepSpec(kind="width", base=TINY, grid={"widths": [0]}),
+    for grid, words in [  # each level checked when the spec is read
+        ({"widths": [0]}, "grid.widths"),
+        ({"optimizer": ["adam", "adam"]}, "must not repeat a level"),
+        ({"optimizer": ["rmsprop"]}, "grid.optimizer"),
+        ({"widths": [4, 4.0]}, "must not repeat a level"),  # equal as JSON numbers
+    ]:
+        with pytest.raises(ValueError, match=words):
+            SweepSpec(kind="width" if "widths" in grid else "optim", base=TINY, grid=grid)
+    with pytest.raises(ValueError, match="do not apply to a width sweep"):
+        SweepSpec(kind="width", base=TINY, grid={"optimizer": ["adam"]})
+    bad = [  # rules between fields: when the grid is expanded
         SweepSpec(kind="optim", base=TINY, grid={"lr_schedule": ["none", "cosine", "step"]}),
-        SweepSpec(kind="optim", base=TINY, grid={"optimizer": ["adam", "adam"]}),
-        SweepSpec(kind="optim", base=TINY, grid={"optimizer": ["rmsprop"]}),
+        SweepSpec(kind="width", base={**TINY, "widths": []}, grid={"widths": [4]}),
     ]
     for spec in bad:
         with pytest.raises(BnnError) as err:

@@ -77,3 +77,34 @@ def test_errors_name_the_bad_value(store: RunStore) -> None:
             call()
         assert err.value.code is code, err.value
     assert store.get_sweep(sweep.id).runs == [("x", run.id)]  # nothing half-written
+
+
+def test_add_sweep_runs_creates_and_links_many_in_one_go(store: RunStore) -> None:
+    sweep = store.create_sweep("study", {})
+    first = store.create_run("r0", {}, status=RunStatus.QUEUED)
+    store.add_sweep_run(sweep.id, first.id, "x0")
+    batch = [(f"x{i}", f"run {i}", {"seed": i}, ["t"]) for i in range(1, 301)]
+    ids = store.add_sweep_runs(sweep.id, batch)
+    got = store.get_sweep(sweep.id)
+    assert got.runs == [("x0", first.id)] + [(f"x{i}", ids[i - 1]) for i in range(1, 301)]
+    run = store.get_run(ids[41])
+    assert (run.name, run.config, run.tags, run.status) == (
+        "run 42",
+        {"seed": 42},
+        ["t"],
+        RunStatus.QUEUED,
+    )
+    statuses = store.run_statuses([first.id, *ids, "0123456789ab"])  # unknown ids left out
+    assert len(statuses) == 301 and set(statuses.values()) == {RunStatus.QUEUED}
+    # all or nothing: a label the sweep has, or a repeated one, stores no run
+    before = len(store.list_runs())
+    for bad, code in [
+        ([("y", "a", {}, []), ("x0", "b", {}, [])], ErrorCode.CONFLICT),
+        ([("y", "a", {}, []), ("y", "b", {}, [])], ErrorCode.INVALID_ARGUMENT),
+        ([("", "a", {}, [])], ErrorCode.INVALID_ARGUMENT),
+        ([("y", "a" * 300, {}, [])], ErrorCode.INVALID_ARGUMENT),
+    ]:
+        with pytest.raises(BnnError) as err:
+            store.add_sweep_runs(sweep.id, bad)
+        assert err.value.code is code
+    assert len(store.list_runs()) == before and len(store.get_sweep(sweep.id).runs) == 301

@@ -13,7 +13,7 @@ import operator
 import re
 import socket
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self
@@ -58,6 +58,7 @@ from .migrations import make_engine, normalize_url, session_scope, upgrade_to_he
 
 __all__ = [
     "BOUNDS",
+    "METRIC_CONDITION",
     "METRIC_NAME",
     "METRIC_SORT",
     "RUN_SORTS",
@@ -67,6 +68,7 @@ __all__ = [
     "RunListing",
     "RunPage",
     "RunRow",
+    "parse_metric_condition",
 ]
 
 # what :meth:`Catalog.query_runs` sorts by (config values for dataset, prior, prior_mode
@@ -86,6 +88,29 @@ RUN_SORTS = (
 METRIC_SORT = "metric:"  # sort="metric:test_nll": by the latest epoch's value of a metric
 METRIC_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 BOUNDS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+# A condition on a metric, "test_nll<0.1" or "test_acc >= 0.9": a metric name, an operator of
+# BOUNDS, a decimal number (bounded digits: always finite), blanks around each. The same
+# text in Python's re and in the ECMA-262 regex of a JSON Schema ``pattern``.
+METRIC_CONDITION = (
+    r"^ *([A-Za-z0-9_.-]{1,64}) *(<=|>=|<|>) *"
+    r"([-+]?(?:[0-9]{1,20}(?:\.[0-9]{0,20})?|\.[0-9]{1,20})(?:[eE][-+]?[0-9]{1,2})?) *$"
+)
+_METRIC_CONDITION = re.compile(METRIC_CONDITION)
+
+
+def parse_metric_condition(text: str) -> tuple[str, str, float]:
+    """``"test_nll<0.1"`` -> ("test_nll", "<", 0.1), a condition for
+    :meth:`Catalog.query_runs`; INVALID_ARGUMENT naming ``text`` unless it matches
+    :data:`METRIC_CONDITION`."""
+    found = _METRIC_CONDITION.fullmatch(text)
+    if found is None:
+        shown = text if len(text) <= 100 else f"{text[:100]}..."
+        raise BnnError.invalid(
+            f"metric condition {shown!r} is not like 'test_nll<0.1': a metric name (letters, "
+            "digits, '_', '.', '-'), then <, <=, > or >=, then a decimal number",
+            fields={"metric": shown},
+        )
+    return found.group(1), found.group(2), float(found.group(3))
 
 
 # ----------------------------------------------------------------------------- ORM
@@ -273,13 +298,36 @@ class Catalog:
             isinstance(run_id, str) and paths.RUN_ID_PATTERN.match(run_id)
         ):
             raise BnnError.invalid(f"bad run id {run_id!r}: use 1-64 letters, digits, '_' or '-'")
+        row = self._new_run_row(name, config, tags, status, run_id)
+        run_id = row.id
+        try:
+            with self._session(write=True) as s:
+                s.add(row)
+                s.flush()
+                return row.info()
+        except BnnError as exc:
+            if isinstance(exc.__cause__, IntegrityError):
+                raise BnnError(
+                    ErrorCode.CONFLICT, f"run {run_id!r} already exists", run_id=run_id
+                ) from exc
+            raise
+
+    @staticmethod
+    def _new_run_row(
+        name: str | None,
+        config: Mapping[str, Any] | None,
+        tags: Iterable[str],
+        status: RunStatus,
+        run_id: str | None = None,
+    ) -> RunRow:
+        """The row of a new run (names, config and tags checked; nothing stored)."""
         if name is not None and (not isinstance(name, str) or len(name) > 256):
             raise BnnError.invalid(
                 f"run name must be a string of at most 256 characters, got {name!r}"
             )
         run_id = run_id or uuid.uuid4().hex[:12]
         now = utcnow()
-        row = RunRow(
+        return RunRow(
             id=run_id,
             name=name or run_id,
             status=status.value,
@@ -293,23 +341,25 @@ class Catalog:
             error=None,
             summary={},
         )
-        try:
-            with self._session(write=True) as s:
-                s.add(row)
-                s.flush()
-                return row.info()
-        except BnnError as exc:
-            if isinstance(exc.__cause__, IntegrityError):
-                raise BnnError(
-                    ErrorCode.CONFLICT, f"run {run_id!r} already exists", run_id=run_id
-                ) from exc
-            raise
 
     def get_run(self, run_id: str) -> RunInfo:
         """The run (after reaping stale runs); NOT_FOUND naming the id."""
         self._auto_reap()
         with self._session() as s:
             return self._row(s, run_id).info()
+
+    def run_statuses(self, run_ids: Sequence[str]) -> dict[str, RunStatus]:
+        """The status of each run of ``run_ids`` that exists, in one query per 500 ids
+        (for lists of sweeps and studies, which need counts, not whole runs)."""
+        self._auto_reap()
+        ids = list(dict.fromkeys(run_ids))
+        out: dict[str, RunStatus] = {}
+        with self._session() as s:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                query = select(RunRow.id, RunRow.status).where(RunRow.id.in_(chunk))
+                out.update({run_id: RunStatus(status) for run_id, status in s.execute(query)})
+        return out
 
     def list_runs(
         self, status: RunStatus | str | None = None, limit: int | None = None
@@ -576,6 +626,26 @@ class Catalog:
                     run_id=run_id,
                     diverged_step=row.diverged_step,
                 )
+            return row.info()
+
+    def set_labels(
+        self, run_id: str, name: str | None = None, tags: Iterable[str] | None = None
+    ) -> RunInfo:
+        """Rename the run and/or replace its tags (None leaves that one as it is); any status."""
+        if name is not None and (
+            not isinstance(name, str) or not name.strip() or len(name) > 256 or "\x00" in name
+        ):
+            raise BnnError.invalid(
+                f"run name must be a non-blank string of at most 256 characters, got {name!r}"
+            )
+        new_tags = None if tags is None else check_tags(tags)
+        with self._session(write=True) as s:
+            row = self._row(s, run_id, lock=True)
+            if name is not None:
+                row.name = name
+            if new_tags is not None:
+                row.tags = new_tags
+            row.updated_at = utcnow()
             return row.info()
 
     def delete_run(self, run_id: str) -> None:
