@@ -17,7 +17,6 @@ thread, no query); a page made anew runs in the threadpool.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
@@ -45,7 +44,7 @@ from service.routers._results import AppStoreDep, frame_rows, open_reader
 from service.schemas import MAX_TAGS, NO_NUL
 from trainer.errors import BnnError
 from trainer.store import METRIC_SORT, RUN_SORTS, EpochInfo, RunInfo, RunStatus, RunStore
-from trainer.store.catalog import METRIC_NAME
+from trainer.store.catalog import METRIC_NAME, parse_metric_condition
 
 __all__ = ["PAGE_SIZE", "RECENT_EPOCHS", "TABLES", "router"]
 
@@ -89,25 +88,19 @@ class RunQuery(BaseModel):
     plot: str | None = Field(default=None, max_length=64)
 
 
-_CONDITION = re.compile(r"\s*([^<>=\s]+)\s*(<=|>=|<|>)\s*(\S+)\s*")
-
-
 def metric_conditions(given: Sequence[str]) -> list[tuple[str, str, float]]:
     """``["test_nll < 0.1, test_rmse<=2"]`` -> [("test_nll", "<", 0.1), ("test_rmse", "<=",
-    2.0)]; QueryError naming a condition that is not ``name op finite-number``."""
+    2.0)], parsed as ``GET /runs?metric=`` parses them (:func:`parse_metric_condition`);
+    QueryError naming a condition that is not ``name op number``."""
     out = []
     for text in (t for g in given for t in g.split(",") if t.strip()):
-        found = _CONDITION.fullmatch(text)
         try:
-            value = float(found.group(3)) if found else math.nan
-        except ValueError:
-            value = math.nan
-        if found is None or not METRIC_NAME.fullmatch(found.group(1)) or not math.isfinite(value):
+            out.append(parse_metric_condition(text))
+        except BnnError:
             raise QueryError(
                 f"metric: {text.strip()!r} is not a condition like 'test_nll < 0.1' (a metric "
                 "name, then <, <=, > or >=, then a finite number)"
-            )
-        out.append((found.group(1), found.group(2), value))
+            ) from None
     return out
 
 
