@@ -31,8 +31,7 @@ from torch import Tensor, nn
 
 from trainer.layers import bayesian_layers, model_kl, prior_penalty
 from trainer.models import mlp
-from trainer.prior_spec import LayerPrior
-from trainer.priors import PriorSpec
+from trainer.priors import LayerPrior, PriorSpec
 
 DESIGNS = {
     "fixed N(0,1)": PriorSpec("fixed"),

@@ -29,9 +29,9 @@ from typing import Any
 from pydantic.fields import FieldInfo
 
 from service.demo.cli import add_demo_commands
+from trainer.activations import Activation
 from trainer.config import TrainConfig, parse_config
 from trainer.errors import BnnError
-from trainer.models import Activation
 from trainer.store import RunStatus
 
 __all__ = ["build_parser", "main"]

@@ -29,9 +29,16 @@ from pydantic import (
     model_validator,
 )
 
+from trainer.activations import Activation
 from trainer.errors import BnnError
-from trainer.models import Activation
-from trainer.priors import EBSchedule, LearnMode, PriorFamily, PriorKind, PriorScale, PriorSpec
+from trainer.prior_spec import (
+    EBSchedule,
+    LearnMode,
+    PriorFamily,
+    PriorKind,
+    PriorScale,
+    PriorSpec,
+)
 from trainer.snapshot import GradLevel
 
 __all__ = [

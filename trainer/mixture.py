@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from trainer.errors import BnnError
-from trainer.prior_spec import LayerPrior, PriorScale, PriorSpec
-from trainer.priors import group_index, inverse_positive, positive
+from trainer.prior_spec import PriorScale, PriorSpec
+from trainer.priors import LayerPrior, group_index, inverse_positive, positive
 
 __all__ = ["ScaleMixturePrior", "mixture_kl_batched"]
 

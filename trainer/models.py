@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from collections.abc import Sequence
-from enum import StrEnum
 from numbers import Integral
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from trainer.activations import Activation
 from trainer.errors import BnnError
 from trainer.layers import BayesConv2d, BayesianLayer, BayesLinear
 from trainer.priors import DEFAULT_PRIOR, PriorSpec
@@ -30,19 +30,6 @@ __all__ = [
     "mlp",
     "small_cnn",
 ]
-
-
-class Activation(StrEnum):
-    """Activation functions the builders accept (by these names)."""
-
-    RELU = "relu"
-    TANH = "tanh"
-    SIGMOID = "sigmoid"
-    GELU = "gelu"
-    ELU = "elu"
-    LEAKY_RELU = "leaky_relu"
-    SILU = "silu"
-    SOFTPLUS = "softplus"
 
 
 ACTIVATIONS: dict[Activation, type[nn.Module]] = {

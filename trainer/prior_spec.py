@@ -1,4 +1,5 @@
-"""What a layer prior is: the options of :class:`PriorSpec` and the interface every prior has.
+"""What a layer prior is: the options of :class:`PriorSpec` (the interface every prior has,
+:class:`~trainer.priors.LayerPrior`, lives in :mod:`trainer.priors`).
 
 A spec builds one prior per parameter group (a layer's weights; separately its biases):
 
@@ -19,7 +20,8 @@ A spec builds one prior per parameter group (a layer's weights; separately its b
 * ``min_group``: a learnable prior on a group of fewer elements than this falls back to a fixed
   prior of the same family and scale (a learned prior on one bias would make its KL vanish).
 
-sigma is always a standard deviation; variance = sigma^2.
+sigma is always a standard deviation; variance = sigma^2. This module imports no torch, so the
+command line and :mod:`trainer.config` can use the options without loading it.
 """
 
 from __future__ import annotations
@@ -29,15 +31,12 @@ from dataclasses import dataclass, replace
 from enum import Enum, StrEnum
 from typing import Any, TypeVar
 
-from torch import Tensor, nn
-
 from trainer.errors import BnnError
 
 __all__ = [
     "DEFAULT_PRIOR",
     "SIGMA_FLOOR",
     "EBSchedule",
-    "LayerPrior",
     "LearnMode",
     "PriorFamily",
     "PriorKind",
@@ -216,43 +215,3 @@ class PriorSpec:
 
 DEFAULT_PRIOR = PriorSpec()
 """The default: a learnable zero-mean Gaussian prior, initially sigma 1, learned by gradient."""
-
-
-class LayerPrior(nn.Module):
-    """What a layer asks of its weight or bias prior (Gaussian or scale mixture).
-
-    ``mu`` / ``sigma``: shape (1,), the prior's mean and standard deviation (for a mixture its
-    moment-matched sigma), which the trainer captures. ``kl(mu_q, sigma_q)``: the summed
-    KL(q || p), a scalar (a Monte Carlo estimate where no closed form exists).
-    """
-
-    spec: PriorSpec
-    learnable: bool
-    mode: LearnMode | None
-    numel: int  # elements in the group
-    fan_in: int
-    mu: Tensor  # shape (1,)
-
-    @property
-    def sigma(self) -> Tensor:
-        """The prior's standard deviation, shape (1,); each prior defines it."""
-        raise AttributeError("sigma")
-
-    def kl(self, mu_q: Tensor, sigma_q: Tensor) -> Tensor:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def kl_fused(self, mu_q: Tensor, sigma_q: Tensor) -> Tensor:
-        """:meth:`kl`, by the fastest exact path the prior has."""
-        return self.kl(mu_q, sigma_q)
-
-    @property
-    def has_hyperprior(self) -> bool:
-        """Whether :meth:`log_hyperprior` can be non-zero (the ELBO skips it otherwise)."""
-        return type(self).log_hyperprior is not LayerPrior.log_hyperprior
-
-    def log_hyperprior(self) -> Tensor:
-        """log density of the prior's hyperprior (0 when it has none), a scalar."""
-        return self.mu.new_zeros(())
-
-    def reset_parameters(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError

@@ -42,7 +42,6 @@ from trainer.prior_spec import (
     DEFAULT_PRIOR,
     SIGMA_FLOOR,
     EBSchedule,
-    LayerPrior,
     LearnMode,
     PriorFamily,
     PriorKind,
@@ -280,6 +279,46 @@ def _hyper_constants(
         [a * math.log(b) - math.lgamma(a) for a, b, _ in terms], dtype=dtype, device=device
     )
     return alpha, beta, factor, const
+
+
+class LayerPrior(nn.Module):
+    """What a layer asks of its weight or bias prior (Gaussian or scale mixture).
+
+    ``mu`` / ``sigma``: shape (1,), the prior's mean and standard deviation (for a mixture its
+    moment-matched sigma), which the trainer captures. ``kl(mu_q, sigma_q)``: the summed
+    KL(q || p), a scalar (a Monte Carlo estimate where no closed form exists).
+    """
+
+    spec: PriorSpec
+    learnable: bool
+    mode: LearnMode | None
+    numel: int  # elements in the group
+    fan_in: int
+    mu: Tensor  # shape (1,)
+
+    @property
+    def sigma(self) -> Tensor:
+        """The prior's standard deviation, shape (1,); each prior defines it."""
+        raise AttributeError("sigma")
+
+    def kl(self, mu_q: Tensor, sigma_q: Tensor) -> Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def kl_fused(self, mu_q: Tensor, sigma_q: Tensor) -> Tensor:
+        """:meth:`kl`, by the fastest exact path the prior has."""
+        return self.kl(mu_q, sigma_q)
+
+    @property
+    def has_hyperprior(self) -> bool:
+        """Whether :meth:`log_hyperprior` can be non-zero (the ELBO skips it otherwise)."""
+        return type(self).log_hyperprior is not LayerPrior.log_hyperprior
+
+    def log_hyperprior(self) -> Tensor:
+        """log density of the prior's hyperprior (0 when it has none), a scalar."""
+        return self.mu.new_zeros(())
+
+    def reset_parameters(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
 
 
 class GaussianPrior(LayerPrior):

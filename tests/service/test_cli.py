@@ -1,4 +1,5 @@
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -219,3 +220,52 @@ def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception" not in err, err
+
+
+HEAVY = ("torch", "pandas", "matplotlib")
+_NOT_LOADED = """
+import sys
+{body}
+loaded = [m for m in {heavy!r} if m in sys.modules]
+assert not loaded, loaded
+"""
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "import service.cli",
+        "import trainer, trainer.config\nfrom trainer import PriorSpec, RunStatus",
+        "from service.cli import main\nassert main(['runs', '--data-dir', sys.argv[1]]) == 0",
+        "from service.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit as exc:\n    assert exc.code == 0",
+        "from service.cli import main\n"
+        "try:\n    main(['train', '--help'])\nexcept SystemExit as exc:\n    assert exc.code == 0",
+    ],
+    ids=["import", "trainer-config", "runs", "help", "train-help"],
+)
+def test_light_commands_import_no_torch_pandas_or_matplotlib(tmp_path: Path, body: str) -> None:
+    code = _NOT_LOADED.format(body=body, heavy=HEAVY)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "BNN_DATA_DIR": str(tmp_path)},
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def test_torch_free_enums_are_the_objects_the_torch_modules_export() -> None:
+    import trainer
+    import trainer.activations
+    import trainer.models
+    import trainer.prior_spec
+    import trainer.priors
+
+    assert trainer.models.Activation is trainer.activations.Activation
+    for name in ("EBSchedule", "LearnMode", "PriorFamily", "PriorKind", "PriorScale", "PriorSpec"):
+        assert getattr(trainer.priors, name) is getattr(trainer.prior_spec, name)
+    assert trainer.LayerPrior is trainer.priors.LayerPrior
+    assert trainer.train is importlib.import_module("trainer.train").train
