@@ -34,7 +34,7 @@ from sqlalchemy.orm import ORMExecuteState, Session, UOWTransaction
 
 from service.dashboard._common import auth_state, guarded, root_of
 from service.deps import require_token
-from service.routers._results import Rendered
+from service.routers._results import Rendered, app_state
 from trainer.store.catalog import EpochRow, RunRow
 
 __all__ = [
@@ -179,24 +179,9 @@ class PageCache(_Memo):
         super().__init__(ttl, max_entries=1000, max_bytes=MAX_PAGE_BYTES)
 
 
-_init = threading.Lock()
-
-
-def _state(request: Request, name: str, make: Callable[[], Any]) -> Any:
-    state = request.app.state
-    value = getattr(state, name, None)
-    if value is None:
-        with _init:
-            value = getattr(state, name, None)
-            if value is None:
-                value = make()
-                setattr(state, name, value)
-    return value
-
-
 def memo(request: Request, ttl: float = VALUES_TTL_S) -> _Memo:
     """The app's remembered small values (filter menus, progress) kept ``ttl`` seconds."""
-    found: _Memo = _state(request, f"dashboard_memo_{ttl:g}", lambda: _Memo(ttl, 10_000))
+    found: _Memo = app_state(request, f"dashboard_memo_{ttl:g}", lambda: _Memo(ttl, 10_000))
     return found
 
 
@@ -228,7 +213,7 @@ async def serve_page(
         require_token(request, request.app.state.settings)
     except HTTPException:  # the 401 page, never cached
         return await run_in_threadpool(guarded, request, make)
-    cache: PageCache = _state(request, "dashboard_pages", PageCache)
+    cache: PageCache = app_state(request, "dashboard_pages", PageCache)
     auth = auth_state(request)
     key = (request.url.path, request.url.query, root_of(request), auth["on"], auth["logged_in"])
     now = generation()  # before making the page: a change while it is made is a new one

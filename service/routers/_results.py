@@ -158,7 +158,7 @@ _init_lock = threading.Lock()
 
 def result_cache(request: Request) -> ResultCache:
     """The app's cache of rendered analysis results (made on first use)."""
-    cache: ResultCache = _state(request, "analysis_cache", ResultCache)
+    cache: ResultCache = app_state(request, "analysis_cache", ResultCache)
     return cache
 
 
@@ -249,7 +249,8 @@ class EpochIndex:
         return found
 
 
-def _state(request: Request, name: str, make: Callable[[], Any]) -> Any:
+def app_state(request: Request, name: str, make: Callable[[], Any]) -> Any:
+    """``request.app.state.<name>``, made once by ``make`` (thread-safe) on first use."""
     state = request.app.state
     value = getattr(state, name, None)
     if value is None:
@@ -263,7 +264,7 @@ def _state(request: Request, name: str, make: Callable[[], Any]) -> Any:
 
 async def run_epochs(request: Request, run_id: str) -> RunEpochs:
     """A run's epochs: from the :class:`EpochIndex`, else one catalog query (threadpool)."""
-    index: EpochIndex = _state(request, "epoch_index", EpochIndex)
+    index: EpochIndex = app_state(request, "epoch_index", EpochIndex)
     store: RunStore = request.app.state.store
     found = index.get(store, run_id)
     return found if found is not None else await run_in_threadpool(index.load, store, run_id)
