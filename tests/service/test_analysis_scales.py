@@ -219,11 +219,16 @@ def test_memory_stays_at_one_layer_whatever_the_number_of_epochs(
     store.close()
     peaks = []
     for epochs in ([0, 1], list(range(8))):
-        an.clear_cache()
-        tracemalloc.start()
-        table = scale_diagnostics(run, epochs, data_dir=tmp_path)
-        peaks.append(tracemalloc.get_traced_memory()[1])
-        tracemalloc.stop()
-        assert len(table) == len(epochs)
+        # tracemalloc counts every thread: the least of 3 peaks leaves out what a thread
+        # that an earlier test left running allocated meanwhile (seen once in a full run)
+        tries = []
+        for _ in range(3):
+            an.clear_cache()
+            tracemalloc.start()
+            table = scale_diagnostics(run, epochs, data_dir=tmp_path)
+            tries.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+            assert len(table) == len(epochs)
+        peaks.append(min(tries))
     assert peaks[1] < 1.3 * peaks[0] + 1e6  # 8 epochs cost what 2 cost
     assert peaks[1] < 8 * 200_000 * 4  # a few arrays of one layer, not 8 x 2
