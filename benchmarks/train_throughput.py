@@ -1,14 +1,18 @@
 """Training throughput of a 784-1200-1200-10 Bayesian MLP, batch 128, on this machine.
 
-Every variant trains on the same MNIST batches with Adam(1e-3) and the ELBO
-``CE + KL / N``. To keep ratios meaningful on a noisy shared machine, variants are
-interleaved finely: each round runs a chunk of ``--chunk`` steps of every variant in turn,
-and a variant's rate is the median over ``--rounds`` chunks. Capture variants record
-gradient statistics at every step (inside the timed chunks) and, once per round, capture
-and write a whole epoch to a real run store (HDF5 + SQLite); that write is timed
-separately and charged to a full MNIST epoch (391 steps), so "samples/s" of a capture
-variant is 391 * 128 / (391 steps at its step rate + one epoch write). Ratios are to
-torchbnn 1.2, the fastest peer.
+Every variant trains on the same MNIST batches with the same optimiser, Adam(1e-3) with
+PyTorch's fused kernel (what ``bnn train`` uses; ``--optimizer foreach`` or ``loop`` for
+the others), and the ELBO ``CE + KL / N``. To keep ratios meaningful on a noisy shared
+machine, variants are interleaved finely: each round runs a chunk of ``--chunk`` steps of
+every variant in turn, and a variant's rate is the median over ``--rounds`` chunks.
+Capture variants record gradient statistics at every step (inside the timed chunks) and,
+once per round, capture a whole epoch and hand it to the trainer's background epoch
+writer (a real run store: HDF5 + SQLite, fsync, catalogue). The epoch is charged to a full
+MNIST epoch (391 steps) as the time the training thread was blocked (snapshot copies,
+waiting for the previous write) plus all the CPU time the writer thread used (it competes
+with training for the cores), so "samples/s" of a capture variant is
+391 * 128 / (391 steps at its step rate + that charge). Ratios are to torchbnn 1.2, the
+fastest peer.
 
     python benchmarks/train_throughput.py [--rounds 15] [--chunk 20] [--threads 2] [--device cpu]
 
@@ -30,13 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.capture import GradientRecorder, get_all_distribution_params
+from trainer.capture import GradientRecorder, HostCopies, get_all_distribution_params
 from trainer.data import load_dataset
 from trainer.layers import model_kl, prior_penalty
 from trainer.models import deterministic_mlp, mlp
 from trainer.priors import PriorKind, PriorSpec
 from trainer.snapshot import EpochSnapshot, GradLevel
 from trainer.store import RunStore
+from trainer.train import _EpochWriter
 
 WIDTHS = [1200, 1200]
 BATCH = 128
@@ -50,12 +55,22 @@ class Variant:
     name: str
     model: nn.Module
     loss: Callable[[Tensor, Tensor], Tensor]
-    end_epoch: Callable[[int], None] | None = None
+    end_epoch: Callable[[int], float] | None = None
     after_backward: Callable[[], None] | None = None
+    finish: Callable[[], float] | None = None
 
 
-def ours(name: str, kind: PriorKind, level: GradLevel | None, store: RunStore | None) -> Variant:
-    model = mlp(784, WIDTHS, 10, PriorSpec(kind=kind, sigma0=0.1)).to(DEVICE)
+def ours(
+    name: str,
+    kind: PriorKind,
+    level: GradLevel | None,
+    store: RunStore | None,
+    *,
+    local_reparam: bool = False,
+) -> Variant:
+    model = mlp(784, WIDTHS, 10, PriorSpec(kind=kind, sigma0=0.1), local_reparam=local_reparam).to(
+        DEVICE
+    )
 
     def loss(x: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(model(x), y) + (model_kl(model) + prior_penalty(model)) / N_TRAIN
@@ -66,14 +81,33 @@ def ours(name: str, kind: PriorKind, level: GradLevel | None, store: RunStore | 
     assert store is not None
     run_id = store.create_run(name, {"benchmark": True}).id
 
-    def end_epoch(epoch: int) -> None:
-        params = get_all_distribution_params(model, epoch, force=True)
-        assert params is not None
-        snap = EpochSnapshot(epoch, params, {"loss": 0.0}, recorder.result(), level)
-        store.write_epoch(run_id, snap)
-        recorder.reset()
+    writer_cpu: list[float] = []
 
-    return Variant(name, model, loss, end_epoch, recorder.record_step)
+    def write(snap: EpochSnapshot) -> bool:
+        t0 = time.thread_time()
+        store.write_epoch(run_id, snap)
+        writer_cpu.append(time.thread_time() - t0)
+        return True
+
+    writer = _EpochWriter(write, lambda epoch: None)
+
+    def end_epoch(epoch: int) -> float:
+        """The epoch's charge: blocking time + the previous write's writer CPU time."""
+        t0 = time.perf_counter()
+        copies = HostCopies(DEVICE)
+        params = get_all_distribution_params(model, epoch, force=True, copies=copies)
+        assert params is not None
+        snap = EpochSnapshot(epoch, params, {"loss": 0.0}, recorder.result(copies), level)
+        recorder.reset()
+        writer.submit(snap, copies.ready())  # waits for the previous write first
+        blocked = time.perf_counter() - t0
+        return blocked + (writer_cpu.pop() if writer_cpu else 0.0)
+
+    def finish() -> float:
+        writer.wait()
+        return writer_cpu.pop() if writer_cpu else 0.0
+
+    return Variant(name, model, loss, end_epoch, recorder.record_step, finish)
 
 
 def deterministic() -> Variant:
@@ -81,19 +115,25 @@ def deterministic() -> Variant:
     return Variant("deterministic MLP (floor)", model, lambda x, y: F.cross_entropy(model(x), y))
 
 
+def torchbnn_mlp() -> tuple[nn.Module, Callable[[nn.Module], Tensor]]:
+    """torchbnn 1.2's 784-1200-1200-10 MLP (prior N(0, 0.1^2)) and its summed KL
+    (ImportError when torchbnn is not installed)."""
+    import torchbnn
+
+    tb = nn.Sequential(
+        torchbnn.BayesLinear(0.0, 0.1, 784, WIDTHS[0]),
+        nn.ReLU(),
+        torchbnn.BayesLinear(0.0, 0.1, WIDTHS[0], WIDTHS[1]),
+        nn.ReLU(),
+        torchbnn.BayesLinear(0.0, 0.1, WIDTHS[1], 10),
+    )
+    return tb, torchbnn.BKLLoss(reduction="sum", last_layer_only=False)
+
+
 def peers() -> list[Variant]:
     out: list[Variant] = []
     try:
-        import torchbnn
-
-        tb = nn.Sequential(
-            torchbnn.BayesLinear(0.0, 0.1, 784, 1200),
-            nn.ReLU(),
-            torchbnn.BayesLinear(0.0, 0.1, 1200, 1200),
-            nn.ReLU(),
-            torchbnn.BayesLinear(0.0, 0.1, 1200, 10),
-        )
-        kl_loss = torchbnn.BKLLoss(reduction="sum", last_layer_only=False)
+        tb, kl_loss = torchbnn_mlp()
         out.append(
             Variant(
                 "torchbnn 1.2 BayesLinear",
@@ -175,10 +215,14 @@ def run_chunk(v: Variant, opt: torch.optim.Optimizer, data: list[tuple[Tensor, T
 def time_epoch_end(v: Variant, epoch: int) -> float:
     assert v.end_epoch is not None
     _sync()
-    t0 = time.perf_counter()
-    v.end_epoch(epoch)
-    _sync()
-    return time.perf_counter() - t0
+    return v.end_epoch(epoch)
+
+
+def make_optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
+    """Adam(1e-3): "fused" (one kernel; what ``bnn train`` uses), "foreach" or "loop"."""
+    if kind == "fused":
+        return torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    return torch.optim.Adam(model.parameters(), lr=1e-3, foreach=kind == "foreach")
 
 
 def main() -> None:
@@ -190,6 +234,9 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=20, help="steps per variant per round")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument(
+        "--optimizer", default="fused", choices=["fused", "foreach", "loop"], help="every variant's"
+    )
     args = ap.parse_args()
     device = DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -206,6 +253,13 @@ def main() -> None:
             *peers(),
             ours("ours fixed prior, no capture", PriorKind.FIXED, None, None),
             ours("ours learnable prior, no capture", PriorKind.LEARNABLE, None, None),
+            ours(
+                "ours learnable, local reparam, no capture",
+                PriorKind.LEARNABLE,
+                None,
+                None,
+                local_reparam=True,
+            ),
             ours("ours learnable, per-layer capture", PriorKind.LEARNABLE, GradLevel.LAYER, store),
             ours(
                 "ours learnable, per-element capture",
@@ -216,7 +270,7 @@ def main() -> None:
         ]
         for v in variants:
             v.model.to(device)
-        opts = [torch.optim.Adam(v.model.parameters(), lr=1e-3) for v in variants]
+        opts = [make_optimizer(v.model, args.optimizer) for v in variants]
         for v, o in zip(variants, opts, strict=True):  # warm-up
             run_chunk(v, o, data[:3])
         rates: dict[str, list[float]] = {v.name: [] for v in variants}
@@ -229,6 +283,9 @@ def main() -> None:
                     writes[v.name].append(time_epoch_end(v, r))
             load.append(os.getloadavg()[0])
             print(f"round {r + 1}/{args.rounds} done (load {load[-1]:.2f})", flush=True)
+        for v in variants:
+            if v.finish is not None:
+                v.finish()
         store.close()
     med = {k: statistics.median(v) for k, v in rates.items()}
     write_s = {k: statistics.median(v) for k, v in writes.items()}
@@ -241,7 +298,8 @@ def main() -> None:
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{args.threads} threads"
     print(
         f"\n784-1200-1200-10, batch {BATCH}, {args.rounds} rounds x {len(data)} steps per "
-        f"variant, {args.device} ({where}), load average {min(load):.2f}-{max(load):.2f}"
+        f"variant, {args.device} ({where}), Adam {args.optimizer}, "
+        f"load average {min(load):.2f}-{max(load):.2f}"
     )
     print(f"{'variant':<46} {'samples/s':>10} {'epoch write':>12} {'ratio to torchbnn':>18}")
     for k, v in full.items():

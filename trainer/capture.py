@@ -9,16 +9,20 @@ per-step gradients of learnable prior parameters.
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from trainer import _fused
 from trainer.layers import BayesianLayer, bayesian_layers
 from trainer.snapshot import GradLevel, LayerLog
 
-__all__ = ["GradientRecorder", "get_all_distribution_params", "is_capture_epoch"]
+__all__ = ["GradientRecorder", "HostCopies", "get_all_distribution_params", "is_capture_epoch"]
 
 _KINDS = ("weight", "bias")
 
@@ -34,7 +38,40 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float32).numpy().copy()
 
 
-def _layer_log(layer: BayesianLayer) -> LayerLog:
+class HostCopies:
+    """The device-to-host copies of one capture.
+
+    On the CPU (or with ``asynchronous=False``) each array is copied at once. On a CUDA
+    device the copies are queued, non-blocking, into pinned host memory on the current
+    stream, behind the kernels that computed the values and ahead of the next optimiser
+    step that changes them: the arrays are valid once the function :meth:`ready` returns
+    has been called (the trainer's epoch writer calls it on its own thread), and training
+    never waits for them.
+    """
+
+    def __init__(self, device: torch.device | str, *, asynchronous: bool = True) -> None:
+        self.device = torch.device(device)
+        self.asynchronous = asynchronous and self.device.type == "cuda"
+
+    def __call__(self, t: Tensor, dtype: torch.dtype = torch.float32) -> np.ndarray:
+        t = t.detach()
+        if not self.asynchronous or t.device.type != "cuda":
+            return t.to("cpu", dtype).numpy().copy()
+        host = torch.empty(t.shape, dtype=dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host.numpy()
+
+    def ready(self) -> Callable[[], None] | None:
+        """A function that waits until every copy queued so far has landed (None when the
+        copies were synchronous)."""
+        if not self.asynchronous:
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event.synchronize
+
+
+def _layer_log(layer: BayesianLayer, _np: Callable[[Tensor], np.ndarray] = _np) -> LayerLog:
     log: LayerLog = {"posterior": {}, "prior": {}}
     with torch.no_grad():
         log["posterior"]["weight"] = {"mu": _np(layer.weight_mu), "sigma": _np(layer.weight_sigma)}
@@ -50,17 +87,25 @@ def _layer_log(layer: BayesianLayer) -> LayerLog:
 
 
 def get_all_distribution_params(
-    model: nn.Module, epoch: int, step_size: int = 1, *, force: bool = False
+    model: nn.Module,
+    epoch: int,
+    step_size: int = 1,
+    *,
+    force: bool = False,
+    copies: HostCopies | None = None,
 ) -> dict[str, LayerLog] | None:
     """One epoch of the seed's ``distribution_log`` for every Bayesian layer, or ``None``.
 
     Returns ``{layer: {"posterior"|"prior": {"weight"|"bias": {"mu", "sigma"}}}}`` with numpy
     arrays (posterior: the parameter's shape; shared prior: shape (1,)) when
-    ``epoch % step_size == 0`` or ``force``; ``None`` on other epochs.
+    ``epoch % step_size == 0`` or ``force``; ``None`` on other epochs. ``copies`` (the
+    trainer's) makes the device-to-host copies asynchronous on a GPU (see
+    :class:`HostCopies`); the arrays are then valid only after its ``ready()``.
     """
     if not force and not is_capture_epoch(epoch, step_size):
         return None
-    return {name: _layer_log(layer) for name, layer in bayesian_layers(model)}
+    to_host = copies or _np
+    return {name: _layer_log(layer, to_host) for name, layer in bayesian_layers(model)}
 
 
 class _ParamStats:
@@ -81,6 +126,7 @@ class _ParamStats:
         self.nonfinite = torch.zeros(shape, device=param.device, dtype=torch.int32)
         self.steps = 0
         self.elements = param.numel()
+        self.layer = 0  # the recorder's index of the layer this parameter belongs to
         self._buf: Tensor | None = None
 
     def record(self, grad: Tensor, finite: bool | None) -> None:
@@ -111,39 +157,85 @@ class _ParamStats:
         if a.numel():
             torch.maximum(self.max_abs, a.max(), out=self.max_abs)
 
-    def result(self) -> dict[str, np.ndarray]:
+    def record_fused(self, grad: Tensor) -> float:
+        """Add one step's gradient with the fused CPU kernels; returns its squared L2 norm
+        (non-finite when the gradient is)."""
+        self.steps += 1
+        if self.level is GradLevel.ELEMENT:
+            sq, bad = _fused.accumulate_element(grad, self.sum_abs, self.max_abs)
+            if bad:  # rare: count them per element (they added nothing to the sums)
+                self.nonfinite += ~torch.isfinite(grad)
+        else:
+            total, largest, sq, bad = _fused.layer_statistics(grad)
+            self.sum_abs += total
+            if largest > float(self.max_abs):
+                self.max_abs.fill_(largest)
+            if bad:
+                self.nonfinite += bad
+        if bad:  # the step norm of a non-finite gradient is non-finite, as before
+            return float(torch.linalg.vector_norm(grad.to(torch.float64))) ** 2
+        return sq
+
+    def result(self, copies: HostCopies | None = None) -> dict[str, np.ndarray]:
+        to_host = copies or HostCopies(self.sum_abs.device, asynchronous=False)
         per = 1 if self.level is GradLevel.ELEMENT else self.elements
         finite_count = (self.steps * per - self.nonfinite).clamp_min(1).to(torch.float32)
         return {
-            "mean_abs": _np(self.sum_abs / finite_count),
-            "max_abs": _np(self.max_abs),
-            "nonfinite": self.nonfinite.to("cpu").numpy().copy(),
+            "mean_abs": to_host(self.sum_abs / finite_count),
+            "max_abs": to_host(self.max_abs),
+            "nonfinite": to_host(self.nonfinite, torch.int32),
         }
 
 
-class _Series:
-    """A per-step float64 series kept in one preallocated device tensor.
+class _Rows:
+    """Per-step float64 rows (one column per layer) kept in one preallocated device tensor.
 
     Thousands of small per-step tensors would fragment the heap between the large gradient
     allocations (measured: +4 MB of resident memory per step); one buffer that doubles when
     full does not, and writing into it never waits for a GPU.
     """
 
-    def __init__(self, device: torch.device, capacity: int = 512) -> None:
-        self.buf = torch.zeros(capacity, dtype=torch.float64, device=device)
+    def __init__(self, columns: int, device: torch.device, capacity: int = 512) -> None:
+        self.buf = torch.zeros((capacity, columns), dtype=torch.float64, device=device)
         self.n = 0
 
-    def append(self, value: Tensor | None) -> None:
-        if self.n == self.buf.numel():
+    def _grow(self) -> None:
+        if self.n == self.buf.shape[0]:
             self.buf = torch.cat([self.buf, torch.zeros_like(self.buf)])
-        if value is None:
-            self.buf[self.n] = 0.0
-        else:
-            self.buf[self.n].copy_(value.reshape(()))
+
+    def append(self, row: Tensor) -> None:
+        """Add one row (a device tensor of ``columns`` values)."""
+        self._grow()
+        self.buf[self.n].copy_(row)
         self.n += 1
 
-    def array(self) -> np.ndarray:
-        return self.buf[: self.n].cpu().numpy().copy()
+    def append_values(self, row: list[float]) -> None:
+        """Add one row of Python floats (CPU buffers)."""
+        self._grow()
+        self.buf[self.n] = torch.tensor(row, dtype=torch.float64)
+        self.n += 1
+
+    def column(self, j: int, copies: HostCopies | None = None) -> np.ndarray:
+        to_host = copies or HostCopies(self.buf.device, asynchronous=False)
+        return to_host(self.buf[: self.n, j], torch.float64)
+
+
+class _Series(_Rows):
+    """A per-step float64 series (one column): a learnable prior parameter's gradient."""
+
+    def __init__(self, device: torch.device, capacity: int = 512) -> None:
+        super().__init__(1, device, capacity)
+
+    def add(self, value: Tensor | None) -> None:
+        self._grow()
+        if value is None:
+            self.buf[self.n, 0] = 0.0
+        else:
+            self.buf[self.n, 0].copy_(value.reshape(()))
+        self.n += 1
+
+    def array(self, copies: HostCopies | None = None) -> np.ndarray:
+        return self.column(0, copies)
 
 
 class GradientRecorder:
@@ -152,22 +244,31 @@ class GradientRecorder:
     Statistics are taken of the raw gradients, before clipping, so exploding gradients stay
     visible. ``level`` ``none`` records nothing, ``layer`` keeps one number per statistic per
     parameter tensor, ``element`` one per element (as large as the parameters themselves).
+
+    A step costs one pass over each gradient: on the CPU the fused kernels of
+    :mod:`trainer._fused` (sum, maximum, norm and non-finite count in one loop, float64
+    accumulators), elsewhere one fused ``torch._foreach_*`` kernel per statistic over every
+    parameter of the model at once, with no host synchronisation. The per-layer step norms
+    come from the same pass (the squared norms of a layer's tensors, summed).
     """
 
     def __init__(self, model: nn.Module, level: GradLevel | str = GradLevel.ELEMENT) -> None:
         self.level = GradLevel(level)
         self.layers = bayesian_layers(model)
-        self._stats: dict[str, dict[str, dict[str, _ParamStats]]] = {}
-        self._norms: dict[str, _Series] = {}
+        self._stats: list[_ParamStats] = []
+        self._by_layer: dict[str, dict[str, dict[str, _ParamStats]]] = {}
+        self._norms: _Rows | None = None
         self._prior: dict[str, dict[str, dict[str, _Series]]] = {}
+        self._index: Tensor | None = None
         self.reset()
 
     def reset(self) -> None:
         """Start a new epoch."""
-        self._stats, self._norms, self._prior = {}, {}, {}
-        if self.level is GradLevel.NONE:
+        self._stats, self._by_layer, self._prior = [], {}, {}
+        self._norms, self._index = None, None
+        if self.level is GradLevel.NONE or not self.layers:
             return
-        for name, layer in self.layers:
+        for j, (name, layer) in enumerate(self.layers):
             per_kind: dict[str, dict[str, _ParamStats]] = {}
             for kind in _KINDS:
                 mu, rho = getattr(layer, f"{kind}_mu"), getattr(layer, f"{kind}_rho")
@@ -176,9 +277,11 @@ class GradientRecorder:
                         "mu": _ParamStats(mu, self.level),
                         "rho": _ParamStats(rho, self.level),
                     }
-            self._stats[name] = per_kind
+                    for stats in per_kind[kind].values():
+                        stats.layer = j
+                        self._stats.append(stats)
+            self._by_layer[name] = per_kind
             device = layer.weight_mu.device
-            self._norms[name] = _Series(device)
             prior_grads: dict[str, dict[str, _Series]] = {}
             for kind in _KINDS:
                 prior = getattr(layer, f"{kind}_prior", None)
@@ -187,45 +290,94 @@ class GradientRecorder:
                         n: _Series(device) for n, p in prior.named_parameters() if p.requires_grad
                     }
             self._prior[name] = prior_grads
+        device = self.layers[0][1].weight_mu.device
+        self._norms = _Rows(len(self.layers), device)
 
     @torch.no_grad()
     def record_step(self) -> None:
         """Record the gradients currently in ``.grad`` (one optimisation step)."""
-        if self.level is GradLevel.NONE:
+        if self.level is GradLevel.NONE or self._norms is None:
             return
+        present = [s for s in self._stats if s.param.grad is not None]
+        if all(_fused.usable(s.param.grad) for s in present):  # type: ignore[arg-type]
+            self._record_fused(present)
+        else:
+            self._record_foreach(present)
         for name, layer in self.layers:
-            total: Tensor | None = None
-            for per_param in self._stats[name].values():
-                for stats in per_param.values():
-                    grad = stats.param.grad
-                    if grad is None:
-                        continue
-                    norm_sq = torch.linalg.vector_norm(grad).to(torch.float64).square()
-                    total = norm_sq if total is None else total + norm_sq
-                    on_cpu = grad.device.type == "cpu"
-                    stats.record(grad, bool(torch.isfinite(norm_sq)) if on_cpu else None)
-            self._norms[name].append(None if total is None else total.sqrt())
             for kind, grads in self._prior[name].items():
                 prior = getattr(layer, f"{kind}_prior")
                 for pname, series in grads.items():
                     g = getattr(prior, pname).grad  # None: no gradient flowed this step
-                    series.append(None if g is None else g.detach().reshape(-1)[0])
+                    series.add(None if g is None else g.detach().reshape(-1)[0])
 
-    def result(self) -> dict[str, dict[str, Any]] | None:
-        """The epoch's statistics in the :class:`~trainer.snapshot.EpochSnapshot` layout."""
+    def _record_fused(self, present: list[_ParamStats]) -> None:
+        """CPU: one fused pass per gradient (see :mod:`trainer._fused`)."""
+        assert self._norms is not None
+        totals = [0.0] * len(self.layers)
+        seen = [False] * len(self.layers)
+        for stats in present:
+            grad = stats.param.grad
+            assert grad is not None
+            totals[stats.layer] += stats.record_fused(grad)
+            seen[stats.layer] = True
+        row = [math.sqrt(t) if ok else 0.0 for t, ok in zip(totals, seen, strict=True)]
+        self._norms.append_values(row)
+
+    def _record_foreach(self, present: list[_ParamStats]) -> None:
+        """Any device: fused ``_foreach`` kernels over every gradient, no host sync."""
+        assert self._norms is not None
+        if not present:
+            self._norms.append_values([0.0] * len(self.layers))
+            return
+        for stats in present:
+            stats.steps += 1
+        grads = [s.param.grad for s in present]
+        norms = torch._foreach_norm(grads)  # type: ignore[arg-type]
+        a = torch._foreach_abs(grads)  # type: ignore[arg-type]
+        bad = [~torch.isfinite(x) for x in a]
+        for x, b in zip(a, bad, strict=True):
+            x.masked_fill_(b, 0.0)
+        sums = [s.sum_abs for s in present]
+        maxs = [s.max_abs for s in present]
+        nonfinite = [s.nonfinite for s in present]
+        if self.level is GradLevel.ELEMENT:
+            torch._foreach_add_(nonfinite, [b.to(torch.int32) for b in bad])
+            torch._foreach_add_(sums, [x.float() for x in a])
+            torch._foreach_maximum_(maxs, [x.float() for x in a])
+        else:
+            torch._foreach_add_(nonfinite, [b.sum(dtype=torch.int32) for b in bad])
+            torch._foreach_add_(sums, [x.sum(dtype=torch.float32) for x in a])
+            torch._foreach_maximum_(maxs, [x.max().float() for x in a])
+        device = self._norms.buf.device
+        key = tuple(s.layer for s in present)
+        index = _layer_index(key, len(self.layers), device)
+        squares = torch.stack([n.to(device, torch.float64) for n in norms]).square()
+        per_layer = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
+        self._norms.append(per_layer.index_add_(0, index, squares).sqrt_())
+
+    def result(self, copies: HostCopies | None = None) -> dict[str, dict[str, Any]] | None:
+        """The epoch's statistics in the :class:`~trainer.snapshot.EpochSnapshot` layout
+        (``copies``: see :func:`get_all_distribution_params`)."""
         if self.level is GradLevel.NONE:
             return None
         out: dict[str, dict[str, Any]] = {}
-        for name, per_kind in self._stats.items():
+        for j, (name, per_kind) in enumerate(self._by_layer.items()):
             entry: dict[str, Any] = {
-                kind: {p: s.result() for p, s in per_param.items()}
+                kind: {p: s.result(copies) for p, s in per_param.items()}
                 for kind, per_param in per_kind.items()
             }
-            entry["step_norm"] = self._norms[name].array()
+            assert self._norms is not None
+            entry["step_norm"] = self._norms.column(j, copies)
             if self._prior[name]:
                 entry["prior"] = {
-                    kind: {p: series.array() for p, series in grads.items()}
+                    kind: {p: series.array(copies) for p, series in grads.items()}
                     for kind, grads in self._prior[name].items()
                 }
             out[name] = entry
         return out
+
+
+@functools.lru_cache(maxsize=32)
+def _layer_index(key: tuple[int, ...], layers: int, device: torch.device) -> Tensor:
+    """The layer of every recorded gradient, as an index tensor on ``device`` (cached)."""
+    return torch.tensor(key, dtype=torch.long, device=device)

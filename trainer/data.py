@@ -241,9 +241,15 @@ def batches(
     shuffle: bool,
     generator: torch.Generator | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Mini-batches of in-memory tensors (faster than a DataLoader for data that fits in memory)."""
+    """Mini-batches of in-memory tensors (faster than a DataLoader for data that fits in memory).
+
+    The order is drawn by ``generator`` on the CPU (the same order on every device), then
+    moved to ``x``'s device, so data kept on a GPU is batched there without host copies.
+    """
     n = x.shape[0]
     order = torch.randperm(n, generator=generator) if shuffle else None
+    if order is not None and order.device != x.device:
+        order = order.to(x.device)
     for start in range(0, n, batch_size):
         if order is None:
             yield x[start : start + batch_size], y[start : start + batch_size]

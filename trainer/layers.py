@@ -198,8 +198,8 @@ class BayesianLayer(nn.Module):
         """
         rho = self.weight_rho if which == "weight" else self.bias_rho
         assert rho is not None
-        if not (torch.is_grad_enabled() and rho.requires_grad):
-            return positive(rho)
+        if not (torch.is_grad_enabled() and rho.requires_grad) or torch.compiler.is_compiling():
+            return positive(rho)  # (a compiled graph shares the node by itself)
         key = (rho._version, rho.data_ptr())
         cached = self._sigma_cache.get(which)
         if cached is not None and cached[0] == key:

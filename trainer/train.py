@@ -29,6 +29,7 @@ gradient statistics when it was due), no test evaluation runs, and the run ends
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import threading
 import time
@@ -44,7 +45,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from trainer.capture import GradientRecorder, get_all_distribution_params, is_capture_epoch
+from trainer.capture import (
+    GradientRecorder,
+    HostCopies,
+    get_all_distribution_params,
+    is_capture_epoch,
+)
 from trainer.config import (
     LRSchedule,
     ModelKind,
@@ -192,6 +198,66 @@ class _Heartbeat:
         self._thread.join(timeout=5)
 
 
+class _EpochWriter:
+    """Writes captured epochs on a background thread, one at a time and in order, while the
+    next epoch trains.
+
+    ``submit`` first waits for the previous write (so at most one epoch is in flight and two
+    snapshots are in memory) and raises its error, if it had one; ``wait`` does the same at
+    the end of the run. ``ready`` (optional) runs on the writer thread before the write: the
+    trainer passes the CUDA event of the epoch's asynchronous device-to-host copies. An epoch
+    counts as captured (``on_done``) only once the sink has written, fsynced and catalogued
+    it, exactly as when the write ran inline; a process killed meanwhile leaves what any
+    killed writer leaves (a temp file or an uncatalogued file that ``fsck`` repairs).
+    """
+
+    def __init__(
+        self,
+        write: Callable[[EpochSnapshot], bool],
+        on_done: Callable[[int], None],
+        *,
+        background: bool = True,
+    ) -> None:
+        self._write, self._on_done, self.background = write, on_done, background
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def _run(self, snap: EpochSnapshot, ready: Callable[[], None] | None) -> None:
+        try:
+            if ready is not None:
+                ready()
+            if self._write(snap):
+                self._on_done(snap.epoch)
+        except BaseException as exc:  # handed to the training thread by wait()
+            self._error = exc
+
+    def submit(self, snap: EpochSnapshot, ready: Callable[[], None] | None = None) -> None:
+        self.wait()
+        if not self.background:
+            self._run(snap, ready)
+            self.wait()
+            return
+        self._thread = threading.Thread(
+            target=self._run, args=(snap, ready), name=f"bnn-epoch-{snap.epoch}", daemon=True
+        )
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Wait for the write in flight; raise its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def settle(self) -> None:
+        """Wait for the write in flight while another error is on its way (its own error,
+        if any, is dropped: the run fails or is interrupted anyway)."""
+        with suppress(BaseException):
+            self.wait()
+
+
 class _DivergenceWatch:
     """Finds the first training step whose loss or gradients are non-finite, without making
     any step wait for the device.
@@ -243,6 +309,8 @@ class _DivergenceWatch:
 
 
 _FUSED_DEVICES = frozenset({"cpu", "cuda"})
+#: A training split up to this size is kept in GPU memory for the whole run.
+_DEVICE_DATA_MAX_BYTES = 2 << 30
 
 
 def _adam(
@@ -261,8 +329,46 @@ def _adam(
     )
 
 
+#: ``Trainer(compile=...)``: torch.compile modes (see :func:`_compiled`)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _compiled(
+    fn: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, ...]], mode: str, device: torch.device
+) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, ...]]:
+    """``fn`` (a step's forward passes, KL and loss) through :func:`torch.compile`.
+
+    Inductor fuses the Bayesian layers' elementwise work (softplus, the weight draw, the
+    KL's terms) forward and backward into a few kernels; on a GPU, ``"reduce-overhead"``
+    also records the step into a CUDA graph (one launch per step). The backward pass,
+    the fused optimiser and the ``_foreach`` gradient statistics follow without a host
+    synchronisation. Random numbers come from inductor's own generator, so a compiled run
+    is not bit-identical to an eager one with the same seed. On this project's 2-core CPU
+    the compiled step was slower than the eager one (see BENCHMARKS.md): compile for GPUs.
+    """
+    if mode not in COMPILE_MODES:
+        raise BnnError.invalid(
+            f"compile must be one of {', '.join(COMPILE_MODES)} (got {mode!r})", compile=mode
+        )
+    if mode == "reduce-overhead" and device.type != "cuda":
+        raise BnnError.invalid(
+            f"compile='reduce-overhead' records CUDA graphs and needs a CUDA device "
+            f"(the run is on {device.type!r})",
+            compile=mode,
+        )
+    compiled: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, ...]] = torch.compile(
+        fn, mode=mode, dynamic=False
+    )
+    return compiled
+
+
 class Trainer:
-    """Trains one configuration; :meth:`fit` runs every epoch and reports to the sink."""
+    """Trains one configuration; :meth:`fit` runs every epoch and reports to the sink.
+
+    ``background_writes`` (default True): captured epochs are written by a background
+    thread while the next epoch trains (:class:`_EpochWriter`). ``compile``: one of
+    :data:`COMPILE_MODES` to :func:`torch.compile` the training step (GPU runs).
+    """
 
     def __init__(
         self,
@@ -274,8 +380,11 @@ class Trainer:
         progress: bool = True,
         heartbeat_interval: float = 5.0,
         on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+        background_writes: bool = True,
+        compile: str | None = None,
     ) -> None:
         self.config = config
+        self.background_writes = background_writes
         self.sink = sink
         self.progress = progress
         self.heartbeat_interval = heartbeat_interval
@@ -317,6 +426,13 @@ class Trainer:
         if self.noise_rho is not None:
             watched.append(("noise_rho", self.noise_rho))
         self._watch = _DivergenceWatch(watched, self.device)
+        self._objective: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, ...]] = (
+            self._step_objective
+        )
+        if compile is not None:
+            self._objective = _compiled(self._step_objective, compile, self.device)
+        self._copies_ready: Callable[[], None] | None = None
+        self._device_data: tuple[Tensor, Tensor] | None = None
         self.global_step = 0  # training steps taken so far
         self.divergence: Divergence | None = None  # the first one (set by train_epoch)
 
@@ -366,6 +482,21 @@ class Trainer:
     def noise_sigma(self) -> float | None:
         return None if self.noise_rho is None else float(positive(self.noise_rho.detach()))
 
+    def _train_tensors(self) -> tuple[Tensor, Tensor]:
+        """The training split where the steps read it from: on a GPU, the whole split in
+        device memory when it takes at most ``_DEVICE_DATA_MAX_BYTES`` (no host-to-device
+        copy per step at all), else in pinned host memory (asynchronous copies)."""
+        if self._device_data is None:
+            x, y = self.data.x_train, self.data.y_train
+            if self.device.type == "cuda":
+                size = x.element_size() * x.numel() + y.element_size() * y.numel()
+                if size <= _DEVICE_DATA_MAX_BYTES:
+                    x, y = x.to(self.device), y.to(self.device)
+                else:
+                    x, y = x.pin_memory(), y.pin_memory()
+            self._device_data = (x, y)
+        return self._device_data
+
     def kl_weight_at(self, epoch: int) -> float:
         """The KL weight used during ``epoch`` (linear annealing over ``kl_anneal_epochs``)."""
         c = self.config
@@ -380,6 +511,25 @@ class Trainer:
         assert self.noise_rho is not None
         variance = positive(self.noise_rho).square()
         return gaussian_nll(out, variance, y).mean()
+
+    def _step_objective(self, xb: Tensor, yb: Tensor, kl_w: Tensor) -> tuple[Tensor, ...]:
+        """(loss, NLL, fit) of one mini-batch: ``mc_samples`` forward passes, the KL and the
+        hyperprior term; ``fit`` is the number correct (classification) or the sum of
+        squared errors over the samples. What ``compile`` hands to :func:`torch.compile`."""
+        c, model = self.config, self.model
+        nll = torch.zeros((), device=self.device)
+        fit = torch.zeros((), dtype=torch.float64, device=self.device)
+        for _ in range(c.mc_samples):
+            out = model(xb)
+            nll = nll + self._nll(out, yb)
+            with torch.no_grad():
+                if self.data.classification:
+                    fit += (out.argmax(1) == yb).sum()
+                else:
+                    fit += ((out - yb) ** 2).sum()
+        nll = nll / c.mc_samples
+        reg = model_kl(model) + prior_penalty(model)
+        return nll + kl_w * reg / self.data.n_train, nll, fit
 
     def train_epoch(self, epoch: int, capture: bool) -> dict[str, float]:
         c = self.config
@@ -397,26 +547,14 @@ class Trainer:
         if watch is not None:
             watch.start(num_batches(n_train, c.batch))
         step0 = self.global_step
-        for xb, yb in batches(
-            self.data.x_train, self.data.y_train, c.batch, shuffle=True, generator=self.generator
-        ):
+        kl_w_t = torch.tensor(kl_w, device=self.device)  # a tensor: one compiled graph per run
+        x_train, y_train = self._train_tensors()
+        for xb, yb in batches(x_train, y_train, c.batch, shuffle=True, generator=self.generator):
             xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
             if self.prior_optimizer is not None:
                 self.prior_optimizer.zero_grad(set_to_none=True)
-            nll = torch.zeros((), device=self.device)
-            fit = torch.zeros((), dtype=torch.float64, device=self.device)
-            for _ in range(c.mc_samples):
-                out = model(xb)
-                nll = nll + self._nll(out, yb)
-                with torch.no_grad():
-                    if self.data.classification:
-                        fit += (out.argmax(1) == yb).sum()
-                    else:
-                        fit += ((out - yb) ** 2).sum()
-            nll = nll / c.mc_samples
-            reg = model_kl(model) + prior_penalty(model)
-            loss = nll + kl_w * reg / n_train
+            loss, nll, fit = self._objective(xb, yb, kl_w_t)
             loss.backward()
             if watch is not None:
                 watch.observe(loss)
@@ -509,16 +647,26 @@ class Trainer:
         )
 
     def snapshot(self, epoch: int, metrics: dict[str, float], recorded: bool) -> EpochSnapshot:
-        params = get_all_distribution_params(self.model, epoch, force=True)
+        """The epoch's capture. On a GPU its arrays are copied to the host asynchronously:
+        valid once :meth:`_host_copy_ready`'s function has run (the epoch writer runs it)."""
+        copies = HostCopies(self.device)
+        params = get_all_distribution_params(self.model, epoch, force=True, copies=copies)
         assert params is not None
+        gradients = self.recorder.result(copies) if recorded else None
+        self._copies_ready = copies.ready()
         return EpochSnapshot(
             epoch=epoch,
             params=params,
             metrics=metrics,
-            gradients=self.recorder.result() if recorded else None,
+            gradients=gradients,
             grad_level=self.recorder.level if recorded else GradLevel.NONE,
             layer_types={name: type(layer).__name__ for name, layer in bayesian_layers(self.model)},
         )
+
+    def _host_copy_ready(self) -> Callable[[], None] | None:
+        """What waits for the last snapshot's device-to-host copies (None: nothing to wait for)."""
+        ready, self._copies_ready = self._copies_ready, None
+        return ready
 
     # -- the run --------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -534,6 +682,11 @@ class Trainer:
             empirical_bayes_step(self.model)
         steps = num_batches(self.data.n_train, c.batch)
         should_stop = getattr(self.sink, "should_stop", None)
+        writer = _EpochWriter(
+            functools.partial(self._write_epoch, run_id, result=result),
+            result.captured_epochs.append,
+            background=self.background_writes,
+        )
         desc = f"{c.dataset.value} {c.prior.value}" + (f" [{run_id}]" if run_id else "")
         try:
             with (
@@ -568,8 +721,8 @@ class Trainer:
                     if last and not result.diverged:  # a diverged run has no test metrics
                         self._final_test(epoch, best, metrics, result, snap)
                     result.history.append({"epoch": float(epoch), **metrics})
-                    if snap is not None and self._write_epoch(run_id, snap, result):
-                        result.captured_epochs.append(epoch)
+                    if snap is not None:
+                        writer.submit(snap, self._host_copy_ready())
                     key = "acc" if self.data.classification else "rmse"
                     shown = metrics.get(f"val_{key}", metrics.get(f"train_{key}", math.nan))
                     bar.set_postfix({"loss": f"{metrics['loss']:.4g}", key: f"{shown:.4g}"})
@@ -580,10 +733,13 @@ class Trainer:
                     if should_stop is not None and run_id is not None and should_stop(run_id):
                         result.cancelled = True
                         break
+                writer.wait()  # the last epoch is written before the run's status
         except KeyboardInterrupt:
+            writer.settle()
             self._finish(run_id, "interrupted", "interrupted by the user (KeyboardInterrupt)")
             raise
         except BaseException as exc:
+            writer.settle()
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             self._finish(run_id, "failed", detail)
             raise
@@ -598,7 +754,7 @@ class Trainer:
         result.noise_sigma = self.noise_sigma
         return result
 
-    def _write_epoch(self, run_id: str | None, snap: EpochSnapshot, result: TrainResult) -> bool:
+    def _write_epoch(self, run_id: str | None, snap: EpochSnapshot, *, result: TrainResult) -> bool:
         """Hand a captured epoch to the sink; False when a sink refuses one taken after the
         run diverged (e.g. a service that takes only finite parameters): it is left out, in
         ``result.refused_epochs``, and the run goes on to end as it would have."""
@@ -708,8 +864,10 @@ def train(
     *,
     sink: RunSink | None = None,
     progress: bool = True,
+    compile: str | None = None,
     **overrides: Any,
 ) -> TrainResult:
-    """Validate ``config`` (plus keyword overrides), train, report to ``sink``."""
+    """Validate ``config`` (plus keyword overrides), train, report to ``sink``
+    (``compile``: see :class:`Trainer`)."""
     cfg = parse_config(config, **overrides)
-    return Trainer(cfg, sink=sink, progress=progress).fit()
+    return Trainer(cfg, sink=sink, progress=progress, compile=compile).fit()
