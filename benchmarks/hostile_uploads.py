@@ -136,7 +136,7 @@ def main() -> None:
             rows.append((name, len(body), response.status_code, elapsed, check_s, rss1 - rss0,
                          max(0.0, hwm1 - max(hwm0, rss0)), identical, message))  # fmt: skip
             Path(path).unlink()
-        uploads = list((data / "uploads").iterdir())
+        uploads = [p for p in data.rglob("*.tmp.*") if p.is_file()]  # temp files left
     finally:
         server.stop()
     print(

@@ -1,6 +1,6 @@
-"""The ``bnn`` command line: ``bnn train``, ``bnn runs``, ``bnn runs show ID``, ``bnn serve``,
-``bnn push RUN_ID --to URL``, and (from :mod:`service.demo.cli`) ``bnn demo regression|mnist``
-and ``bnn sweep width|optim``.
+"""The ``bnn`` command line: ``bnn train``, ``bnn runs``, ``bnn runs show|compact ID``,
+``bnn serve``, ``bnn push RUN_ID --to URL``, and (from :mod:`service.demo.cli`)
+``bnn demo regression|mnist`` and ``bnn sweep width|optim``.
 
 ``bnn train`` takes one option per field of :class:`trainer.config.TrainConfig` (so the
 command line and the Python API never drift apart) and prints the run id as its last
@@ -179,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_train.add_argument("--no-progress", action="store_true", help="no progress bar")
     p_train.add_argument(
+        "--compile",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile the training step (for GPUs; 'reduce-overhead' adds CUDA graphs); "
+        "the first steps then wait for the compiler",
+    )
+    p_train.add_argument(
         "--tracking-url",
         help="report to the bnn service at this URL instead of a local data directory "
         "(default: $BNN_TRACKING_URL); the token comes from $BNN_API_TOKEN",
@@ -189,16 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_runs.add_argument(
         "action",
         nargs="?",
-        choices=["list", "show", "fsck"],
+        choices=["list", "show", "fsck", "compact"],
         default="list",
         help="list: the runs, newest first (default); show: one run's status, captured "
-        "epochs and last metrics (needs RUN_ID); fsck: check the store after a crash",
+        "epochs and last metrics (needs RUN_ID); fsck: check the store after a crash; "
+        "compact: rewrite a stopped run's older epoch files in the current, compact "
+        "format, one epoch at a time, crash-safely (needs RUN_ID)",
     )
     p_runs.add_argument(
         "run_id",
         nargs="?",
         metavar="RUN_ID",
-        help="the run to show (or, for fsck, the only run to check)",
+        help="the run to show or compact (or, for fsck, the only run to check)",
     )
     p_runs.add_argument(
         "--status",
@@ -215,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="fsck: fix what crashes left (adopt or set aside orphaned epoch files, remove "
         "dead writers' temp files, mark damaged epochs); without it fsck only reports",
     )
+    p_runs.add_argument("--no-progress", action="store_true", help="compact: no progress bar")
+    p_runs.add_argument(
+        "--compress-posteriors",
+        action="store_true",
+        help="compact: also compress the posterior arrays, of current files too (about 14%% "
+        "smaller files for runs kept for the record; every read decompresses them)",
+    )
     _store_options(p_runs)
 
     p_serve = sub.add_parser("serve", help="run the HTTP service (settings: BNN_* variables)")
@@ -228,6 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         choices=["critical", "error", "warning", "info", "debug", "trace"],
         help="uvicorn log level (default: info)",
+    )
+    p_serve.add_argument(
+        "--http",
+        default="auto",
+        choices=["auto", "httptools", "h11"],
+        help="HTTP parser (default auto: httptools when installed, as uvicorn[standard] does)",
+    )
+    p_serve.add_argument(
+        "--loop",
+        default="auto",
+        choices=["auto", "uvloop", "asyncio"],
+        help="event loop (default auto: uvloop when installed, as uvicorn[standard] does)",
     )
     _store_options(p_serve)
 
@@ -280,6 +307,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             data_root=data_root,
             heartbeat_interval=float(os.environ.get("BNN_HEARTBEAT_S", "5")),
+            compile=args.compile,
         )
         result = trainer.fit()
     last = result.history[-1] if result.history else {}
@@ -367,9 +395,71 @@ def _cmd_runs_fsck(args: argparse.Namespace) -> int:
     return 0 if report.clean else 1
 
 
+def _cmd_runs_compact(args: argparse.Namespace) -> int:
+    """``bnn runs compact RUN_ID [--compress-posteriors] [--json] [--no-progress]``: exit 1
+    if an epoch failed."""
+    from tqdm import tqdm
+
+    from trainer.store import RunStore
+    from trainer.store.compact import compact_run
+
+    if not args.run_id:
+        raise BnnError.invalid("`bnn runs compact` needs a run id")
+    store = RunStore(
+        _data_dir(args.data_dir),
+        db_url=args.db_url or os.environ.get("BNN_DATABASE_URL"),
+        create=False,
+    )
+    with store:
+        total = len(store.list_epochs(store.get_run(args.run_id).id))
+        with tqdm(
+            total=total,
+            unit="epoch",
+            desc=f"compact {args.run_id}",
+            disable=args.no_progress or args.json,
+            file=sys.stderr,
+        ) as bar:
+            saved = [0]
+
+            def progress(step: Any) -> None:
+                saved[0] += step.old_size - step.new_size
+                bar.set_postfix_str(f"{_bytes(saved[0])} saved", refresh=False)
+                bar.update(1)
+
+            report = compact_run(
+                store,
+                args.run_id,
+                compress_posteriors=args.compress_posteriors,
+                progress=progress,
+            )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0 if report.ok else 1
+    for failed in report.of("failed"):
+        print(f"epoch {failed.epoch}: not compacted: {failed.detail}")
+    info = report.to_dict()
+    print(
+        f"run {report.run_id}: {info['compacted']} epochs compacted, {info['skipped']} "
+        f"already current, {info['failed']} failed; {_bytes(info['bytes_before'])} -> "
+        f"{_bytes(info['bytes_after'])}, {_bytes(report.saved)} saved "
+        f"({report.elapsed_s:.1f} s)"
+    )
+    return 0 if report.ok else 1
+
+
+def _bytes(n: int) -> str:
+    """``n`` bytes in KB, MB or GB (powers of 1000), or B below 1 KB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def _cmd_runs(args: argparse.Namespace) -> int:
     if args.action == "fsck":
         return _cmd_runs_fsck(args)
+    if args.action == "compact":
+        return _cmd_runs_compact(args)
     store = _open_store(args)
     if args.action == "show" or args.run_id:
         if not args.run_id:
@@ -463,21 +553,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=args.log_level,
+        http=args.http,
+        loop=args.loop,
         timeout_graceful_shutdown=10,
     )
     return 0
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from trainer.remote import push_run
+    from service.client import Client
 
-    result = push_run(
-        args.run_id,
-        _data_dir(args.data_dir),
-        args.to,
-        token=os.environ.get("BNN_API_TOKEN") or None,
-        db_url=args.db_url or os.environ.get("BNN_DATABASE_URL"),
-    )
+    token = os.environ.get("BNN_API_TOKEN") or None
+    with Client(args.to, token=token, retries=5) as client:  # uploads: retry as trainers do
+        result = client.push(
+            args.run_id,
+            _data_dir(args.data_dir),
+            db_url=args.db_url or os.environ.get("BNN_DATABASE_URL"),
+        )
     print(
         f"pushed run {result['run_id']} ({result['epochs']} epochs, {result['status']}) "
         f"to {result['url']}",

@@ -57,10 +57,10 @@ def other_shapes(base: Path, out: Path) -> Path:
             )
         )
         for name in names:
-            dtype = f[name].dtype
+            dtype, attrs = f[name].dtype, dict(f[name].attrs)  # e.g. a bfloat16 encoding
             del f[name]
             fill = 0.05 if name.endswith("sigma") else 0
-            f.create_dataset(name, data=np.full(wider, fill, dtype))
+            f.create_dataset(name, data=np.full(wider, fill, dtype)).attrs.update(attrs)
     return out
 
 

@@ -13,7 +13,7 @@ pass a separate kernel over the whole tensor. On the CPU these kernels do it in 
 
 Sums are accumulated in float64 lanes, so they are as precise as the float64 reference to
 ~1e-12 relative. The kernels are compiled on first use (about 2 s, then cached on disk by
-numba) and run on ``torch.get_num_threads()`` threads for large tensors. Without numba
+numba), single-threaded (see ``_compile``). Without numba
 (not installed, or ``BNN_FUSED_CAPTURE=0``), :data:`AVAILABLE` is False and the recorder
 keeps its torch implementation; GPU tensors always take the torch path (fused ``_foreach``
 kernels, no host synchronisation).
@@ -31,7 +31,7 @@ from torch import Tensor
 __all__ = ["AVAILABLE", "accumulate_element", "layer_statistics", "usable"]
 
 _LANES = 8  # float64 accumulators per block: one AVX-512 register, two AVX2 ones
-_BLOCK = 1 << 16  # elements per parallel task (256 KB of float32)
+_BLOCK = 1 << 16  # elements per block of partial sums (256 KB of float32)
 _FMAX = float(np.finfo(np.float32).max)
 
 
@@ -44,10 +44,6 @@ def _compile() -> tuple[Any, ...] | None:
         return None
     # every fast-math flag except "nnan"/"ninf": non-finite values must be seen as such
     flags = {"nsz", "arcp", "contract", "afn", "reassoc"}
-    # (numba keys its disk cache by function name, which both versions share: only the
-    # serial one is cached; the parallel one compiles once per process, ~1 s, when a tensor
-    # large enough to need it first appears)
-    jit = numba.njit(fastmath=flags, nogil=True, parallel=True)
     serial = numba.njit(fastmath=flags, cache=True, nogil=True)
     lanes, block, fmax = _LANES, _BLOCK, np.float32(_FMAX)
 
@@ -111,12 +107,13 @@ def _compile() -> tuple[Any, ...] | None:
             out_b[b] = nb
         return out_s.sum(), float(out_m.max()) if blocks else 0.0, out_q.sum(), out_b.sum()
 
-    # numba.prange is a plain range in the serial versions; a parallel region costs ~10-100 us
-    # to start (more on a loaded machine), so tensors below _PARALLEL_MIN elements run serially
-    return serial(element), serial(layer), jit(element), jit(layer)
+    # Serial on purpose (numba.prange is a plain range here): numba's parallel threading
+    # layers (OpenMP) spin-wait beside torch's own OpenMP threads, and a process that had run
+    # one parallel kernel trained 10-20x slower on 2 cores afterwards. One thread does a
+    # pass at memory speed: 0.65 ms for 1.44M elements against 2 ms for the eager kernels.
+    return serial(element), serial(layer)
 
 
-_PARALLEL_MIN = 1 << 18
 _KERNELS: tuple[Any, ...] | None = None
 _LOADED = False
 
@@ -152,15 +149,6 @@ def usable(grad: Tensor) -> bool:
     )
 
 
-def _threads() -> None:
-    import numba
-
-    most: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
-    wanted = max(1, min(torch.get_num_threads(), most))
-    if numba.get_num_threads() != wanted:
-        numba.set_num_threads(wanted)
-
-
 def accumulate_element(grad: Tensor, sum_abs: Tensor, max_abs: Tensor) -> tuple[float, int]:
     """``sum_abs += |g|``, ``max_abs = max(max_abs, |g|)`` over finite elements, in place;
     returns (squared L2 norm of the finite elements, number of non-finite elements).
@@ -170,10 +158,7 @@ def accumulate_element(grad: Tensor, sum_abs: Tensor, max_abs: Tensor) -> tuple[
     kernels = _kernels()
     if kernels is None:
         raise RuntimeError("fused capture kernels are not available (numba missing or off)")
-    parallel = grad.numel() >= _PARALLEL_MIN
-    if parallel:
-        _threads()
-    sq, bad = kernels[2 if parallel else 0](
+    sq, bad = kernels[0](
         grad.detach().reshape(-1).numpy(), sum_abs.reshape(-1).numpy(), max_abs.reshape(-1).numpy()
     )
     return float(sq), int(bad)
@@ -185,8 +170,5 @@ def layer_statistics(grad: Tensor) -> tuple[float, float, float, int]:
     kernels = _kernels()
     if kernels is None:
         raise RuntimeError("fused capture kernels are not available (numba missing or off)")
-    parallel = grad.numel() >= _PARALLEL_MIN
-    if parallel:
-        _threads()
-    s, m, q, bad = kernels[3 if parallel else 1](grad.detach().reshape(-1).numpy())
+    s, m, q, bad = kernels[1](grad.detach().reshape(-1).numpy())
     return float(s), float(m), float(q), int(bad)

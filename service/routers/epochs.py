@@ -1,19 +1,17 @@
 """``/runs/{id}/epochs`` and ``/runs/{id}/metrics``: captured epochs, their files, uploads.
 
 ``PUT /runs/{id}/epochs/{epoch}`` takes one HDF5 epoch file as the raw body. It is
-streamed to a temporary file of the service's own naming (413 past
-``BNN_MAX_UPLOAD_BYTES``), checked against the schema and the run (422 naming the
-problem: see :mod:`trainer.store.validate`; limits ``BNN_MAX_UPLOAD_LAYERS`` and
-``BNN_MAX_UPLOAD_ELEMENTS``), and stored once: the same bytes again answer 200 with the
-stored record, other bytes for a stored epoch 409. The temporary file is always removed.
+written once: streamed into a temporary file of the store's naming in the run's folder
+(:meth:`RunStore.receive_epoch`; 413 past ``BNN_MAX_UPLOAD_BYTES``), checked against the
+schema and the run (422 naming the problem: see :mod:`trainer.store.validate`; limits
+``BNN_MAX_UPLOAD_LAYERS`` and ``BNN_MAX_UPLOAD_ELEMENTS``), fsynced and renamed into
+place. The same bytes again answer 200 with the stored record, other bytes for a stored
+epoch 409. A temporary file that is not renamed into place is removed.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
@@ -31,13 +29,10 @@ from service.routers import (
 )
 from service.schemas import EpochOut, MetricsOut
 from trainer.errors import BnnError, ErrorCode
-from trainer.store import EpochInfo, RunStore
-from trainer.store._paths import locked_tmp_file
-from trainer.store.validate import UploadLimits, check_epoch_file, run_reference
+from trainer.store import EpochInfo
 
-__all__ = ["UPLOAD_DIR", "epoch_out", "router"]
+__all__ = ["epoch_out", "router"]
 
-UPLOAD_DIR = "uploads"  # under the data directory: temporary files of uploads in progress
 HDF5_TYPES = frozenset({"", "application/x-hdf5", "application/x-hdf", "application/octet-stream"})
 router = APIRouter(
     prefix="/runs/{run_id}",
@@ -138,23 +133,6 @@ def get_metrics(
     return table_response(fmt, payload, rows, ["epoch", *wanted], f"{run.id}_metrics.csv")
 
 
-def _check_upload(
-    path: Path, store: RunStore, run_id: str, epoch: int, limits: UploadLimits
-) -> None:
-    """The upload checked against the run before it is copied anywhere (see
-    :mod:`trainer.store.validate`): 422 naming the problem (CORRUPT for a bad file,
-    INVALID_ARGUMENT for one that breaks a limit or does not fit the run or the URL).
-
-    ``import_epoch_file`` checks the copy it keeps again; this first pass refuses a hostile
-    file before it is copied and fsynced into the run's folder.
-    """
-    reference = run_reference(store, run_id)
-    name = f"uploaded for run {run_id!r} epoch {epoch}"
-    check_epoch_file(
-        path, run_id=run_id, epoch=epoch, reference=reference, limits=limits, name=name
-    )
-
-
 @router.put(
     "/epochs/{epoch}",
     status_code=201,
@@ -195,20 +173,13 @@ async def put_epoch(
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media not in HDF5_TYPES:
         raise HTTPException(415, f"the body must be application/x-hdf5, got {media!r}")
-    uploads = settings.data_dir / UPLOAD_DIR
-    with locked_tmp_file(uploads, "upload-", ".h5") as (fd, path):
-        digest, size = hashlib.sha256(), 0
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                async for chunk in request.stream():  # BodyLimit raises 413 past the limit
-                    digest.update(chunk)
-                    fh.write(chunk)
-                    size += len(chunk)
-        except OSError as exc:
-            raise BnnError(ErrorCode.STORAGE, f"cannot store the upload: {exc.strerror}") from exc
-        if size == 0:
+    upload = await run_in_threadpool(store.receive_epoch, run.id, epoch)
+    with upload:  # the temp file is removed unless committed
+        async for chunk in request.stream():  # BodyLimit raises 413 past the limit
+            upload.write(chunk)
+        if upload.size == 0:
             raise BnnError.invalid("the body is empty; send one HDF5 epoch file")
-        stored = await run_in_threadpool(store.find_epoch, run.id, epoch, digest.hexdigest())
+        stored = await run_in_threadpool(store.find_epoch, run.id, epoch, upload.checksum)
         if stored is not None:
             return json_response(epoch_out(stored), 200)
         current = await run_in_threadpool(store.get_run, run.id)
@@ -219,10 +190,8 @@ async def put_epoch(
                 run_id=run.id,
                 status=current.status.value,
             )
-        limits = settings.upload_limits()
-        await run_in_threadpool(_check_upload, path, store, run.id, epoch, limits)
         info = await run_in_threadpool(
-            functools.partial(store.import_epoch_file, limits=limits), run.id, epoch, path
+            functools.partial(upload.commit, limits=settings.upload_limits())
         )
         location = str(request.url_for("get_epoch", run_id=run.id, epoch=epoch))
         return json_response(epoch_out(info), 201, headers={"Location": location})

@@ -8,6 +8,7 @@ import pytest
 
 from service import analysis as an
 from service.analysis.synthetic import synthetic_snapshot
+from tests.trainer.conftest import as_stored
 from trainer.errors import BnnError, ErrorCode
 from trainer.snapshot import EpochSnapshot
 from trainer.store import RunReader, RunStore
@@ -21,6 +22,8 @@ def _snaps(seed: int = 0, learnable: bool = True) -> list[EpochSnapshot]:
         for e in EPOCHS
     ]
     snaps[-1].params["layer1"]["posterior"]["weight"]["mu"][3, 4] = np.nan  # stored NaN
+    for snap in snaps:  # statistics as the store keeps them (bfloat16), so both sides agree
+        snap.gradients = as_stored(snap.gradients)
     return snaps
 
 

@@ -105,7 +105,7 @@ def test_upload_errors(client: TestClient, epoch_file: EpochFile, tmp_path: Path
         response = client.put(path, content=epoch_file(0).read_bytes(), headers=H5)
         assert response.status_code == code, path
     assert client.get(f"/runs/{run_id}").json()["epochs"] == []
-    assert not list((tmp_path / "data0" / "uploads").iterdir())  # temp files removed
+    assert not list((tmp_path / "data0").rglob("*.tmp.*"))  # temp files removed
 
 
 def test_finished_runs_take_no_new_epochs_but_accept_retries(

@@ -66,7 +66,7 @@ class Run:
         assert str(self.tmp) not in response.text  # no server path leaked
         assert self.files() == self.before
         assert [e["epoch"] for e in self.client.get(f"/runs/{self.id}/epochs").json()] == [0]
-        assert not list((self.data / "uploads").iterdir())  # the temp file is gone
+        assert not list(self.data.rglob("*.tmp.*"))  # the temp file is gone
         return error
 
 

@@ -98,6 +98,27 @@ def assert_tree_equal(a: Any, b: Any, where: str = "") -> None:
     np.testing.assert_array_equal(a, b, err_msg=where)
 
 
+def as_stored(grads: Any) -> Any:
+    """Gradient statistics as schema version 2 stores them: the per-element ``mean_abs``
+    and ``max_abs`` arrays rounded to bfloat16 (read back as float32), the rest as given."""
+    from trainer.store._codec import decode_bf16, encode_bf16
+
+    def walk(node: Any, key: str = "") -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v, k) for k, v in node.items()}
+        arr = np.asarray(node)
+        if key in ("mean_abs", "max_abs") and arr.ndim >= 1:
+            return decode_bf16(encode_bf16(arr))
+        return arr
+
+    return None if grads is None else walk(grads)
+
+
+def assert_grads_equal(want: Any, got: Any, where: str = "") -> None:
+    """:func:`assert_tree_equal` of gradient statistics against ``as_stored(want)``."""
+    assert_tree_equal(as_stored(want), got, where)
+
+
 # ----------------------------------------------------------------------------- PostgreSQL
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.trainer.conftest import SnapshotFactory, assert_tree_equal
+from tests.trainer.conftest import SnapshotFactory, assert_grads_equal, assert_tree_equal
 from trainer.errors import BnnError, ErrorCode
 from trainer.snapshot import GradLevel
 from trainer.store import (
@@ -42,7 +42,7 @@ def test_round_trip_every_array_dtype_and_shape(store: RunStore, make_snapshot: 
     assert len(info.checksum) == 64
     back = store.reader(run.id).snapshot(3)
     assert_tree_equal(snap.params, back.params)
-    assert_tree_equal(snap.gradients, back.gradients)
+    assert_grads_equal(snap.gradients, back.gradients)
     assert back.grad_level is GradLevel.ELEMENT
     assert back.layer_types == snap.layer_types
     assert list(back.metrics) == list(snap.metrics)
@@ -64,7 +64,7 @@ def test_layer_level_and_no_gradients_round_trip(store: RunStore, make_snapshot:
     store.write_epoch(run.id, none)
     reader = store.reader(run.id)
     assert reader.gradients(0, "layer1")["weight"]["mu"]["mean_abs"].shape == ()
-    assert_tree_equal(layer.gradients, reader.snapshot(0).gradients)
+    assert_grads_equal(layer.gradients, reader.snapshot(0).gradients)
     assert reader.snapshot(1).gradients is None
     with pytest.raises(BnnError) as err:
         reader.gradients(1, "layer1")
@@ -77,13 +77,17 @@ def test_file_layout_is_plain_hdf5(tmp_path: Path, make_snapshot: SnapshotFactor
     path = tmp_path / "e.h5"
     write_epoch_file(path, snap, run_id="abc")
     with h5py.File(path, "r") as f:
-        assert f.attrs["schema_version"] == SCHEMA_VERSION == 1
+        assert f.attrs["schema_version"] == SCHEMA_VERSION == 2
         assert f.attrs["epoch"] == 7
         assert f.attrs["run_id"] == "abc"
         assert f.attrs["grad_level"] == "element"
         assert f["params/big"].attrs["type"] == "BayesLinear"
         big_mu = f["params/big/posterior/weight/mu"]
-        assert big_mu.compression is None  # uncompressed unless BNN_HDF5_COMPRESSION says so
+        assert big_mu.chunks is None  # posteriors: plain float32, memory-mapped by readers
+        assert big_mu.dtype == np.float32
+        stat = f["gradients/big/weight/mu/mean_abs"]  # bfloat16 codes, Blosc-compressed
+        assert stat.dtype == np.uint16 and stat.attrs["encoding"] == "bfloat16"
+        assert list(stat._filters) == ["32001"]
         tiny_mu = f["params/tiny/posterior/weight/mu"]
         assert tiny_mu.compression is None
         assert tiny_mu.chunks is None
@@ -250,7 +254,7 @@ def _edited_copy(src: Path, dst: Path, edit: str) -> Path:
             del f["params/layer1/posterior/weight/mu"]
             f["params/layer1/posterior/weight/mu"] = np.ones((5, 3), np.int32)
         elif edit == "schema_version":
-            f.attrs["schema_version"] = 2
+            f.attrs["schema_version"] = 3
         elif edit == "unknown_group":
             f["params/layer1/posterior/extra/mu"] = np.ones(1, np.float32)
         elif edit == "external_link":
@@ -368,7 +372,7 @@ def test_delete_run_removes_rows_and_files(store: RunStore, make_snapshot: Snaps
     assert len(store.list_epochs(keep.id)) == 1
 
 
-@pytest.mark.parametrize("compression", ["none", "gzip", "lzf"])
+@pytest.mark.parametrize("compression", ["blosc", "none", "gzip", "lzf"])
 def test_large_arrays_round_trip_under_each_compression(
     tmp_path: Path,
     make_snapshot: SnapshotFactory,
@@ -384,12 +388,14 @@ def test_large_arrays_round_trip_under_each_compression(
     store.write_epoch(run.id, snap)
     back = store.reader(run.id).snapshot(0)
     assert_tree_equal(snap.params, back.params)
-    assert_tree_equal(snap.gradients, back.gradients)
+    assert_grads_equal(snap.gradients, back.gradients)
     with h5py.File(store.epoch_path(run.id, 0), "r") as f:
-        ds = f["params/big/posterior/weight/mu"]
-        assert ds.compression == (None if compression == "none" else compression)
+        assert f["params/big/posterior/weight/mu"].chunks is None  # never compressed
+        ds = f["gradients/big/weight/mu/max_abs"]
+        assert ds.compression == {"blosc": "unknown", "none": None}.get(compression, compression)
+        assert ("32001" in ds._filters) is (compression == "blosc")
         zeros = f["gradients/big/weight/rho/nonfinite"]
-        assert zeros.compression == "gzip"
+        assert zeros.compression == ("unknown" if compression == "blosc" else "gzip")
         assert zeros.id.get_num_chunks() == math.prod(
             -(-n // c) for n, c in zip(zeros.shape, zeros.chunks, strict=True)
         )

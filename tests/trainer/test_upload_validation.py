@@ -255,9 +255,10 @@ def test_older_files_with_unwritten_zero_counts_are_accepted(
 
     def unwritten(target: Path, dataset: str, fill: int = 0) -> Path:
         with h5py.File(target, "r+") as f:
-            shape, dtype = f[dataset].shape, f[dataset].dtype
+            shape, dtype, attrs = f[dataset].shape, f[dataset].dtype, dict(f[dataset].attrs)
             del f[dataset]
-            f.create_dataset(dataset, shape=shape, dtype=dtype, chunks=True, fillvalue=fill)
+            ds = f.create_dataset(dataset, shape=shape, dtype=dtype, chunks=True, fillvalue=fill)
+            ds.attrs.update(attrs)  # e.g. the bfloat16 encoding of a statistic
         return target
 
     unwritten(path, name)

@@ -14,24 +14,38 @@ import numpy as np
 from trainer.errors import BnnError, ErrorCode
 from trainer.snapshot import EpochSnapshot, GradLevel
 
+from ._codec import BFLOAT16, ENCODING_ATTR, blosc_options, chunk_shape, encode_bf16, load_filters
 from ._paths import fsync_file
-from ._schema import validate_snapshot
+from ._schema import GRAD_PARAMS, PARAMS, validate_snapshot
 
-__all__ = ["COMPRESS_MIN_SIZE", "SCHEMA_VERSION", "write_epoch_file"]
+__all__ = [
+    "COMPRESSIONS",
+    "COMPRESS_MIN_SIZE",
+    "ENCODED_STATS",
+    "SCHEMA_VERSION",
+    "SCHEMA_VERSIONS",
+    "write_epoch_file",
+]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # what this library writes
+SCHEMA_VERSIONS = (1, 2)  # what it reads (and can still write, for tests and benchmarks)
 COMPRESS_MIN_SIZE = 1024
+#: ``BNN_HDF5_COMPRESSION`` values; the first is the default of schema version 2
+COMPRESSIONS = ("blosc", "none", "gzip", "lzf")
+#: per-element gradient statistics stored as bfloat16 from schema version 2 on
+ENCODED_STATS = ("mean_abs", "max_abs")
 
 
-def _compression() -> dict[str, Any]:
-    choice = os.environ.get("BNN_HDF5_COMPRESSION", "none").strip().lower()
-    if choice in ("", "none"):
-        return {}
-    if choice == "gzip":
-        return {"chunks": True, "compression": "gzip", "compression_opts": 4, "shuffle": True}
-    if choice == "lzf":
-        return {"chunks": True, "compression": "lzf", "shuffle": True}
-    raise BnnError.invalid(f"BNN_HDF5_COMPRESSION must be none, gzip or lzf, got {choice!r}")
+def _compression(version: int) -> str:
+    default = "blosc" if version >= 2 else "none"
+    choice = os.environ.get("BNN_HDF5_COMPRESSION", "").strip().lower() or default
+    if choice not in COMPRESSIONS:
+        raise BnnError.invalid(
+            f"BNN_HDF5_COMPRESSION must be one of {list(COMPRESSIONS)}, got {choice!r}"
+        )
+    if choice == "blosc" and version < 2:
+        raise BnnError.invalid("BNN_HDF5_COMPRESSION=blosc needs schema version 2")
+    return choice
 
 
 #: all-zero integer arrays (the non-finite counts of a healthy epoch): gzip level 1 stores
@@ -39,35 +53,113 @@ def _compression() -> dict[str, Any]:
 ZEROS = {"chunks": True, "compression": "gzip", "compression_opts": 1}
 
 
-def _put(group: h5py.Group, name: str, arr: np.ndarray) -> None:
-    """One array as a dataset. Every dataset is fully written: an all-zero integer array is
-    gzip-compressed, not left as unwritten chunks read as their fill value (which older
-    versions did, and which an upload may no longer do: see ``EpochFile.validate``)."""
-    big = arr.ndim >= 1 and arr.size >= COMPRESS_MIN_SIZE
-    if big and arr.dtype.kind in "iu" and not arr.any():
-        group.create_dataset(name, data=arr, **ZEROS)
-    else:
-        group.create_dataset(name, data=arr, **(_compression() if big else {}))
+class _Writer:
+    """Writes the datasets of one file in one schema version and compression."""
 
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.compression = _compression(version)
+        blosc = self.compression == "blosc"
+        self._blosc = [blosc_options(bitshuffle=b) for b in (False, True)] if blosc else None
 
-def _put_tree(group: h5py.Group, tree: Mapping[str, Any]) -> None:
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            _put_tree(group.create_group(key), value)
+    def options(
+        self, arr: np.ndarray, compress: bool = True, encoded: bool = False
+    ) -> dict[str, Any]:
+        """``create_dataset`` keywords for ``arr``: small arrays contiguous, large ones
+        compressed (an all-zero integer array always, unless Blosc does it anyway);
+        ``compress=False`` (posteriors of version 2): contiguous whatever the size.
+        ``encoded``: bfloat16 codes (Blosc bit-shuffles them, like floats)."""
+        if arr.ndim < 1 or arr.size < COMPRESS_MIN_SIZE or not compress:
+            return {}
+        if self._blosc is not None:
+            chunks = chunk_shape(arr.shape, arr.dtype.itemsize)
+            return {"chunks": chunks, **self._blosc[encoded or arr.dtype.kind == "f"]}
+        if arr.dtype.kind in "iu" and not arr.any():
+            return ZEROS
+        if self.compression == "gzip":
+            return {"chunks": True, "compression": "gzip", "compression_opts": 4, "shuffle": True}
+        if self.compression == "lzf":
+            return {"chunks": True, "compression": "lzf", "shuffle": True}
+        return {}
+
+    def put(
+        self,
+        group: h5py.Group,
+        name: str,
+        arr: np.ndarray,
+        *,
+        encode: bool = False,
+        compress: bool = True,
+    ) -> None:
+        """One array as a dataset, fully written (never left as unwritten chunks read as
+        their fill value, which older versions did for all-zero counts: see
+        ``EpochFile.validate``). ``encode``: a per-element statistic, stored as bfloat16
+        from schema version 2 on."""
+        arr = np.asarray(arr)
+        if encode and self.version >= 2 and arr.ndim >= 1:
+            codes = encode_bf16(arr)
+            ds = group.create_dataset(name, data=codes, **self.options(codes, encoded=True))
+            ds.attrs[ENCODING_ATTR] = BFLOAT16
         else:
-            _put(group, key, value)
+            group.create_dataset(name, data=arr, **self.options(arr, compress))
+
+    def tree(self, group: h5py.Group, tree: Mapping[str, Any], *, compress: bool = True) -> None:
+        for key, value in tree.items():
+            if isinstance(value, Mapping):
+                self.tree(group.create_group(key), value, compress=compress)
+            else:
+                self.put(group, key, value, compress=compress)
+
+    def gradients(self, group: h5py.Group, grads: Mapping[str, Any]) -> None:
+        """``/gradients``: the statistics of ``weight``/``bias`` per ``mu``/``rho`` (the
+        ``mean_abs`` and ``max_abs`` arrays encoded), step norms and prior gradients."""
+        for layer, g in grads.items():
+            lg = group.create_group(layer)
+            for key, value in g.items():
+                if not isinstance(value, Mapping):
+                    self.put(lg, key, value)  # step_norm
+                elif key not in PARAMS:
+                    self.tree(lg.create_group(key), value)  # prior
+                else:
+                    pg = lg.create_group(key)
+                    for gp, stats in value.items():
+                        sg = pg.create_group(gp)
+                        for stat, arr in stats.items():
+                            encode = gp in GRAD_PARAMS and stat in ENCODED_STATS
+                            self.put(sg, stat, arr, encode=encode)
 
 
-def write_epoch_file(path: str | Path, snap: EpochSnapshot, *, run_id: str = "") -> None:
+def write_epoch_file(
+    path: str | Path,
+    snap: EpochSnapshot,
+    *,
+    run_id: str = "",
+    schema_version: int = SCHEMA_VERSION,
+    compress_posteriors: bool = False,
+) -> None:
     """Write ``snap`` as a complete epoch file at ``path`` (overwriting it) and fsync it.
 
-    Raises INVALID_ARGUMENT for a bad snapshot and STORAGE when the file cannot be written.
+    Version 2 (the default) stores the per-element gradient statistics as bfloat16 and
+    compresses them, the non-finite counts and the other large arrays with
+    ``BNN_HDF5_COMPRESSION`` (default Blosc); the posterior arrays stay plain contiguous
+    float32, which readers map without a copy, unless ``compress_posteriors`` (13% of a
+    784-1200-1200-10 file less, at the cost of decompressing them at every read: see
+    ``BENCHMARKS.md``). ``schema_version=1`` writes the previous format (float32
+    statistics, uncompressed unless ``BNN_HDF5_COMPRESSION`` says gzip or lzf), which
+    older versions of this library read. Raises INVALID_ARGUMENT for a bad snapshot or
+    version and STORAGE when the file cannot be written.
     """
+    if schema_version not in SCHEMA_VERSIONS:
+        raise BnnError.invalid(
+            f"schema_version must be one of {list(SCHEMA_VERSIONS)}, got {schema_version!r}"
+        )
     snap = validate_snapshot(snap)
+    writer = _Writer(schema_version)
     path = Path(path)
+    load_filters()
     try:
         with h5py.File(path, "w", locking=False) as f:
-            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["schema_version"] = schema_version
             f.attrs["run_id"] = run_id
             f.attrs["epoch"] = snap.epoch
             f.attrs["grad_level"] = GradLevel(snap.grad_level).value
@@ -76,11 +168,11 @@ def write_epoch_file(path: str | Path, snap: EpochSnapshot, *, run_id: str = "")
             for layer, log in snap.params.items():
                 group = params.create_group(layer)
                 group.attrs["type"] = snap.layer_types.get(layer, "")
-                _put_tree(group, log)
+                writer.tree(group, log, compress=schema_version < 2 or compress_posteriors)
             if snap.gradients is not None:
-                _put_tree(f.create_group("gradients"), snap.gradients)
+                writer.gradients(f.create_group("gradients"), snap.gradients)
             if snap.evaluation:
-                _put_tree(f.create_group("evaluation"), snap.evaluation)
+                writer.tree(f.create_group("evaluation"), snap.evaluation)
             metrics = f.create_group("metrics", track_order=True)
             for key, value in snap.metrics.items():
                 metrics.attrs[key] = np.float64(value)

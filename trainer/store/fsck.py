@@ -11,6 +11,12 @@ A crash can leave, by the write protocol of :class:`~trainer.store.RunStore`:
   heartbeat is not touched). Anything else (an invalid file, a folder of no catalogued run)
   is moved to ``<data>/lost+found/<run>/``;
 * ``unknown_run_dir`` -- an empty folder of no catalogued run (removed);
+* ``compact`` -- the journal ``runs/<run>/epoch_*.h5.compact`` of a compaction that did
+  not finish (:mod:`trainer.store.compact`): when the file in place is the journal's new
+  one and the catalog row still holds the old checksum, the row gets the new size and
+  checksum (``commit``); a journal whose compaction never renamed its file, or whose row
+  already holds the new checksum, is removed; any other combination is left for a person
+  (and the ``checksum`` check below reports the epoch);
 
 and a damaged store can show
 
@@ -47,6 +53,7 @@ from trainer.errors import BnnError
 from . import _paths as paths
 from ._records import RunStatus, encode_json, stale_after_default, utcnow
 from .catalog import EpochRow, RunRow
+from .compact import journal_epoch, read_journal, replace_checksum
 from .hdf5 import EpochFile
 
 if TYPE_CHECKING:
@@ -57,6 +64,7 @@ __all__ = ["KINDS", "LOST_FOUND", "Finding", "FsckReport", "fsck"]
 LOST_FOUND = "lost+found"
 KINDS = (
     "orphan",
+    "compact",
     "tmp",
     "upload_tmp",
     "unknown_run_dir",
@@ -331,6 +339,7 @@ def _check_run_dir(
 ) -> None:
     data_dir = store.data_dir
     candidates: list[tuple[int, Path]] = []
+    journals: list[tuple[int, Path]] = []
     others = 0
     try:
         entries = list(os.scandir(run_dir))
@@ -345,12 +354,23 @@ def _check_run_dir(
             if found is not None:
                 report.findings.append(found)
             continue
+        journal = journal_epoch(entry.name)
+        if journal is not None and known:
+            journals.append((journal, Path(entry.path)))
+            continue
         match = _EPOCH_FILE.match(entry.name)
         if match and paths.epoch_filename(int(match.group(1))) == entry.name:
             if int(match.group(1)) not in rows:
                 candidates.append((int(match.group(1)), Path(entry.path)))
         elif entry.name != ".lock":
             others += 1
+    if journals:
+        # compactions hold the run lock from their journal to its removal
+        with _maybe_locked(run_dir, report.repair or (run_dir / ".lock").exists()):
+            for epoch, path in sorted(journals):
+                found = _journal(store, run_id, epoch, path, rows, report.repair)
+                if found is not None:
+                    report.findings.append(found)
     if candidates:
         # the run lock (held by writers from rename to commit) makes the second look final
         with _maybe_locked(run_dir, report.repair or (run_dir / ".lock").exists()):
@@ -426,6 +446,65 @@ def _orphan(store: RunStore, run_id: str, epoch: int, path: Path, repair: bool) 
             finding.detail += f" -> {_rel(store.data_dir, dest)}"
         else:
             _adopt(store, run_id, epoch, path, metrics)
+        finding.done = True
+    except (OSError, BnnError) as exc:
+        finding.error = f"{type(exc).__name__}: {exc}"
+        finding.detail += f" ({finding.error})"
+    return finding
+
+
+def _journal(
+    store: RunStore, run_id: str, epoch: int, path: Path, rows: dict[int, _Row], repair: bool
+) -> Finding | None:
+    """A compaction's journal (see ``compact`` in the module docstring); ``rows`` gets the
+    committed checksum, so the catalogued files are checked against what the row holds now."""
+    if not path.exists():  # settled meanwhile
+        return None
+    finding = Finding("compact", _rel(store.data_dir, path), run_id, epoch)
+    state = read_journal(path)
+    with store._session() as s:
+        row = s.get(EpochRow, (run_id, epoch))
+        catalogued = None if row is None else (row.file, row.size, row.checksum)
+    epoch_file = store.data_dir / paths.epoch_relpath(run_id, epoch)
+    try:
+        digest: str | None = paths.sha256_file(epoch_file)
+        finding.size = epoch_file.stat().st_size
+    except OSError:
+        digest = None
+    commit = False
+    if catalogued is None:
+        finding.action, finding.detail = "remove", "journal of an epoch no longer catalogued"
+    elif state is None:
+        if digest == catalogued[2]:
+            finding.action = "remove"
+            finding.detail = "unreadable journal; the file is the catalogued one"
+        else:
+            finding.action = "keep"
+            finding.detail = "unreadable journal, and the file is not the catalogued one"
+    elif catalogued[2] == state["new"]["sha256"]:
+        finding.action, finding.detail = "remove", "compaction committed"
+    elif catalogued[2] == state["old"]["sha256"] and digest == state["new"]["sha256"]:
+        finding.action, commit = "commit", True
+        finding.detail = "compacted file in place, catalog row not yet updated"
+    elif catalogued[2] == state["old"]["sha256"] and digest == state["old"]["sha256"]:
+        finding.action, finding.detail = "remove", "compaction stopped before its rename"
+    else:
+        finding.action = "keep"
+        finding.detail = "neither the journal's old nor its new file is in place"
+    if not repair or finding.action == "keep":
+        return finding
+    try:
+        if commit:
+            assert state is not None and catalogued is not None
+            new = state["new"]
+            if not replace_checksum(
+                store, run_id, epoch, state["old"]["sha256"], new["size"], new["sha256"]
+            ):
+                finding.error = "the catalog row changed meanwhile"
+                return finding
+            rows[epoch] = _Row(catalogued[0], new["size"], new["sha256"])
+        path.unlink(missing_ok=True)
+        paths.fsync_dir(path.parent)
         finding.done = True
     except (OSError, BnnError) as exc:
         finding.error = f"{type(exc).__name__}: {exc}"

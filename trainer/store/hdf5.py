@@ -1,11 +1,11 @@
-"""The epoch file: one immutable HDF5 file per captured epoch (schema version 1).
+"""The epoch file: one immutable HDF5 file per captured epoch (schema versions 1 and 2).
 
-Layout (any HDF5 tool can read it)::
+Layout (any HDF5 tool can read it; version 2 needs the Blosc filter, below)::
 
-    /                     attrs: schema_version=1, run_id, epoch, grad_level,
-                                 layers (JSON list: the model's layer order)
+    /                     attrs: schema_version (2; 1 in older files), run_id, epoch,
+                                 grad_level, layers (JSON list: the model's layer order)
     /params/<layer>       attrs: type ("BayesLinear" | "BayesConv2d" | "")
-        /<posterior|prior>/<weight|bias>/<mu|sigma>     float; prior arrays shape (1,)
+        /<posterior|prior>/<weight|bias>/<mu|sigma>     float32; prior arrays shape (1,)
     /gradients/<layer>    (absent when no gradient statistics were captured)
         /<weight|bias>/<mu|rho>/<mean_abs|max_abs|nonfinite>   param shape or () per grad_level
         /step_norm                                    (steps,) float
@@ -13,18 +13,59 @@ Layout (any HDF5 tool can read it)::
     /metrics              attrs: one float64 per metric (NaN/Inf kept), in insertion order
     /evaluation/<name>    (last epoch only) per-test-example float64 arrays, all (N,)
 
-Arrays are stored uncompressed by default: on float32 weights gzip+shuffle saves only
-15-20% of the size but made the write of a 784-1200-1200-10 epoch with per-element
-gradients 11x slower (0.76 s against 0.07 s), which the trainer pays every captured epoch.
-``BNN_HDF5_COMPRESSION=gzip`` (or ``lzf``) compresses arrays of at least
-:data:`COMPRESS_MIN_SIZE` elements. All-zero integer arrays (the non-finite counts, nearly
-always zero) are always gzip-compressed: a few KB and a few milliseconds. (Older versions
-stored them as never-written chunked datasets read as their fill value 0; such files are
-still read, and still accepted from elsewhere: see :meth:`EpochFile.validate`.)
+**Schema version 2** (what :func:`write_epoch_file` writes) stores:
 
-:func:`write_epoch_file` (in ``_write``) writes a complete file at a path; crash safety
-(temp name, fsync, rename) is the caller's (see ``RunStore.write_epoch``).
-:class:`EpochFile` reads one file lazily: a slice of one layer reads only that slice.
+* the posterior and prior arrays as captured: float32, contiguous, uncompressed, so a
+  reader maps them from the OS cache without a copy (:meth:`EpochFile.array`). Lossless
+  compression (Blosc, below) saves only 12-30% of them (trained weights have about 20
+  bits of entropy per float32 ``mu``, 18 per ``sigma``) and every read then decompresses
+  them; ``write_epoch_file(..., compress_posteriors=True)`` and ``bnn runs compact
+  --compress-posteriors`` do it for runs kept for the record (see ``BENCHMARKS.md``);
+* the per-element gradient statistics ``mean_abs`` and ``max_abs`` as **bfloat16**:
+  ``uint16`` datasets with the attribute ``encoding = "bfloat16"``, holding the upper 16
+  bits of the float32 value rounded to nearest; float32 again is
+  ``(codes.astype(uint32) << 16).view(float32)`` (readers here decode them: they read back
+  as float32). bfloat16 keeps float32's exponent range with 8 significant bits: relative
+  error at most 2^-8 (0.39%) for |g| >= 1.2e-38, absolute at most 2^-134 below. float16
+  was not enough: it flushes |g| < 6e-8 to zero and rounds |g| > 65504 to Inf, and the
+  gradient diagnostics (:mod:`service.analysis.gradients`, ``docs/gradients.md``) call an
+  element *vanishing* when |g| is exactly 0 (healthy layers have |g| down to 1e-41) and
+  *exploding* when it is non-finite. The encoding therefore also keeps zero as zero, never
+  turns a non-zero value into zero (it becomes 9.2e-41) nor a finite one into Inf (it
+  becomes 3.39e38), and keeps Inf and NaN. So every count of zeros and non-finite values
+  is exact, medians and maxima of |g| agree within 2^-8, and a flag can differ only for an
+  element within that rounding of the threshold it is compared with (none under the
+  default thresholds: ``tests/trainer/test_compact_analysis.py``). Layer-level (0-d)
+  statistics, counts, step norms and prior gradients keep their dtype;
+* arrays of at least :data:`COMPRESS_MIN_SIZE` elements other than the posteriors --
+  the statistics, the non-finite counts, long step-norm series, evaluation arrays --
+  chunked in C-order row blocks of about 256 KB (``_codec.chunk_shape``: reading a
+  row range decompresses only its chunks) and compressed with the **Blosc** filter (HDF5
+  filter id 32001, c-blosc 1.x: LZ4, bit shuffle, level 5), or with what
+  ``BNN_HDF5_COMPRESSION`` names (``blosc``, the default, ``gzip``, ``lzf`` or ``none``).
+  h5py reads Blosc once ``hdf5plugin`` is imported (``pip install hdf5plugin``;
+  ``import hdf5plugin`` before opening the file; this module does it before it opens or
+  writes one); other HDF5 tools find it with ``HDF5_PLUGIN_PATH=$(python -c "import
+  hdf5plugin; print(hdf5plugin.PLUGIN_PATH)")``. Files from elsewhere may use Blosc only
+  as the one filter of a dataset, and each chunk's Blosc header must match the chunk
+  before anything is decompressed (:meth:`EpochFile.validate`).
+
+A 784-1200-1200-10 epoch with per-element statistics, trained values: 57.7 MB in version
+1, 32.2 MB (56%) in version 2 (the statistics 38.3 MB -> 12.7 MB; 27.8 MB with compressed
+posteriors), written no slower (``benchmarks/epoch_file_size.py``, ``BENCHMARKS.md``).
+
+**Schema version 1** (older files): every float array float32 (or as given),
+uncompressed unless ``BNN_HDF5_COMPRESSION`` was ``gzip`` or ``lzf``. These files are still
+read, validated and accepted as uploads from older clients; ``bnn runs compact RUN_ID``
+(:mod:`trainer.store.compact`) rewrites a run's files in version 2. All-zero integer
+arrays (the non-finite counts) are gzip-compressed unless Blosc compresses them. (Older
+versions stored those as never-written chunked datasets read as their fill value 0; such
+files are still read, and still accepted from elsewhere: see :meth:`EpochFile.validate`.)
+
+:func:`write_epoch_file` (in ``_write``) writes a complete file at a path
+(``schema_version=1`` still writes the old format); crash safety (temp name, fsync,
+rename) is the caller's (see ``RunStore.write_epoch``). :class:`EpochFile` reads one file
+lazily: a slice of one layer reads only that slice.
 """
 
 from __future__ import annotations
@@ -45,8 +86,17 @@ from h5py import h5d, h5g, h5l, h5o, h5s, h5z
 from trainer.errors import BnnError, ErrorCode
 from trainer.snapshot import EpochSnapshot, GradLevel, LayerLog
 
+from ._codec import (
+    BFLOAT16,
+    BLOSC_FILTER,
+    ENCODING_ATTR,
+    blosc_header_problem,
+    decode_bf16,
+    load_filters,
+)
 from ._schema import (
     DISTS,
+    GRAD_PARAMS,
     PARAMS,
     STATS,
     UploadLimits,
@@ -57,13 +107,20 @@ from ._schema import (
     clean_metrics,
     validate_snapshot,
 )
-from ._write import COMPRESS_MIN_SIZE, SCHEMA_VERSION, write_epoch_file
+from ._write import (
+    COMPRESS_MIN_SIZE,
+    ENCODED_STATS,
+    SCHEMA_VERSION,
+    SCHEMA_VERSIONS,
+    write_epoch_file,
+)
 
 __all__ = [
     "COMPRESS_MIN_SIZE",
     "DISTS",
     "PARAMS",
     "SCHEMA_VERSION",
+    "SCHEMA_VERSIONS",
     "STATS",
     "EpochFile",
     "EpochHeader",
@@ -84,9 +141,26 @@ Layout = dict[str, dict[str, tuple[tuple[int, ...], str]]]
 ROOT_OBJECTS = ("params", "gradients", "metrics", "evaluation")
 MAX_ROOT_ATTRS = 32
 MAX_DEPTH = 6  # /gradients/<layer>/prior/<param>/<gp> is the deepest dataset
-#: filters a reader here can decode: deflate (gzip), shuffle, fletcher32, lzf
-READABLE_FILTERS = frozenset({h5z.FILTER_DEFLATE, h5z.FILTER_SHUFFLE, h5z.FILTER_FLETCHER32, 32000})
+#: filters a reader here can decode: deflate (gzip), shuffle, fletcher32, lzf (schema
+#: version 1, ``BNN_HDF5_COMPRESSION``) and Blosc (version 2, alone in its pipeline)
+READABLE_FILTERS = frozenset(
+    {h5z.FILTER_DEFLATE, h5z.FILTER_SHUFFLE, h5z.FILTER_FLETCHER32, 32000, BLOSC_FILTER}
+)
 VALUE_BLOCK = 1 << 20  # elements read at a time when checking values
+
+
+_FLOAT32 = np.dtype(np.float32)
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """The metadata of a bfloat16-encoded dataset as the schema checks see it: float32."""
+
+    shape: tuple[int, ...]
+    name: str
+    dtype: np.dtype[Any] = _FLOAT32
+    external: Any = None
+    is_virtual: bool = False
 
 
 @dataclass(frozen=True)
@@ -132,6 +206,7 @@ class EpochFile:
         self.limits = limits
         self._nodes: dict[tuple[str, ...], Any] = {}
         self._mm: Any = None  # the file memory-mapped on first use (False: cannot be)
+        load_filters()  # Blosc, before any chunk of a version 2 file is read
         try:
             self._f = h5py.File(self.path, "r", locking=False)
         except (OSError, ValueError) as exc:
@@ -196,7 +271,10 @@ class EpochFile:
         ``mapped``: a read-only result without a copy where possible: a broadcast fill value,
         or a view into the file's memory map for a contiguous uncompressed dataset.
         ``alloc(shape, dtype)`` provides the array to read into otherwise (a reused buffer).
+        A bfloat16-encoded statistic is decoded: float32 (into ``alloc``'s array if given).
         """
+        if ds.dtype == np.uint16 and self._encoding(ds) is not None:
+            return self._decode(ds, alloc)
         if ds.size and ds.id.get_storage_size() == 0:
             fill = np.asarray(ds.fillvalue, ds.dtype)
             if mapped:
@@ -211,6 +289,24 @@ class EpochFile:
         out = alloc(ds.shape, ds.dtype)
         ds.id.read(h5s.ALL, h5s.ALL, out)  # the whole dataset, without h5py's selections
         return out
+
+    def _encoding(self, ds: h5py.Dataset) -> str | None:
+        """A uint16 dataset's ``encoding`` attribute: ``"bfloat16"`` or None (plain integers,
+        e.g. non-finite counts); CORRUPT for any other value."""
+        value = _attr(ds.attrs, ENCODING_ATTR, None)
+        if value is None:
+            return None
+        if _text(value) != BFLOAT16:
+            raise self._corrupt(f"{ds.name} has an unknown encoding {_text(value)!r}")
+        return BFLOAT16
+
+    def _decode(self, ds: h5py.Dataset, alloc: Alloc | None = None) -> np.ndarray:
+        """A bfloat16-encoded dataset as float32 (see :mod:`trainer.store._codec`)."""
+        codes = np.empty(ds.shape, np.uint16)
+        if ds.size:
+            ds.id.read(h5s.ALL, h5s.ALL, codes)  # chunks never written read as 0
+        out = alloc(tuple(ds.shape), _FLOAT32) if alloc and ds.size else None
+        return decode_bf16(codes, out)
 
     def _view(self, ds: h5py.Dataset) -> np.ndarray | None:
         """A contiguous dataset as a read-only view of the memory-mapped file (no copy: the
@@ -253,9 +349,10 @@ class EpochFile:
             version = _attr(attrs, "schema_version", None)
             if version is None or not np.issubdtype(np.asarray(version).dtype, np.integer):
                 raise self._corrupt("no integer schema_version attribute")
-            if int(version) != SCHEMA_VERSION:
+            if int(version) not in SCHEMA_VERSIONS:
+                known = " and ".join(map(str, SCHEMA_VERSIONS))
                 raise self._corrupt(
-                    f"schema_version {int(version)} is not supported (this library reads 1)"
+                    f"schema_version {int(version)} is not supported (this library reads {known})"
                 )
             layers = json.loads(_text(attrs["layers"]))
             if not isinstance(layers, list):
@@ -456,6 +553,8 @@ class EpochFile:
                 }
             if isinstance(node, h5py.Dataset):
                 datasets.append((where, node))
+                if node.dtype == np.uint16 and self._encoding(node) is not None:
+                    return self._encoded(where, node)
                 return node
             raise self._corrupt(f"{where} is neither a group nor a dataset")
 
@@ -472,6 +571,29 @@ class EpochFile:
             )
         if limits is not None:
             self._check_storage(datasets, limits)
+
+    def _encoded(self, where: str, ds: h5py.Dataset) -> _Decoded:
+        """What the schema checks see of a bfloat16-encoded dataset (float32 of its shape);
+        CORRUPT unless the file is of schema version 2 or later and ``where`` is a gradient
+        statistic that the format encodes (``/gradients/<layer>/<param>/<mu|rho>/<stat>``)."""
+        parts = where.split("/")
+        if self.header.schema_version < 2:
+            raise self._corrupt(
+                f"{where} is bfloat16-encoded, which schema_version "
+                f"{self.header.schema_version} does not allow"
+            )
+        if not (
+            len(parts) == 6
+            and parts[1] == "gradients"
+            and parts[3] in PARAMS
+            and parts[4] in GRAD_PARAMS
+            and parts[5] in ENCODED_STATS
+        ):
+            raise self._corrupt(
+                f"{where} is bfloat16-encoded; only the gradient statistics "
+                f"{list(ENCODED_STATS)} may be"
+            )
+        return _Decoded(tuple(ds.shape), where)
 
     def _check_storage(
         self, datasets: list[tuple[str, h5py.Dataset]], limits: UploadLimits
@@ -496,7 +618,10 @@ class EpochFile:
 
         Contiguous: ``get_storage_size()`` is the whole array and it ends inside the file.
         Chunked: every chunk the shape needs is allocated (``get_num_chunks()``), inside
-        the file, at most ``max_chunk_bytes`` uncompressed, through filters this reader has.
+        the file, at most ``max_chunk_bytes`` uncompressed, through filters this reader has;
+        a Blosc-compressed dataset has no other filter, and each chunk's Blosc header says
+        the chunk's size and its stored length (:func:`~trainer.store._codec.blosc_header_problem`),
+        read before anything is decompressed.
         One exception, for files written by older versions of this project: an integer
         ``/gradients/.../nonfinite`` array with no filter, fill value 0 and no chunk at all
         (all-zero counts were stored that way) is accepted and reads as zeros; its elements
@@ -512,6 +637,9 @@ class EpochFile:
             raise self._corrupt(
                 f"{where} needs HDF5 filter(s) {unknown}, which cannot be read here"
             )
+        blosc = BLOSC_FILTER in filters
+        if blosc and len(filters) != 1:
+            raise self._corrupt(f"{where} combines Blosc with other filters {filters}")
         nbytes = ds.size * ds.dtype.itemsize
         if ds.size == 0:
             return 0
@@ -543,17 +671,36 @@ class EpochFile:
         if have > limits.max_chunks:
             raise self._over("stored chunks", have, limits.max_chunks)
         bad: list[Any] = []
+        packed: list[Any] = []
 
         def visit(info: Any) -> None:
             offset, size = info.byte_offset, info.size
             outside = offset is None or size <= 0 or offset + size > file_size
-            if outside or (not filters and size != chunk_bytes):
+            raw = not filters or (blosc and info.filter_mask & 1)  # the filter skipped
+            if outside or (raw and size != chunk_bytes):
                 bad.append(info.chunk_offset)
+            elif blosc and not raw:
+                packed.append(info)
 
         ds.id.chunk_iter(visit)
         if bad:
             raise self._corrupt(f"{where}: the chunk at {bad[0]} lies outside the file or is cut")
+        if packed:
+            self._check_blosc(where, ds, packed, chunk_bytes)
         return int(have)
+
+    def _check_blosc(self, where: str, ds: h5py.Dataset, chunks: list[Any], nbytes: int) -> None:
+        """CORRUPT unless every Blosc chunk's header fits the chunk (16 bytes read each)."""
+        try:
+            with open(self.path, "rb") as fh:
+                for info in chunks:
+                    fh.seek(info.byte_offset)
+                    header = fh.read(16)
+                    problem = blosc_header_problem(header, ds.dtype.itemsize, nbytes, info.size)
+                    if problem:
+                        raise self._corrupt(f"{where}: the chunk at {info.chunk_offset} {problem}")
+        except OSError as exc:
+            raise self._corrupt(f"{where}: cannot read its chunks ({exc})") from exc
 
     @staticmethod
     def _legacy_zeros(where: str, ds: h5py.Dataset, filters: list[int]) -> bool:

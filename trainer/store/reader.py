@@ -80,8 +80,10 @@ class RunReader:
     def epoch_info(self, epoch: int) -> EpochInfo:
         """NOT_FOUND with ``details["epochs"]`` when the epoch was not captured.
 
-        A committed epoch never changes, so one listed or read before is not asked again
-        (reading a run's epochs one by one then costs no catalog query per epoch).
+        A committed epoch's content never changes, so one listed or read before is not
+        asked again (reading a run's epochs one by one then costs no catalog query per
+        epoch); :meth:`open` asks again when the file's size differs (``bnn runs compact``
+        rewrote it in the current format).
         """
         info = self._infos.get(epoch) if type(epoch) is int else None
         if info is None:
@@ -116,6 +118,8 @@ class RunReader:
             size = path.stat().st_size
         except OSError as exc:
             raise self._corrupt(info, f"cannot be read ({exc.strerror or exc})") from exc
+        if size != info.size and self._infos.pop(info.epoch, None) is not None:
+            info = self.epoch_info(info.epoch)  # compacted since it was listed?
         if size != info.size:
             raise self._corrupt(info, f"size {size} bytes, the catalog recorded {info.size}")
         if self.verify_checksums if verify is None else verify:

@@ -15,6 +15,13 @@ What a crash leaves behind -- a temp file (its writer held a lock on it; see
 never committed -- is recovered by :meth:`RunStore.fsck` (``bnn runs fsck``; the service
 runs the cheap part at start) and, for one run, :meth:`RunStore.recover_run`.
 
+Receiving an epoch file from elsewhere (:meth:`RunStore.receive_epoch`, used by the
+service's upload and by :meth:`RunStore.import_epoch_file`): the bytes are written once,
+as they arrive, into a locked temp file in the run's folder (sha256 and size counted on
+the way), that very file is validated, fsynced and renamed into place like any epoch; a
+refused or abandoned upload's temp file is removed (a crashed one's by the next write to
+the run or by ``fsck``).
+
 Test hook: ``BNN_CRASH_AT=<point>[:<n>]`` SIGKILLs the process the ``n``-th time (default
 the first) a write reaches ``point``: ``write`` (temp file complete, not yet renamed),
 ``rename`` (renamed into place, catalog row not committed) or ``commit`` (row committed).
@@ -22,12 +29,15 @@ the first) a write reaches ``point``: ``write`` (temp file complete, not yet ren
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shutil
 import signal
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from trainer.errors import BnnError, ErrorCode
 from trainer.snapshot import EpochSnapshot
@@ -43,7 +53,7 @@ if TYPE_CHECKING:
     from .reader import RunReader
     from .validate import UploadLimits
 
-__all__ = ["CRASH_ENV", "CRASH_POINTS", "RunStore"]
+__all__ = ["CRASH_ENV", "CRASH_POINTS", "EpochUpload", "RunStore"]
 
 CRASH_ENV = "BNN_CRASH_AT"
 CRASH_POINTS = ("write", "rename", "commit")
@@ -159,42 +169,36 @@ class RunStore(Catalog, SweepCatalog):
     def import_epoch_file(
         self, run_id: str, epoch: int, path: str | Path, *, limits: UploadLimits | None = None
     ) -> EpochInfo:
-        """Validate an epoch file from elsewhere (e.g. an upload) and store a copy as ``epoch``.
+        """Validate an epoch file from elsewhere and store a copy as ``epoch``.
 
-        The copy that is kept is checked against the run by
-        :func:`~trainer.store.validate.check_epoch_file`: the schema, ``limits`` (default
-        :class:`~trainer.store.validate.UploadLimits`), a ``run_id`` attribute naming no
-        other run, the ``epoch`` attribute, the layout of the run's first epoch (or of its
-        configured model), fully written datasets, finite ``mu`` and ``sigma`` > 0.
-        CORRUPT or INVALID_ARGUMENT naming ``path`` otherwise (INVALID_ARGUMENT "holds
-        epoch N" for another epoch). The source file is never modified.
+        The copy is written once, into the run's folder (:meth:`receive_epoch`), and that
+        copy is what is checked and kept (see :meth:`EpochUpload.commit`); CORRUPT or
+        INVALID_ARGUMENT naming ``path`` for a bad file. The source is never modified.
         """
-        from .validate import UploadLimits, check_epoch_file, run_reference
-
         epoch = paths.validate_epoch(epoch)
         source = Path(path)
         if not source.is_file():
             raise BnnError.not_found(f"no epoch file at {str(source)!r}", path=str(source))
-        run_dir = self._writable_run_dir(run_id)
-        reference = run_reference(self, run_id)
-        with paths.locked_tmp(run_dir / paths.epoch_filename(epoch)) as tmp:
+        with self.receive_epoch(run_id, epoch) as upload:
             try:
-                shutil.copyfile(source, tmp)
-                paths.fsync_file(tmp)
+                with open(source, "rb") as fh:
+                    while block := fh.read(1 << 20):
+                        upload.write(block)
             except OSError as exc:
                 raise BnnError(
-                    ErrorCode.STORAGE, f"cannot copy {str(source)!r} into {str(run_dir)!r}: {exc}"
+                    ErrorCode.STORAGE, f"cannot read {str(source)!r}: {exc.strerror or exc}"
                 ) from exc
-            # validate the copy that is kept, not the source (which could still change)
-            header = check_epoch_file(
-                tmp,
-                run_id=run_id,
-                epoch=epoch,
-                reference=reference,
-                limits=limits or UploadLimits(),
-                name=str(source),
-            )
-            return self._place(run_id, epoch, tmp, header.metrics)
+            return upload.commit(limits=limits, name=str(source))
+
+    def receive_epoch(self, run_id: str, epoch: int) -> EpochUpload:
+        """An :class:`EpochUpload`: a new temp file for ``epoch`` in the run's folder, to
+        write the file's bytes into as they arrive, then :meth:`~EpochUpload.commit`.
+
+        Use it as a context manager (or call ``close()``): the temp file is removed unless
+        it was committed. NOT_FOUND for an unknown run, INVALID_ARGUMENT for a bad epoch,
+        STORAGE when the folder cannot be written.
+        """
+        return EpochUpload(self, run_id, paths.validate_epoch(epoch))
 
     def _writable_run_dir(self, run_id: str) -> Path:
         with self._session() as s:
@@ -203,9 +207,18 @@ class RunStore(Catalog, SweepCatalog):
         paths.clean_stray_tmp(run_dir)
         return run_dir
 
-    def _place(self, run_id: str, epoch: int, tmp: Path, metrics: dict[str, float]) -> EpochInfo:
-        """Rename a complete, fsynced temp file into place and commit its catalog row."""
-        size, checksum = tmp.stat().st_size, paths.sha256_file(tmp)
+    def _place(
+        self,
+        run_id: str,
+        epoch: int,
+        tmp: Path,
+        metrics: dict[str, float],
+        checksum: str | None = None,
+    ) -> EpochInfo:
+        """Rename a complete, fsynced temp file into place and commit its catalog row.
+
+        ``checksum``: the file's sha256 when the writer counted it (else it is read)."""
+        size, checksum = tmp.stat().st_size, checksum or paths.sha256_file(tmp)
         rel = paths.epoch_relpath(run_id, epoch)
         final = self.data_dir / rel
         with paths.run_lock(final.parent):
@@ -256,3 +269,116 @@ class RunStore(Catalog, SweepCatalog):
         from .reader import RunReader
 
         return RunReader(run_id, store=self, verify=verify)
+
+
+class EpochUpload:
+    """One epoch file being received (:meth:`RunStore.receive_epoch`): its bytes go once,
+    as they arrive, into a temp file in the run's folder held under the writer's lock
+    (:func:`~trainer.store._paths.locked_tmp`), with their sha256 and size counted.
+
+        with store.receive_epoch(run_id, 5) as upload:
+            for chunk in chunks:
+                upload.write(chunk)              # STORAGE error when the disk refuses it
+            if store.find_epoch(run_id, 5, upload.checksum) is None:   # not a retry
+                info = upload.commit(limits=limits)
+
+    :meth:`commit` validates and places that very file; leaving the block otherwise (a
+    refusal, an error, a client gone) removes it. A crashed writer's temp file is removed
+    by the next write to the run (or ``fsck``): its lock is gone with the process.
+    """
+
+    def __init__(self, store: RunStore, run_id: str, epoch: int) -> None:
+        self.run_id, self.epoch, self.size = run_id, epoch, 0
+        self._store = store
+        self._digest = hashlib.sha256()
+        self._placed = False
+        self._stack = contextlib.ExitStack()
+        try:
+            run_dir = store._writable_run_dir(run_id)
+            self.path: Path = self._stack.enter_context(
+                paths.locked_tmp(run_dir / paths.epoch_filename(epoch))
+            )
+            try:
+                self._fh: BinaryIO = self._stack.enter_context(open(self.path, "wb"))  # noqa: SIM115
+            except OSError as exc:
+                raise self._storage_error(exc) from exc
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _storage_error(self, exc: OSError) -> BnnError:
+        where = str(self._store.run_dir(self.run_id))
+        return BnnError(
+            ErrorCode.STORAGE,
+            f"cannot store epoch {self.epoch} in {where!r}: {exc.strerror or exc}",
+            run_id=self.run_id,
+        )
+
+    @property
+    def checksum(self) -> str:
+        """Hex sha256 of the bytes written so far."""
+        return self._digest.hexdigest()
+
+    def write(self, data: bytes) -> None:
+        """Append ``data`` to the temp file (STORAGE error when it cannot be written)."""
+        if self._fh.closed:
+            raise RuntimeError("this upload was committed or closed")
+        try:
+            self._fh.write(data)
+        except OSError as exc:
+            raise self._storage_error(exc) from exc
+        self._digest.update(data)
+        self.size += len(data)
+
+    def commit(self, *, limits: UploadLimits | None = None, name: str | None = None) -> EpochInfo:
+        """Close the file, check it against the run, fsync it, rename it into place and
+        commit its catalog row; the stored :class:`EpochInfo` (the existing one when these
+        bytes are stored already: see :meth:`RunStore._place`).
+
+        The check is :func:`~trainer.store.validate.check_epoch_file` on the file that is
+        kept: the schema, ``limits`` (default :class:`~trainer.store.validate.UploadLimits`),
+        a ``run_id`` attribute naming no other run, the ``epoch`` attribute, the layout of
+        the run's first epoch (or of its configured model), fully written datasets, finite
+        ``mu`` and ``sigma`` > 0. CORRUPT or INVALID_ARGUMENT naming ``name`` (default
+        "uploaded for run R epoch E") otherwise, and the temp file goes on closing.
+        """
+        from .validate import UploadLimits, check_epoch_file, run_reference
+
+        if self._placed or self._fh.closed:
+            raise RuntimeError("this upload was committed or closed")
+        try:
+            self._fh.close()  # flushed: the checks read the file
+        except OSError as exc:
+            raise self._storage_error(exc) from exc
+        header = check_epoch_file(
+            self.path,
+            run_id=self.run_id,
+            epoch=self.epoch,
+            reference=run_reference(self._store, self.run_id),
+            limits=limits or UploadLimits(),
+            name=name or f"uploaded for run {self.run_id!r} epoch {self.epoch}",
+        )
+        try:  # durable before the rename; a refused file was never worth the disk flush
+            paths.fsync_file(self.path)
+        except OSError as exc:
+            raise self._storage_error(exc) from exc
+        info = self._store._place(
+            self.run_id, self.epoch, self.path, header.metrics, checksum=self.checksum
+        )
+        self._placed = True
+        return info
+
+    def close(self) -> None:
+        """Remove the temp file unless it was committed, and let go of its lock."""
+        self._stack.close()
+
+    def __enter__(self) -> EpochUpload:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

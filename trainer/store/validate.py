@@ -5,8 +5,10 @@
 
 :func:`check_epoch_file` refuses, in this order and before reading any array data:
 
-* a file that is not HDF5, breaks the schema (:meth:`EpochFile.validate`), or lacks the
-  ``/params`` or ``/metrics`` group (CORRUPT);
+* a file that is not HDF5, of a schema version other than 1 and 2, breaks the schema
+  (:meth:`EpochFile.validate`; a bfloat16 encoding is allowed only on the gradient
+  statistics of a version 2 file), or lacks the ``/params`` or ``/metrics`` group
+  (CORRUPT). Old clients' version 1 files are accepted as before;
 * more layers, metrics, groups, array elements or chunks than :class:`UploadLimits` allow
   (INVALID_ARGUMENT naming the limit), checked from metadata before the layers are walked;
 * a ``run_id`` attribute naming another run, or an ``epoch`` attribute other than the
@@ -15,7 +17,10 @@
 * ``/params`` layer names, arrays, shapes or dtypes other than the run's (the reference,
   below; INVALID_ARGUMENT naming the first difference);
 * a dataset that is not fully written inside the file (a small file declaring huge
-  arrays), with one tolerated form of older files (see :meth:`EpochFile._check_written`).
+  arrays), with one tolerated form of older files (see :meth:`EpochFile._check_written`),
+  or that needs an HDF5 filter other than deflate, shuffle, fletcher32, lzf and Blosc, or
+  Blosc with another filter, or a Blosc chunk whose header does not match the chunk (it
+  is read, 16 bytes, before anything is decompressed).
 
 Only then are the ``/params`` arrays read, a block at a time: every ``mu`` must be finite,
 every ``sigma`` finite and > 0 (CORRUPT naming the layer and array).
