@@ -32,7 +32,7 @@ import pandas as pd
 
 from trainer.errors import BnnError
 
-from ._cache import cached
+from ._cache import cached, store
 from ._numeric import greater_than, less_than, percentiles, pow10, robust_log_scale
 from ._scratch import Scratch
 from ._views import Alloc
@@ -202,14 +202,21 @@ def layer_scores(tree: dict[str, Any], th: GradThresholds, where: str = "layer")
 
 
 def grad_tree(
-    view: EpochView, layer: str, th: GradThresholds, alloc: Alloc | None = None
+    view: EpochView,
+    layer: str,
+    th: GradThresholds,
+    alloc: Alloc | None = None,
+    *,
+    peak: bool = True,
 ) -> dict[str, Any] | None:
     """What the diagnostics of ``th`` read of a layer's gradient statistics, in the snapshot
-    layout: the examined statistic, ``max_abs``, ``nonfinite`` and ``step_norm`` (3-4 of
-    its up to 17 arrays). None when the examined statistic was not captured. ``alloc``
-    holds the statistics (not the step norms, which summaries keep)."""
+    layout: the examined statistic, ``max_abs`` (not with ``peak=False``, unless it is the
+    examined one), ``nonfinite`` and ``step_norm`` (3-4 of its up to 17 arrays). None when
+    the examined statistic was not captured. ``alloc`` holds the statistics (not the step
+    norms, which summaries keep)."""
     stats: dict[str, np.ndarray] = {}
-    for key in dict.fromkeys((th.stat, "max_abs", "nonfinite")):
+    wanted = (th.stat, "max_abs", "nonfinite") if peak else (th.stat, "nonfinite")
+    for key in dict.fromkeys(wanted):
         arr = view.gradient_array(layer, th.param, th.grad_param, key, alloc=alloc)
         if arr is not None:
             stats[key] = arr
@@ -239,6 +246,7 @@ class GradSummary:
     vanishing: int = -1
     z_threshold: float = float("nan")  # exploding
     z_vanishing: float = float("nan")
+    has_peak: bool = True  # False: ``max_abs`` was not read (NaN), see ``grad_summary``
 
 
 def _finite_max(x: np.ndarray) -> float:
@@ -252,7 +260,12 @@ def _finite_max(x: np.ndarray) -> float:
     return float(x.max(where=finite, initial=-np.inf)) if finite.any() else float("nan")
 
 
-def _basic(tree: dict[str, Any], th: GradThresholds, where: str) -> GradSummary:
+def _peak(stats: dict[str, Any], g: np.ndarray) -> float:
+    """The largest single-step |g|: the finite max of ``max_abs`` (of ``g`` without it)."""
+    return _finite_max(np.asarray(stats.get("max_abs", g), np.float32).ravel())
+
+
+def _basic(tree: dict[str, Any], th: GradThresholds, where: str, peak: bool) -> GradSummary:
     g_arr, nf = stat_arrays(tree, th, where)
     g = g_arr.astype(np.float32, copy=False).ravel()  # statistics of |g|: non-negative
     nf_elements = int(np.count_nonzero(nf))  # nearly always 0: then one pass each
@@ -264,7 +277,6 @@ def _basic(tree: dict[str, Any], th: GradThresholds, where: str) -> GradSummary:
             nonfinite |= np.greater(nf, 0).ravel()
         n_bad = int(np.count_nonzero(nonfinite))
         finite_g = g[~nonfinite] if n_bad else g
-    peak = np.asarray(tree[th.param][th.grad_param].get("max_abs", g), np.float32).ravel()
     norms = np.asarray(tree.get("step_norm", np.zeros(0)), np.float64).ravel()
     return GradSummary(
         "layer" if nf.ndim == 0 else "element",
@@ -274,24 +286,39 @@ def _basic(tree: dict[str, Any], th: GradThresholds, where: str) -> GradSummary:
         int(np.count_nonzero(g == 0)),
         float(percentiles(finite_g, (50.0,))[0]),
         float(finite_g.max()) if finite_g.size else float("nan"),
-        _finite_max(peak),
+        _peak(tree[th.param][th.grad_param], g) if peak else float("nan"),
         norms,
+        has_peak=peak,
     )
 
 
 def grad_summary(
-    src: RunSource, view: EpochView, layer: str, th: GradThresholds, *, flags: bool = True
+    src: RunSource,
+    view: EpochView,
+    layer: str,
+    th: GradThresholds,
+    *,
+    flags: bool = True,
+    peak: bool = True,
 ) -> GradSummary | None:
     """Cached :class:`GradSummary` of one layer at one epoch; None without statistics.
 
-    ``flags=False`` skips the robust scale (exploding/vanishing counts stay -1).
+    ``flags=False`` skips the robust scale (exploding/vanishing counts stay -1);
+    ``peak=False`` does not read ``max_abs`` (``max_abs`` NaN, ``has_peak`` False) unless
+    the cached summary has it. A summary cached without it gets it when asked for later.
     """
     with Scratch() as scratch:  # the statistics read are not kept, only what is computed
-        return _grad_summary(src, view, layer, th, flags, scratch)
+        return _grad_summary(src, view, layer, th, flags, scratch, peak)
 
 
 def _grad_summary(
-    src: RunSource, view: EpochView, layer: str, th: GradThresholds, flags: bool, sc: Scratch
+    src: RunSource,
+    view: EpochView,
+    layer: str,
+    th: GradThresholds,
+    flags: bool,
+    sc: Scratch,
+    peak: bool = True,
 ) -> GradSummary | None:
     base = src.cache_key(view.epoch)
     where = f"epoch {view.epoch} layer {layer!r}"
@@ -299,15 +326,23 @@ def _grad_summary(
 
     def tree() -> dict[str, Any] | None:
         if not read:
-            read.append(grad_tree(view, layer, th, sc.alloc))
+            read.append(grad_tree(view, layer, th, sc.alloc, peak=peak))
         return read[0]
 
     def basic() -> GradSummary | None:
         t = tree()
-        return None if t is None else _basic(t, th, where)
+        return None if t is None else _basic(t, th, where, peak)
 
     key = None if base is None else ("grad", base, layer, th.param, th.grad_param, th.stat)
     summary = cached(key, basic)
+    if summary is not None and peak and not summary.has_peak:  # cached by a peak=False call
+        arr = view.gradient_array(layer, th.param, th.grad_param, "max_abs", alloc=sc.alloc)
+        if arr is None:  # no max_abs: the examined statistic stands in, as in _basic
+            arr = view.gradient_array(layer, th.param, th.grad_param, th.stat, alloc=sc.alloc)
+        assert arr is not None  # the summary exists: its statistic was read before
+        peak_abs = _finite_max(np.asarray(arr, np.float32).ravel())
+        summary = replace(summary, max_abs=peak_abs, has_peak=True)
+        store(key, summary)
     if summary is None or not flags:
         return summary
 
@@ -362,9 +397,11 @@ def iter_grad_summaries(
     th: GradThresholds,
     *,
     flags: bool = True,
+    peak: bool = True,
 ) -> Iterator[tuple[int, str, GradSummary, float]]:
     """``(epoch, layer, summary, step norm ratio)`` for layers with statistics; the ratio
     is the layer's mean step norm over the last layer's (see :func:`gradient_diagnostics`).
+    ``flags`` and ``peak``: see :func:`grad_summary`.
 
     Stored runs are summarised in a thread pool first (one epoch per thread at a time).
     """
@@ -372,7 +409,7 @@ def iter_grad_summaries(
     def summaries(view: EpochView) -> tuple[dict[str, GradSummary], dict[str, float]]:
         found: dict[str, GradSummary] = {}
         for name in select_layers(view, layers):
-            s = grad_summary(src, view, name, th, flags=flags)
+            s = grad_summary(src, view, name, th, flags=flags, peak=peak)
             if s is not None:
                 found[name] = s
         return found, _norm_ratios(src, view, found)

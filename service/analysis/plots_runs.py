@@ -194,8 +194,9 @@ def plot_gradient_magnitudes(
     th = GradThresholds(param, grad_param, stat)
     series: dict[str, list[tuple[int, Any]]] = {}
     with open_source(run, data_dir=data_dir, db_url=db_url) as src:
+        # peak=False: the largest single-step |g| is not drawn, so max_abs is not read
         for e, layer, s, _ in iter_grad_summaries(
-            src, src.resolve_epochs(epochs), layers, th, flags=False
+            src, src.resolve_epochs(epochs), layers, th, flags=False, peak=False
         ):
             series.setdefault(layer, []).append((e, s))
         name = src.name

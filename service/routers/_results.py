@@ -10,6 +10,14 @@ look-ups on the event loop: no threadpool hop, no catalog query (see :class:`Epo
 Computations run in the threadpool, at most one per CPU at a time (more only queue for
 the same cores), and one per key: concurrent requests for the same result wait for the
 first.
+
+A table of one run answered once is answered again before routing (:class:`WarmTables`,
+an ASGI middleware): the URL is remembered with the run's epochs it was resolved against
+and its cache key; the next request for the same URL whose token check passes, whose
+run's epochs are unchanged (the :class:`EpochIndex`) and whose body is still cached gets
+the same bytes without FastAPI's routing, parameter validation and dependencies (which
+cost more than half of the server's time per warm request). Anything else takes the
+normal path.
 """
 
 from __future__ import annotations
@@ -25,9 +33,10 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import pandas as pd
-from fastapi import Depends, Path, Request
+from fastapi import Depends, HTTPException, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.deps import require_token
 from service.routers import Format, csv_response, json_response
@@ -42,18 +51,21 @@ __all__ = [
     "ResultCache",
     "RunEpochs",
     "RunEpochsDep",
+    "WarmTables",
     "authorized",
     "cached_bytes",
     "cached_table",
     "frame_rows",
     "load_epochs",
     "open_reader",
+    "remember_url",
     "render",
     "result_cache",
     "run_epochs",
 ]
 
 MAX_CACHE_BYTES = 256 * 2**20
+RawHeaders = list[tuple[bytes, bytes]]
 QUIET_NS = 100_000_000  # a run folder unchanged this long (ns) can be remembered by its stat
 
 
@@ -65,6 +77,10 @@ class Rendered:
     media_type: str
     headers: Mapping[str, str] = field(default_factory=dict)
     etag: str = ""
+    # raw headers of the 200 and the 304 (made on the first :meth:`send`)
+    _raw: tuple[RawHeaders, RawHeaders] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         digest = hashlib.blake2b(self.body, digest_size=12).hexdigest()
@@ -78,6 +94,21 @@ class Rendered:
         if request is not None and request.headers.get("if-none-match") == headers["ETag"]:
             return Response(status_code=304, headers=headers)
         return Response(self.body, media_type=self.media_type, headers=headers)
+
+    async def send(self, scope: Scope, send: Send) -> None:
+        """Sends what :meth:`response` (without extra headers) would, for the request of
+        ``scope``; the raw headers are made once."""
+        raw = self._raw
+        if raw is None:
+            headers = {**self.headers, "ETag": self.etag}
+            ok = Response(self.body, media_type=self.media_type, headers=headers)
+            raw = (ok.raw_headers, Response(status_code=304, headers=headers).raw_headers)
+            object.__setattr__(self, "_raw", raw)
+        given = next((v for k, v in scope["headers"] if k == b"if-none-match"), None)
+        fresh = given == self.etag.encode("latin-1")
+        await send({"type": "http.response.start", "status": 304 if fresh else 200,
+                    "headers": raw[1] if fresh else raw[0]})  # fmt: skip
+        await send({"type": "http.response.body", "body": b"" if fresh else self.body})
 
 
 class ResultCache:
@@ -295,6 +326,75 @@ async def authorized(request: Request) -> None:
     require_token(request, request.app.state.settings)
 
 
+# ----------------------------------------------------------------------------- warm tables
+WARM_SCOPE_KEY = "bnn.warm_tables"  # the scope's (WarmTables, URL key), for cached_table
+MAX_WARM_URL = 2048  # longer URLs (long epoch lists) always take the normal path
+
+
+class WarmTables:
+    """ASGI middleware: a table of one run answered before is answered again without
+    routing, parameter validation or dependencies (see the module docstring).
+
+    Per URL (root path, path, raw query string) it remembers the :class:`RunEpochs` the
+    table was resolved against and the cache key of its body (:func:`cached_table`
+    records them). A GET of such a URL is answered here only when the token check of
+    :func:`authorized` passes, the run's epochs from the :class:`EpochIndex` equal the
+    remembered ones (same run folder, same committed files: a new epoch, a deleted run or
+    the index's 1 s expiry all send it the normal way, which records it again) and the
+    :class:`ResultCache` still holds the body; the answer is what the route would send
+    (the same bytes and headers, 304 for a matching If-None-Match). The same raw query
+    string parses to the same parameters, so what was valid once is valid again.
+    """
+
+    def __init__(self, app: ASGIApp, max_urls: int = 10_000) -> None:
+        self.app = app
+        self.max_urls = max_urls
+        self._urls: dict[tuple[str, str, bytes], tuple[RunEpochs, Hashable]] = {}
+        self.served = 0  # requests answered here (for tests and benchmarks)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET":
+            key = (scope.get("root_path", ""), scope["path"], scope["query_string"])
+            entry = self._urls.get(key)
+            if entry is not None and await self._serve(scope, send, *entry):
+                return
+            if len(key[1]) + len(key[2]) <= MAX_WARM_URL:
+                scope[WARM_SCOPE_KEY] = (self, key)
+        await self.app(scope, receive, send)
+
+    def remember(self, key: tuple[str, str, bytes], run: RunEpochs, body_key: Hashable) -> None:
+        if len(self._urls) >= self.max_urls:
+            self._urls.clear()
+        self._urls[key] = (run, body_key)
+
+    async def _serve(self, scope: Scope, send: Send, run: RunEpochs, body_key: Hashable) -> bool:
+        state = scope["app"].state
+        settings = state.settings
+        if settings.token is not None and settings.auth_reads:
+            try:
+                require_token(Request(scope), settings)
+            except HTTPException:
+                return False  # the normal path answers 401
+        index: EpochIndex | None = getattr(state, "epoch_index", None)
+        cache: ResultCache | None = getattr(state, "analysis_cache", None)
+        if index is None or cache is None or index.get(state.store, run.run_id) != run:
+            return False
+        out: Rendered | None = cache.get(body_key)
+        if out is None:
+            return False
+        self.served += 1
+        await out.send(scope, send)
+        return True
+
+
+def remember_url(request: Request, run: RunEpochs, body_key: Hashable) -> None:
+    """Let :class:`WarmTables` answer this request's URL from now on (when installed)."""
+    found = request.scope.get(WARM_SCOPE_KEY)
+    if found is not None:
+        warm, key = found
+        warm.remember(key, run, body_key)
+
+
 @contextlib.contextmanager
 def open_reader(store: RunStore, run_id: str) -> Iterator[RunReader]:
     """A :class:`RunReader` on the service's open store (the store stays open)."""
@@ -345,9 +445,14 @@ async def cached_table(
     compute: Callable[[], tuple[Mapping[str, Any], Mapping[str, pd.DataFrame]]],
     filename: str,
     csv_table: str | None = None,
+    run: RunEpochs | None = None,
 ) -> Response:
     """The table response for ``key``: computed once (threadpool), rendered once per format;
-    a cached body is answered on the event loop."""
+    a cached body is answered on the event loop.
+
+    ``run``: the table depends on the request's URL and this run's epochs only (nothing
+    else read per request), so :class:`WarmTables` may answer the URL again.
+    """
     cache = result_cache(request)
     body_key = ("body", key, fmt.value, csv_table)
     out: Rendered | None = cache.get(body_key)
@@ -355,6 +460,8 @@ async def cached_table(
         out = await run_in_threadpool(
             _table, cache, key, body_key, fmt, compute, filename, csv_table
         )
+    if run is not None:
+        remember_url(request, run, body_key)
     return out.response(request)
 
 

@@ -159,7 +159,8 @@ async def _one_epoch_table(
         return {"run_id": run.run_id, "epoch": e, **(meta or {})}, {"table": compute(e)}
 
     key = (what, run.key(e), query)
-    return await cached_table(request, key, fmt, frames, f"{run.run_id}_{what}_{e}.csv")
+    filename = f"{run.run_id}_{what}_{e}.csv"
+    return await cached_table(request, key, fmt, frames, filename, run=run)
 
 
 async def _many_epochs_table(
@@ -178,7 +179,7 @@ async def _many_epochs_table(
         return {"run_id": run.run_id, "epochs": chosen, **(meta or {})}, {"table": compute(chosen)}
 
     key = (what, run.key(chosen), query)
-    return await cached_table(request, key, fmt, frames, f"{run.run_id}_{what}.csv")
+    return await cached_table(request, key, fmt, frames, f"{run.run_id}_{what}.csv", run=run)
 
 
 @router.get("/stats", summary="Mean and std of the mu's and sigma's, overall and per layer")
