@@ -5,7 +5,8 @@ data in a temporary folder); with ``--url http://host:8000`` the run goes to tha
 service (``$BNN_API_TOKEN`` is sent as the Bearer token). Each epoch's
 ``get_all_distribution_params`` becomes an :class:`~trainer.EpochSnapshot` that
 :class:`~trainer.remote.HttpRunSink` uploads (an idempotent, retried ``PUT``); the
-service then serves the pairwise KL table, the metrics and plots of the run.
+service then serves the pairwise KL table, the metrics and plots of the run, read here
+with :class:`service.client.Client` (DataFrames and PNG bytes).
 
     python examples/push_to_service.py                          # in-process service
     python examples/push_to_service.py --url http://127.0.0.1:8000
@@ -24,10 +25,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import torch
 import torch.nn.functional as F
 
+from service.client import Client
 from trainer import EpochSnapshot, PriorSpec, get_all_distribution_params, mlp, model_kl
 from trainer.data import make_regression
 from trainer.remote import HttpRunSink
@@ -105,19 +106,16 @@ def main() -> None:
             url = stack.enter_context(local_service(Path(tmp) / "data"))
             print(f"started a bnn service in-process at {url}")
         run_id = train_and_push(url, epochs, n)
-        token = os.environ.get("BNN_API_TOKEN")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
-            run = http.get(f"/runs/{run_id}").json()
+        with Client(url, token=os.environ.get("BNN_API_TOKEN") or None) as client:
+            run = client.run(run_id)
             print(f"run {run_id}: {run['status']}, epochs {run['epochs']}")
-            series = http.get(f"/runs/{run_id}/metrics", params={"names": "test_rmse"}).json()
-            print("test RMSE per epoch:", [round(v, 4) for v in series["series"]["test_rmse"]])
-            kl = http.get(f"/runs/{run_id}/kl", params={"epoch": epochs - 1})
-            if kl.status_code == 200:
-                print("pairwise KL table:", kl.json()["table"]["rows"])
-            png = http.get(f"/runs/{run_id}/plots/kl.png")
-            if png.status_code == 200:
-                print(f"KL plot: {len(png.content)} bytes of PNG from /runs/{run_id}/plots/kl.png")
+            rmse = client.metrics(run_id, "test_rmse")["test_rmse"]
+            print("test RMSE per epoch:", [round(v, 4) for v in rmse])
+            kl = client.kl_table(run_id, epoch=epochs - 1)  # a DataFrame, one row per layer
+            print("pairwise KL table:")
+            print(kl.to_string(index=False))
+            png = client.plot(run_id, "kl")
+            print(f"KL plot: {len(png)} bytes of PNG from /runs/{run_id}/plots/kl.png")
 
 
 if __name__ == "__main__":

@@ -426,32 +426,23 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _sweep_on_service(args: argparse.Namespace, spec: Any) -> int:
-    import httpx
+    from service.client import Client
 
-    token = os.environ.get("BNN_API_TOKEN")
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    with httpx.Client(base_url=args.service.rstrip("/"), headers=headers, timeout=60) as http:
-        response = http.post("/sweeps", json=spec.model_dump(mode="json"))
-        if response.status_code != 202:
-            raise BnnError.invalid(f"POST /sweeps: {response.status_code} {response.text[:500]}")
-        sweep = response.json()
+    token = os.environ.get("BNN_API_TOKEN") or None
+    with Client(args.service, token=token) as client:
+        sweep = client.start_sweep(spec)
         print(
             f"sweep {sweep['id']}: {len(sweep['runs'])} runs submitted to {args.service}",
             file=sys.stderr,
         )
-        while True:
-            sweep = http.get(f"/sweeps/{sweep['id']}").json()
-            if sweep["done"]:
-                break
-            time.sleep(2.0)
+        sweep = client.wait_sweep(sweep["id"], timeout=None)
         out = args.out or Path(f"sweep-{sweep['id']}")
         out.mkdir(parents=True, exist_ok=True)
         if sweep.get("study") is not None:
-            (out / "study.csv").write_text(
-                http.get(f"/sweeps/{sweep['id']}", params={"format": "csv"}).text
-            )
+            client.sweep_table(sweep["id"]).to_csv(out / "study.csv", index=False)
             for url in sweep.get("plots", []):
-                (out / url.rsplit("/", 1)[-1]).write_bytes(http.get(url).content)
+                name = url.rsplit("/", 1)[-1].removesuffix(".png")
+                (out / f"{name}.png").write_bytes(client.sweep_plot(sweep["id"], name))
         (out / "sweep.json").write_text(json.dumps(sweep, indent=2))
     print(f"sweep {sweep['id']}: {sweep['counts']}; results in {out}", file=sys.stderr)
     print(sweep["id"])

@@ -134,8 +134,7 @@ class InlineJobs(FakeJobs):
 def test_bnn_sweep_command_through_a_service(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import httpx
-
+    from service import client as client_module
     from service.cli import main
 
     settings = Settings(data_dir=tmp_path / "data")
@@ -145,18 +144,10 @@ def test_bnn_sweep_command_through_a_service(
     jobs = InlineJobs(settings)
     app.dependency_overrides[get_jobs] = lambda: jobs
 
-    class Reuse:  # `with httpx.Client(...)` in the command gets the app's test client
-        def __init__(self, client: TestClient) -> None:
-            self.client = client
-
-        def __enter__(self) -> TestClient:
-            return self.client
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
+    real = client_module.Client
     with TestClient(app) as client:
-        monkeypatch.setattr(httpx, "Client", lambda *a, **k: Reuse(client))
+        # the command's service.client.Client sends its requests through the app's TestClient
+        monkeypatch.setattr(client_module, "Client", lambda u, t=None, **_: real(u, t, http=client))
         out = tmp_path / "out"
         args = ["sweep", "width", "--widths", "4,8", "--epochs", "2", "--n-train", "64",
                 "--n-test", "32", "--eval-samples", "2", "--service", "http://testserver",
