@@ -51,6 +51,7 @@ from urllib.parse import quote
 
 import httpx
 
+from service.columns import RUN_COLUMNS
 from trainer.errors import BnnError, ErrorCode
 from trainer.remote import HttpRunSink, push_run
 
@@ -61,28 +62,6 @@ __all__ = ["ACTIVE_STATUSES", "RUN_COLUMNS", "Client", "LocalService", "describe
 
 #: Statuses of a run that is still going: :meth:`Client.wait` polls while the run has one.
 ACTIVE_STATUSES = frozenset({"queued", "running"})
-#: Columns of :meth:`Client.runs` (those of ``GET /runs?format=csv``).
-RUN_COLUMNS = (
-    "id",
-    "name",
-    "status",
-    "dataset",
-    "prior",
-    "prior_mode",
-    "widths",
-    "epochs",
-    "optimizer",
-    "lr",
-    "created_at",
-    "finished_at",
-    "host",
-    "train_host",
-    "tags",
-    "error",
-    "diverged_step",
-    "diverged_epoch",
-    "diverged_layer",
-)
 _NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 _MAX_PAGE = 1000  # GET /runs answers at most this many runs per page
 Progress = bool | Callable[[dict[str, Any]], None]

@@ -20,7 +20,9 @@ from pydantic import (
 )
 
 from trainer.config import CONFIG_RULES, TrainConfig, check_json_types, json_int
+from trainer.errors import BnnError
 from trainer.store import RunStatus
+from trainer.tracking import LISTED_KEYS, MAX_EPOCHS, check_tracked_config
 
 __all__ = [
     "JSON_VALUE",
@@ -34,6 +36,7 @@ __all__ = [
     "RunOut",
     "RunPage",
     "RunPatch",
+    "TrackedRunCreate",
     "check_text",
     "complete_components",
     "is_blank",
@@ -295,10 +298,71 @@ class RunPatch(BaseModel):
         return None if value is None else RunCreate._check_tags(value)
 
 
+def _tracked_create_schema(schema: dict[str, Any]) -> None:
+    """What TrackedRunCreate's validators check, in its schema (``config``: see
+    :func:`complete_components`)."""
+    props = schema.get("properties", {})
+    if "name" in props:
+        _nullable(props["name"], {"type": "string", "maxLength": 256, "pattern": NOT_BLANK})
+    if "tags" in props:
+        props["tags"]["maxItems"] = MAX_TAGS
+        props["tags"]["items"] = {"type": "string", "maxLength": 64, "pattern": NOT_BLANK}
+
+
+class TrackedRunCreate(BaseModel):
+    """A run of any training loop (``trainer.track``), registered under the id of its URL
+    (``PUT /runs/{id}``): RUNNING, filled by its trainer through ``PUT
+    /runs/{id}/epochs/{epoch}`` and ``PATCH``, like a run created with ``execute: false``.
+
+    ``config`` is the trainer's own description of the run (any JSON object, not a training
+    configuration of this service); the keys the run listing reads must have its types:
+    ``epochs`` an integer in [0, 2^31), ``dataset``, ``prior`` and ``prior_mode`` strings.
+    """
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_tracked_create_schema)
+
+    name: str | None = Field(default=None, description="default: the run id")
+    tags: list[str] = Field(default_factory=list)
+    config: dict[str, Any] = Field(default_factory=dict, description="the run's settings")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str | None) -> str | None:
+        return RunCreate._check_name(value)
+
+    @field_validator("tags")
+    @classmethod
+    def _check_tags(cls, value: list[str]) -> list[str]:
+        return RunCreate._check_tags(value)
+
+    @field_validator("config")
+    @classmethod
+    def _check_config(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_text(value, "config", 20_000)
+        try:
+            return check_tracked_config(value)
+        except BnnError as exc:
+            raise ValueError(exc.message) from None
+
+
 def complete_components(components: dict[str, Any]) -> None:
     """The parts of the OpenAPI components that refer to others: ``JsonValue`` (see
-    :data:`JSON_VALUE`) and RunPatch's ``summary`` (an object of JsonValue), in place."""
+    :data:`JSON_VALUE`), RunPatch's ``summary`` and TrackedRunCreate's ``config`` (objects
+    of JsonValue), in place."""
     components["JsonValue"] = JSON_VALUE
+    tracked = components.get("TrackedRunCreate", {}).get("properties", {})
+    if "config" in tracked:
+        text = {"type": "string", "maxLength": 20_000, "pattern": NO_NUL}
+        listed = {key: {"anyOf": [text, {"type": "null"}]} for key in LISTED_KEYS}
+        epochs = {"type": "integer", "minimum": 0, "maximum": MAX_EPOCHS}
+        listed["epochs"] = {"anyOf": [epochs, {"type": "null"}]}
+        tracked["config"] = {
+            "type": "object",
+            "description": tracked["config"].get("description", ""),
+            "propertyNames": _NO_NUL_KEY,
+            "properties": listed,
+            "additionalProperties": {"$ref": "#/components/schemas/JsonValue"},
+        }
     patch = components.get("RunPatch", {}).get("properties", {})
     if "summary" in patch:
         summary = {

@@ -4,6 +4,9 @@ trainer that captures every posterior, and the run store (HDF5 epoch files + cat
 >>> from trainer import mlp, PriorSpec, get_all_distribution_params
 >>> model = mlp(1, [10], 1, PriorSpec(kind="learnable"))
 
+``trainer.track(model, ...)`` records your own training loop into a run store or a service
+(:mod:`trainer.tracking`).
+
 Every public name loads its submodule on first use (PEP 562), so ``import trainer`` and the
 torch-free parts (``trainer.config``, ``trainer.store``, ``trainer.errors``) load no torch.
 """
@@ -42,6 +45,8 @@ if TYPE_CHECKING:
     )
     from trainer.snapshot import EpochSnapshot, GradLevel
     from trainer.store import RunReader, RunStatus, RunStore, load_distribution_log
+    from trainer.tracked_run import TrackedRun
+    from trainer.tracking import track
     from trainer.train import Trainer, TrainResult, train
 
 __all__ = [
@@ -64,6 +69,7 @@ __all__ = [
     "RunStatus",
     "RunStore",
     "ScaleMixturePrior",
+    "TrackedRun",
     "TrainConfig",
     "TrainResult",
     "Trainer",
@@ -79,6 +85,7 @@ __all__ = [
     "model_kl",
     "parse_config",
     "small_cnn",
+    "track",
     "train",
     "use_mean",
 ]
@@ -119,6 +126,8 @@ _LAZY = {
     "RunStatus": "trainer.store",
     "RunStore": "trainer.store",
     "load_distribution_log": "trainer.store",
+    "TrackedRun": "trainer.tracked_run",
+    "track": "trainer.tracking",
     "Trainer": "trainer.train",
     "TrainResult": "trainer.train",
     "train": "trainer.train",

@@ -1,12 +1,14 @@
-"""``/runs``: start, register, list, inspect, update, cancel and delete runs."""
+"""``/runs``: start, register (``PUT /runs/{id}``: a run of any training loop), list,
+inspect, update, cancel and delete runs."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
+from service.columns import RUN_COLUMNS
 from service.deps import JobsDep, RunDep, SettingsDep, StoreDep, require_token
 from service.routers import (
     AUTH_RESPONSES,
@@ -16,13 +18,23 @@ from service.routers import (
     json_response,
     table_response,
 )
-from service.schemas import MAX_TAGS, RunCreate, RunOut, RunPage, RunPatch
+from service.schemas import (
+    MAX_TAGS,
+    RUN_ID,
+    RunCreate,
+    RunOut,
+    RunPage,
+    RunPatch,
+    TrackedRunCreate,
+)
 from service.settings import Settings
 from trainer.config import TrainConfig, check_device, parse_config
 from trainer.errors import BnnError, ErrorCode
 from trainer.store import EpochInfo, RunInfo, RunStatus
 from trainer.store import RunPage as CatalogPage
+from trainer.store._records import encode_json
 from trainer.store.catalog import METRIC_CONDITION, parse_metric_condition
+from trainer.tracking import TRACKING_KEY
 
 __all__ = ["check_limits", "router", "run_out"]
 
@@ -33,27 +45,7 @@ UNKNOWN_RUN = (404, "unknown run")
 ACTIVE_ONLY = (409, "the run has finished (only queued and running runs can change)")
 
 TRAIN_HOST = "train_host"  # kept in the run's summary: where its trainer runs
-LIST_COLUMNS = (
-    "id",
-    "name",
-    "status",
-    "dataset",
-    "prior",
-    "prior_mode",
-    "widths",
-    "epochs",
-    "optimizer",
-    "lr",
-    "created_at",
-    "finished_at",
-    "host",
-    "train_host",
-    "tags",
-    "error",
-    "diverged_step",
-    "diverged_epoch",
-    "diverged_layer",
-)
+LIST_COLUMNS = RUN_COLUMNS  # GET /runs?format=csv (service.columns: shared with the client)
 
 
 def run_out(request: Request, run: RunInfo, epochs: Sequence[EpochInfo] | None = None) -> dict:
@@ -205,6 +197,56 @@ def list_runs(
 )
 def get_run(run: RunDep, request: Request, store: StoreDep) -> Response:
     return json_response(run_out(request, run, store.list_epochs(run.id)))
+
+
+@router.put(
+    "/{run_id}",
+    status_code=201,
+    response_model=RunOut,
+    responses={
+        200: {"model": RunOut, "description": "registered before with this same body (a retry)"},
+        **error_responses(
+            (409, "another run has this id"),
+            (422, "an invalid id or field (the message names it)"),
+            503,
+        ),
+    },
+    summary="Register a run of any training loop (trainer.track) under this id",
+)
+def register_run(
+    run_id: Annotated[str, Path(pattern=RUN_ID, description="the client's id for the run")],
+    body: TrackedRunCreate,
+    request: Request,
+    store: StoreDep,
+) -> Response:
+    """201: a RUNNING run that its trainer (``trainer.track`` in its own loop) fills through
+    ``PUT /runs/{id}/epochs/{epoch}`` and ``PATCH``, with a ``Location`` header; 200 with the
+    run when this same registration was made before (a retry is safe); 409 when another run
+    has the id. The ``config`` is stored as given, with a ``tracking`` key (``{}`` unless
+    given): it is not a training configuration, so the run's first epoch fixes the layout of
+    the later ones.
+    """
+    config = {**body.config, TRACKING_KEY: body.config.get(TRACKING_KEY, {})}
+    try:
+        run = store.create_run(body.name, config, body.tags, RunStatus.RUNNING, run_id=run_id)
+    except BnnError as exc:
+        if exc.code is not ErrorCode.CONFLICT:
+            raise
+        existing = store.get_run(run_id)
+        same = (existing.name, existing.tags, encode_json(existing.config)) == (
+            body.name or run_id,
+            body.tags,
+            encode_json(config),
+        )
+        if not same:
+            raise BnnError(
+                ErrorCode.CONFLICT,
+                f"run {run_id!r} exists with another name, tags or config; choose another id",
+                run_id=run_id,
+            ) from None
+        return json_response(run_out(request, existing, store.list_epochs(run_id)))
+    out = run_out(request, run, [])
+    return json_response(out, 201, headers={"Location": out["url"]})
 
 
 @router.patch(
