@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from trainer import _fused
 from trainer.layers import BayesianLayer, bayesian_layers
 from trainer.snapshot import GradLevel, LayerLog
 
@@ -157,25 +156,6 @@ class _ParamStats:
         if a.numel():
             torch.maximum(self.max_abs, a.max(), out=self.max_abs)
 
-    def record_fused(self, grad: Tensor) -> float:
-        """Add one step's gradient with the fused CPU kernels; returns its squared L2 norm
-        (non-finite when the gradient is)."""
-        self.steps += 1
-        if self.level is GradLevel.ELEMENT:
-            sq, bad = _fused.accumulate_element(grad, self.sum_abs, self.max_abs)
-            if bad:  # rare: count them per element (they added nothing to the sums)
-                self.nonfinite += ~torch.isfinite(grad)
-        else:
-            total, largest, sq, bad = _fused.layer_statistics(grad)
-            self.sum_abs += total
-            if largest > float(self.max_abs):
-                self.max_abs.fill_(largest)
-            if bad:
-                self.nonfinite += bad
-        if bad:  # the step norm of a non-finite gradient is non-finite, as before
-            return float(torch.linalg.vector_norm(grad.to(torch.float64))) ** 2
-        return sq
-
     def result(self, copies: HostCopies | None = None) -> dict[str, np.ndarray]:
         to_host = copies or HostCopies(self.sum_abs.device, asynchronous=False)
         per = 1 if self.level is GradLevel.ELEMENT else self.elements
@@ -245,11 +225,12 @@ class GradientRecorder:
     visible. ``level`` ``none`` records nothing, ``layer`` keeps one number per statistic per
     parameter tensor, ``element`` one per element (as large as the parameters themselves).
 
-    A step costs one pass over each gradient: on the CPU the fused kernels of
-    :mod:`trainer._fused` (sum, maximum, norm and non-finite count in one loop, float64
-    accumulators), elsewhere one fused ``torch._foreach_*`` kernel per statistic over every
-    parameter of the model at once, with no host synchronisation. The per-layer step norms
-    come from the same pass (the squared norms of a layer's tensors, summed).
+    On the CPU each gradient's norm tells whether it is finite (the common case then costs
+    |g| into a reused buffer, a sum and a maximum); elsewhere one fused ``torch._foreach_*``
+    kernel per statistic runs over every parameter of the model at once, with no host
+    synchronisation. The per-layer step norms come from the same pass (the squared norms of
+    a layer's tensors, summed). (Numba kernels doing it all in one loop were tried: on two
+    threads they were 2x slower than these bandwidth-bound torch kernels; BENCHMARKS.md.)
     """
 
     def __init__(self, model: nn.Module, level: GradLevel | str = GradLevel.ELEMENT) -> None:
@@ -299,8 +280,8 @@ class GradientRecorder:
         if self.level is GradLevel.NONE or self._norms is None:
             return
         present = [s for s in self._stats if s.param.grad is not None]
-        if all(_fused.usable(s.param.grad) for s in present):  # type: ignore[arg-type]
-            self._record_fused(present)
+        if all(s.param.device.type == "cpu" for s in present):
+            self._record_cpu(present)
         else:
             self._record_foreach(present)
         for name, layer in self.layers:
@@ -310,18 +291,18 @@ class GradientRecorder:
                     g = getattr(prior, pname).grad  # None: no gradient flowed this step
                     series.add(None if g is None else g.detach().reshape(-1)[0])
 
-    def _record_fused(self, present: list[_ParamStats]) -> None:
-        """CPU: one fused pass per gradient (see :mod:`trainer._fused`)."""
+    def _record_cpu(self, present: list[_ParamStats]) -> None:
+        """CPU: per gradient, its norm (which tells whether it is finite) and the statistics
+        through one reused |g| buffer (three passes; fewer than the masked path)."""
         assert self._norms is not None
         totals = [0.0] * len(self.layers)
-        seen = [False] * len(self.layers)
         for stats in present:
             grad = stats.param.grad
             assert grad is not None
-            totals[stats.layer] += stats.record_fused(grad)
-            seen[stats.layer] = True
-        row = [math.sqrt(t) if ok else 0.0 for t, ok in zip(totals, seen, strict=True)]
-        self._norms.append_values(row)
+            norm_sq = float(torch.linalg.vector_norm(grad).to(torch.float64)) ** 2
+            stats.record(grad, math.isfinite(norm_sq))
+            totals[stats.layer] += norm_sq
+        self._norms.append_values([math.sqrt(t) for t in totals])
 
     def _record_foreach(self, present: list[_ParamStats]) -> None:
         """Any device: fused ``_foreach`` kernels over every gradient, no host sync."""
