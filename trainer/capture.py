@@ -19,9 +19,15 @@ import torch
 from torch import Tensor, nn
 
 from trainer.layers import BayesianLayer, bayesian_layers
-from trainer.snapshot import GradLevel, LayerLog
+from trainer.snapshot import EpochSnapshot, GradLevel, LayerLog
 
-__all__ = ["GradientRecorder", "HostCopies", "get_all_distribution_params", "is_capture_epoch"]
+__all__ = [
+    "GradientRecorder",
+    "HostCopies",
+    "epoch_snapshot",
+    "get_all_distribution_params",
+    "is_capture_epoch",
+]
 
 _KINDS = ("weight", "bias")
 
@@ -105,6 +111,31 @@ def get_all_distribution_params(
         return None
     to_host = copies or _np
     return {name: _layer_log(layer, to_host) for name, layer in bayesian_layers(model)}
+
+
+def epoch_snapshot(
+    model: nn.Module,
+    epoch: int,
+    metrics: dict[str, float],
+    recorder: GradientRecorder | None,
+    device: torch.device | str,
+) -> tuple[EpochSnapshot, Callable[[], None] | None]:
+    """One captured epoch of ``model`` (with ``recorder``'s gradient statistics, when given)
+    and the function that waits for its device-to-host copies (None when they were
+    synchronous; see :class:`HostCopies`): what ``bnn train`` and ``trainer.track`` store."""
+    copies = HostCopies(device)
+    params = get_all_distribution_params(model, epoch, force=True, copies=copies)
+    assert params is not None
+    recorded = recorder is not None and recorder.level is not GradLevel.NONE
+    snap = EpochSnapshot(
+        epoch=epoch,
+        params=params,
+        metrics=metrics,
+        gradients=recorder.result(copies) if recorder is not None and recorded else None,
+        grad_level=recorder.level if recorder is not None and recorded else GradLevel.NONE,
+        layer_types={name: type(layer).__name__ for name, layer in bayesian_layers(model)},
+    )
+    return snap, copies.ready()
 
 
 class _ParamStats:

@@ -144,7 +144,6 @@ class TrackedRun:
         self.divergence: Divergence | None = None
         self.status: str | None = None
         self.global_step = 0
-        self._layer_types = {n: type(layer).__name__ for n, layer in layers}
         first = next(iter(model.parameters()), None)
         self._device = first.device if first is not None else torch.device("cpu")
         self._submitted: list[int] = []  # epochs handed to the writer
@@ -386,35 +385,28 @@ class TrackedRun:
     def _capture(self, epoch: int, metrics: dict[str, float], recorded: bool) -> bool:
         """Snapshot the epoch (as :meth:`Trainer.snapshot`: on a GPU the host copies are
         asynchronous) and hand it to the epoch writer."""
-        from trainer.capture import HostCopies, get_all_distribution_params
-        from trainer.snapshot import EpochSnapshot, GradLevel
+        from trainer.capture import epoch_snapshot
 
-        copies = HostCopies(self._device)
-        params = get_all_distribution_params(self.model, epoch, force=True, copies=copies)
-        assert params is not None
-        snap = EpochSnapshot(
-            epoch=epoch,
-            params=params,
-            metrics=dict(metrics),
-            gradients=self._recorder.result(copies) if recorded else None,
-            grad_level=self._recorder.level if recorded else GradLevel.NONE,
-            layer_types=dict(self._layer_types),
-        )
+        recorder = self._recorder if recorded else None
+        snap, ready = epoch_snapshot(self.model, epoch, dict(metrics), recorder, self._device)
         self._submitted.append(epoch)
-        self._writer.submit(snap, copies.ready())
+        self._writer.submit(snap, ready)
         return True
 
     def _write(self, snap: EpochSnapshot) -> bool:
         """Store one epoch (on the writer thread); False when it was not stored: a sink
         refusing an epoch taken after the run diverged (as the trainer allows), or a service
         that dropped it because the run was cancelled there."""
-        try:
-            written = self.sink.write_epoch(self.id, snap)
-        except BnnError as exc:
-            refused = exc.code in (ErrorCode.CORRUPT, ErrorCode.INVALID_ARGUMENT)
-            if self.divergence is None or not refused:
-                raise
-            self.refused_epochs[snap.epoch] = exc.message
+        from trainer.train import write_epoch_to
+
+        stored, written = write_epoch_to(
+            self.sink,
+            self.id,
+            snap,
+            diverged=self.divergence is not None,
+            refused=self.refused_epochs,
+        )
+        if not stored:
             return False
         return not (written is None and self.should_stop)
 

@@ -45,12 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from trainer.capture import (
-    GradientRecorder,
-    HostCopies,
-    get_all_distribution_params,
-    is_capture_epoch,
-)
+from trainer.capture import GradientRecorder, epoch_snapshot, is_capture_epoch
 from trainer.config import (
     LRSchedule,
     ModelKind,
@@ -196,6 +191,22 @@ class _Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def write_epoch_to(
+    sink: RunSink, run_id: str, snap: EpochSnapshot, *, diverged: bool, refused: dict[int, str]
+) -> tuple[bool, Any]:
+    """``sink.write_epoch`` -> (stored, the sink's answer). A sink that refuses an epoch taken
+    after the run diverged (CORRUPT or INVALID_ARGUMENT: e.g. a service that takes only finite
+    parameters) leaves it out: (False, None), the reason in ``refused``, and the run goes on
+    to end as it would have. Any other error is raised."""
+    try:
+        return True, sink.write_epoch(run_id, snap)
+    except BnnError as exc:
+        if not diverged or exc.code not in (ErrorCode.CORRUPT, ErrorCode.INVALID_ARGUMENT):
+            raise
+        refused[snap.epoch] = exc.message
+        return False, None
 
 
 class _EpochWriter:
@@ -649,19 +660,9 @@ class Trainer:
     def snapshot(self, epoch: int, metrics: dict[str, float], recorded: bool) -> EpochSnapshot:
         """The epoch's capture. On a GPU its arrays are copied to the host asynchronously:
         valid once :meth:`_host_copy_ready`'s function has run (the epoch writer runs it)."""
-        copies = HostCopies(self.device)
-        params = get_all_distribution_params(self.model, epoch, force=True, copies=copies)
-        assert params is not None
-        gradients = self.recorder.result(copies) if recorded else None
-        self._copies_ready = copies.ready()
-        return EpochSnapshot(
-            epoch=epoch,
-            params=params,
-            metrics=metrics,
-            gradients=gradients,
-            grad_level=self.recorder.level if recorded else GradLevel.NONE,
-            layer_types={name: type(layer).__name__ for name, layer in bayesian_layers(self.model)},
-        )
+        recorder = self.recorder if recorded else None
+        snap, self._copies_ready = epoch_snapshot(self.model, epoch, metrics, recorder, self.device)
+        return snap
 
     def _host_copy_ready(self) -> Callable[[], None] | None:
         """What waits for the last snapshot's device-to-host copies (None: nothing to wait for)."""
@@ -755,20 +756,17 @@ class Trainer:
         return result
 
     def _write_epoch(self, run_id: str | None, snap: EpochSnapshot, *, result: TrainResult) -> bool:
-        """Hand a captured epoch to the sink; False when a sink refuses one taken after the
-        run diverged (e.g. a service that takes only finite parameters): it is left out, in
-        ``result.refused_epochs``, and the run goes on to end as it would have."""
+        """Hand a captured epoch to the sink (:func:`write_epoch_to`); False when refused."""
         if self.sink is None or run_id is None:
             return True
-        try:
-            self.sink.write_epoch(run_id, snap)
-        except BnnError as exc:
-            refused = exc.code in (ErrorCode.CORRUPT, ErrorCode.INVALID_ARGUMENT)
-            if self.divergence is None or not refused:
-                raise
-            result.refused_epochs[snap.epoch] = exc.message
-            return False
-        return True
+        stored, _ = write_epoch_to(
+            self.sink,
+            run_id,
+            snap,
+            diverged=self.divergence is not None,
+            refused=result.refused_epochs,
+        )
+        return stored
 
     def _weights_finite(self) -> bool:
         """Whether every parameter (and the noise scale) is finite (waits for the device)."""
