@@ -107,7 +107,10 @@ def _check_one_format_per_column(html: str) -> int:
             for cell in parts if all(re.fullmatch(CI_CELL, c) for c in col) else col:
                 if cell in ("nan", "inf", "-inf"):
                     continue
-                if re.fullmatch(r"-?\d+\.\d{3}e[+-]\d\d", cell):
+                if re.fullmatch(r"[0-9a-f]{12}", cell):
+                    # a run id: 12 hex digits, which are sometimes all decimal digits
+                    kinds.add("text")
+                elif re.fullmatch(r"-?\d+\.\d{3}e[+-]\d\d", cell):
                     kinds.add("scientific")
                 elif m := re.fullmatch(r"-?\d+(?:\.(\d+))?", cell):
                     kinds.add(len(m.group(1) or ""))
