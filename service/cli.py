@@ -21,18 +21,19 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import Enum
+from functools import cache
 from pathlib import Path
-from typing import Any
-
-from pydantic.fields import FieldInfo
+from typing import TYPE_CHECKING, Any
 
 from service.demo.cli import add_demo_commands
-from trainer.activations import Activation
-from trainer.config import TrainConfig, parse_config
 from trainer.errors import BnnError
-from trainer.store import RunStatus
+
+if TYPE_CHECKING:
+    from pydantic.fields import FieldInfo
+
+    from trainer.config import TrainConfig
 
 __all__ = ["build_parser", "main"]
 
@@ -41,8 +42,22 @@ EXIT_DIVERGED = 3  # `bnn train`: the run stopped because it diverged
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (`bnn runs | head`)
 # Options spelled differently from the config field they set.
 _ALIASES = {"grad_capture": ["--capture-level", "--grad-capture"], "tags": ["--tag"]}
-# Choices of fields typed ``str`` that a validator restricts.
-_CHOICES: dict[str, list[str]] = {"activation": [a.value for a in Activation]}
+
+
+def _choices(name: str) -> list[str] | None:
+    """The choices of a field typed ``str`` that a validator restricts, else None."""
+    if name == "activation":
+        from trainer.activations import Activation
+
+        return [a.value for a in Activation]
+    return None
+
+
+def _train_config() -> type[TrainConfig]:
+    """:class:`TrainConfig`, imported when a command needs it (pydantic costs ~0.1 s)."""
+    from trainer.config import TrainConfig
+
+    return TrainConfig
 
 
 def _data_dir(value: str | None) -> Path:
@@ -75,21 +90,18 @@ def flag_of(name: str) -> str:
     return _ALIASES.get(name, [f"--{name.replace('_', '-')}"])[0]
 
 
-# Field names as they appear in descriptions and validation messages: the ones with an
-# underscore (unambiguous identifiers) and ``lr``; one-word names such as ``epochs`` or
-# ``model`` are also plain words, so only the location of an error translates those.
-_FIELD_WORDS = re.compile(
-    r"(?<![\w-])("
-    + "|".join(
-        sorted((n for n in TrainConfig.model_fields if "_" in n or n == "lr"), key=len)[::-1]
-    )
-    + r")(?![\w-])"
-)
+@cache
+def _field_words() -> re.Pattern[str]:
+    """Field names as they appear in descriptions and validation messages: the ones with an
+    underscore (unambiguous identifiers) and ``lr``; one-word names such as ``epochs`` or
+    ``model`` are also plain words, so only the location of an error translates those."""
+    names = (n for n in _train_config().model_fields if "_" in n or n == "lr")
+    return re.compile(r"(?<![\w-])(" + "|".join(sorted(names, key=len)[::-1]) + r")(?![\w-])")
 
 
 def with_flags(text: str) -> str:
     """``text`` with the configuration field names in it written as ``bnn train`` flags."""
-    return _FIELD_WORDS.sub(lambda m: flag_of(m.group(1)), text)
+    return _field_words().sub(lambda m: flag_of(m.group(1)), text)
 
 
 def _default_text(info: FieldInfo) -> str:
@@ -111,7 +123,7 @@ def _option_help(name: str, info: FieldInfo) -> str:
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    for name, info in TrainConfig.model_fields.items():
+    for name, info in _train_config().model_fields.items():
         if name in _NOT_OPTIONS:
             continue
         flags = _ALIASES.get(name, [f"--{name.replace('_', '-')}"])
@@ -121,8 +133,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*flags, action="store_true", **kwargs)
         elif isinstance(ann, type) and issubclass(ann, Enum):
             parser.add_argument(*flags, choices=[m.value for m in ann], **kwargs)
-        elif name in _CHOICES:
-            parser.add_argument(*flags, choices=_CHOICES[name], **kwargs)
+        elif (choices := _choices(name)) is not None:
+            parser.add_argument(*flags, choices=choices, **kwargs)
         elif typing.get_origin(ann) is list and typing.get_args(ann) == (int,):
             parser.add_argument(*flags, type=_int_list, metavar="N,N,...", **kwargs)
         elif typing.get_origin(ann) is list:
@@ -144,7 +156,7 @@ def _config_error(exc: BnnError) -> BnnError:
     named = {}
     for loc, problem in fields.items():
         head, _, rest = str(loc).partition(".")
-        if head in TrainConfig.model_fields:
+        if head in _train_config().model_fields:
             where = flag_of(head)
         else:  # "config": the whole configuration; anything else: a key of --config's file
             where = head if head == "config" else f"{head!r} in --config"
@@ -163,13 +175,7 @@ def _store_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bnn", description="Bayesian neural networks with learnable layer-shared priors"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p_train = sub.add_parser("train", help="train a BNN and store every captured epoch")
+def _train_options(p_train: argparse.ArgumentParser) -> None:
     _add_config_options(p_train)
     p_train.add_argument(
         "--config",
@@ -191,7 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _store_options(p_train)
 
-    p_runs = sub.add_parser("runs", help="list runs, or `runs show ID` for one")
+
+def _runs_options(p_runs: argparse.ArgumentParser) -> None:
+    from trainer.store._records import RunStatus
+
     p_runs.add_argument(
         "action",
         nargs="?",
@@ -232,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _store_options(p_runs)
 
-    p_serve = sub.add_parser("serve", help="run the HTTP service (settings: BNN_* variables)")
+
+def _serve_options(p_serve: argparse.ArgumentParser) -> None:
     p_serve.add_argument("--host", help="address to bind (default: $BNN_HOST or 127.0.0.1)")
     p_serve.add_argument("--port", type=int, help="port (default: $BNN_PORT or 8000)")
     p_serve.add_argument("--workers", type=int, help="Dask LocalCluster worker processes")
@@ -258,14 +268,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _store_options(p_serve)
 
-    p_push = sub.add_parser("push", help="upload a local run to a bnn service")
+
+def _push_options(p_push: argparse.ArgumentParser) -> None:
     p_push.add_argument("run_id", metavar="RUN_ID", help="the local run to upload")
     p_push.add_argument(
         "--to", required=True, metavar="URL", help="the service, e.g. http://host:8000"
     )
     _store_options(p_push)
+
+
+# The commands of this module: (help, how to add its options). The options of a command are
+# only added when that command runs (or for ``build_parser()``): ``bnn --help`` and ``bnn
+# runs`` then never import pydantic and the training configuration.
+_PARSERS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "train": ("train a BNN and store every captured epoch", _train_options),
+    "runs": ("list runs, or `runs show ID` for one", _runs_options),
+    "serve": ("run the HTTP service (settings: BNN_* variables)", _serve_options),
+    "push": ("upload a local run to a bnn service", _push_options),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``bnn`` parser. ``command``: add only that command's options (the others are
+    listed, with their help, but take none); default: every command's."""
+    parser = argparse.ArgumentParser(
+        prog="bnn", description="Bayesian neural networks with learnable layer-shared priors"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_options) in _PARSERS.items():
+        p = sub.add_parser(name, help=help_text)
+        if command is None or command == name:
+            add_options(p)
     _COMMANDS.update(add_demo_commands(sub))
     return parser
+
+
+def _command_of(argv: Sequence[str]) -> str:
+    """The command ``argv`` names: its first word that does not start with ``-`` (``bnn``
+    itself takes no option but ``--help``); "" when there is none."""
+    return next((word for word in argv if not word.startswith("-")), "")
 
 
 def _open_store(args: argparse.Namespace) -> Any:
@@ -285,6 +326,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             base = json.loads(args.config.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise BnnError.invalid(f"cannot read config file {args.config}: {exc}") from None
+    from trainer.config import TrainConfig, parse_config
+
     overrides = {name: getattr(args, name, None) for name in TrainConfig.model_fields}
     try:
         config = parse_config(base, **overrides)
@@ -609,8 +652,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     early, as in ``bnn runs | head -3``: quietly, without a traceback.
     """
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
+        words = sys.argv[1:] if argv is None else list(argv)
+        parser = build_parser(_command_of(words))
+        args = parser.parse_args(words)
         try:
             code = _COMMANDS[args.command](args)
         except BnnError as exc:

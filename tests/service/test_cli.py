@@ -257,6 +257,72 @@ def test_light_commands_import_no_torch_pandas_or_matplotlib(tmp_path: Path, bod
     assert out.returncode == 0, out.stderr
 
 
+_NOT_LOADED_LIGHT = """
+import sys
+from service.cli import main
+{body}
+loaded = [m for m in {heavy!r} if m in sys.modules]
+assert not loaded, loaded
+"""
+
+
+@pytest.mark.parametrize(
+    ("body", "heavy"),
+    [
+        (
+            "try:\n    main(['--help'])\nexcept SystemExit as exc:\n    assert exc.code == 0",
+            ("pydantic", "sqlalchemy", "numpy", "h5py", "trainer.config"),
+        ),
+        ("assert main(['runs', '--data-dir', sys.argv[1]]) == 0", ("alembic", "pydantic")),
+    ],
+    ids=["help", "runs"],
+)
+def test_help_and_runs_import_only_what_they_use(
+    tmp_path: Path, body: str, heavy: tuple[str, ...]
+) -> None:
+    """``bnn --help`` builds no command's options; ``bnn runs`` on a catalog at head imports
+    neither Alembic nor the training configuration."""
+    main(["runs", "--data-dir", str(tmp_path)])  # creates the catalog: at head from now on
+    code = _NOT_LOADED_LIGHT.format(body=body, heavy=heavy)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "BNN_DATA_DIR": str(tmp_path)},
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "runs", "serve", "push"])
+def test_each_command_help_lists_its_options(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Options are added only for the command that runs: its ``--help`` still has them all."""
+    from service.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    for action in sub.choices[command]._actions:
+        for flag in action.option_strings:
+            assert flag in text, (command, flag)
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert all(c in top for c in ("train", "runs", "serve", "push")), top
+
+
+def test_bad_option_of_a_command_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["runs", "--epochz=3"])
+    assert exc.value.code == 2
+    assert "--epochz" in capsys.readouterr().err
+
+
 def test_torch_free_enums_are_the_objects_the_torch_modules_export() -> None:
     import trainer
     import trainer.activations

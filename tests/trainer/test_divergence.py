@@ -213,6 +213,16 @@ def test_catalog_records_the_first_divergence_once(tmp_path: Path, db_url: str |
         assert store.set_status(lost.id, RunStatus.DIVERGED).status is RunStatus.DIVERGED
 
 
+def test_head_revision_constant_is_alembics_head() -> None:
+    """Opening a catalog at head skips Alembic by comparing with HEAD_REVISION: it must be the
+    newest revision of versions/ (add a migration, update the constant)."""
+    from alembic.script import ScriptDirectory
+
+    from trainer.store.migrations import HEAD_REVISION
+
+    assert ScriptDirectory.from_config(alembic_config()).get_current_head() == HEAD_REVISION
+
+
 def _migrate(url: str, revision: str, action: Callable[..., None]) -> None:
     engine = make_engine(url)
     try:

@@ -17,20 +17,24 @@ Public names:
 
 from __future__ import annotations
 
-from ._records import EpochInfo, RunInfo, RunStatus
-from .catalog import METRIC_SORT, RUN_SORTS, RunListing, RunPage
-from .fsck import Finding, FsckReport
-from .hdf5 import (
-    SCHEMA_VERSION,
-    EpochFile,
-    EpochHeader,
-    read_epoch_file,
-    validate_snapshot,
-    write_epoch_file,
-)
-from .reader import RunReader, load_distribution_log
-from .runstore import RunStore
-from .sweeps import SweepInfo
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._records import EpochInfo, RunInfo, RunStatus
+    from .catalog import METRIC_SORT, RUN_SORTS, RunListing, RunPage
+    from .fsck import Finding, FsckReport
+    from .hdf5 import (
+        SCHEMA_VERSION,
+        EpochFile,
+        EpochHeader,
+        read_epoch_file,
+        validate_snapshot,
+        write_epoch_file,
+    )
+    from .reader import RunReader, load_distribution_log
+    from .runstore import RunStore
+    from .sweeps import SweepInfo
 
 __all__ = [
     "METRIC_SORT",
@@ -53,3 +57,40 @@ __all__ = [
     "validate_snapshot",
     "write_epoch_file",
 ]
+
+# Each public name loads its submodule on first use (PEP 562): ``from trainer.store import
+# RunStatus`` does not import SQLAlchemy, h5py or the recovery code.
+_LAZY = {
+    "EpochFile": "hdf5",
+    "EpochHeader": "hdf5",
+    "EpochInfo": "_records",
+    "Finding": "fsck",
+    "FsckReport": "fsck",
+    "METRIC_SORT": "catalog",
+    "RUN_SORTS": "catalog",
+    "RunInfo": "_records",
+    "RunListing": "catalog",
+    "RunPage": "catalog",
+    "RunReader": "reader",
+    "RunStatus": "_records",
+    "RunStore": "runstore",
+    "SCHEMA_VERSION": "hdf5",
+    "SweepInfo": "sweeps",
+    "load_distribution_log": "reader",
+    "read_epoch_file": "hdf5",
+    "validate_snapshot": "hdf5",
+    "write_epoch_file": "hdf5",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
