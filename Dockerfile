@@ -9,6 +9,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
+# a C compiler for trainer.kernels, the fused CPU kernels of the Bayesian layers, built on
+# first use for the CPU the container runs on (without one, training falls back to torch ops)
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+
 # torch first, from the CPU wheel index, in its own layer (it changes least and weighs most)
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.14.1 torchvision==0.29.1
 

@@ -23,6 +23,7 @@ with a note when not installed (`make bench` installs them with --no-deps).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainer import kernels
 from trainer.capture import GradientRecorder, HostCopies, get_all_distribution_params
 from trainer.data import load_dataset
 from trainer.layers import model_kl, prior_penalty
@@ -67,13 +69,15 @@ def ours(
     store: RunStore | None,
     *,
     local_reparam: bool = False,
+    fused: bool = True,
 ) -> Variant:
     model = mlp(784, WIDTHS, 10, PriorSpec(kind=kind, sigma0=0.1), local_reparam=local_reparam).to(
         DEVICE
     )
 
     def loss(x: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(model(x), y) + (model_kl(model) + prior_penalty(model)) / N_TRAIN
+        with contextlib.nullcontext() if fused else kernels.disabled():
+            return F.cross_entropy(model(x), y) + (model_kl(model) + prior_penalty(model)) / N_TRAIN
 
     if level is None:
         return Variant(name, model, loss)
@@ -237,7 +241,15 @@ def main() -> None:
     ap.add_argument(
         "--optimizer", default="fused", choices=["fused", "foreach", "loop"], help="every variant's"
     )
+    ap.add_argument(
+        "--malloc",
+        default="tuned",
+        choices=["tuned", "default"],
+        help="tuned (default): glibc malloc keeps freed memory (trainer.kernels.tune_allocator, "
+        "what bnn train does on the CPU), for every variant of the run alike; default: as is",
+    )
     args = ap.parse_args()
+    tuned = args.malloc == "tuned" and kernels.tune_allocator()
     device = DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -253,6 +265,13 @@ def main() -> None:
             *peers(),
             ours("ours fixed prior, no capture", PriorKind.FIXED, None, None),
             ours("ours learnable prior, no capture", PriorKind.LEARNABLE, None, None),
+            ours(
+                "ours learnable, torch ops, no capture",
+                PriorKind.LEARNABLE,
+                None,
+                None,
+                fused=False,
+            ),
             ours(
                 "ours learnable, local reparam, no capture",
                 PriorKind.LEARNABLE,
@@ -299,7 +318,8 @@ def main() -> None:
     print(
         f"\n784-1200-1200-10, batch {BATCH}, {args.rounds} rounds x {len(data)} steps per "
         f"variant, {args.device} ({where}), Adam {args.optimizer}, "
-        f"load average {min(load):.2f}-{max(load):.2f}"
+        f"load average {min(load):.2f}-{max(load):.2f}, malloc {'tuned' if tuned else 'default'}, "
+        f"fused kernels: {kernels.status() if device.type == 'cpu' else 'CPU only'}"
     )
     print(f"{'variant':<46} {'samples/s':>10} {'epoch write':>12} {'ratio to torchbnn':>18}")
     for k, v in full.items():

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
+from trainer import kernels
 from trainer.errors import BnnError
 from trainer.mixture import ScaleMixturePrior, mixture_kl_batched
 from trainer.priors import (
@@ -198,16 +199,41 @@ class BayesianLayer(nn.Module):
         """
         rho = self.weight_rho if which == "weight" else self.bias_rho
         assert rho is not None
-        if not (torch.is_grad_enabled() and rho.requires_grad) or torch.compiler.is_compiling():
-            return positive(rho)  # (a compiled graph shares the node by itself)
-        key = (rho._version, rho.data_ptr())
-        cached = self._sigma_cache.get(which)
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        cached = self._cached_sigma(rho, which)
+        if cached is not None:
+            return cached
         sigma = positive(rho)
-        sigma.register_hook(functools.partial(_drop_cached_sigma, self._sigma_cache, which))
-        self._sigma_cache[which] = (key, sigma)
+        self._remember_sigma(rho, which, sigma)
         return sigma
+
+    def _cached_sigma(self, rho: Tensor, which: str) -> Tensor | None:
+        """This step's sigma node of ``which``, if one was made (see :meth:`_sigma`)."""
+        cached = self._sigma_cache.get(which)
+        if cached is not None and cached[0] == (rho._version, rho.data_ptr()):
+            return cached[1]
+        return None
+
+    def _remember_sigma(self, rho: Tensor, which: str, sigma: Tensor) -> None:
+        if not (torch.is_grad_enabled() and rho.requires_grad) or torch.compiler.is_compiling():
+            return  # no graph to share (a compiled graph shares the node by itself)
+        sigma.register_hook(functools.partial(_drop_cached_sigma, self._sigma_cache, which))
+        self._sigma_cache[which] = ((rho._version, rho.data_ptr()), sigma)
+
+    def _draw(self, which: str) -> Tensor:
+        """One reparameterised draw of ``"weight"`` or ``"bias"``: on the CPU through the
+        fused kernels (:mod:`trainer.kernels`: softplus, the draw and their backward in one
+        pass each, Philox random numbers on every core), else with torch operations."""
+        mu = self.weight_mu if which == "weight" else self.bias_mu
+        rho = self.weight_rho if which == "weight" else self.bias_rho
+        assert mu is not None and rho is not None
+        if not kernels.usable(mu, rho):
+            return _sample(mu, self._sigma(which))
+        sigma = self._cached_sigma(rho, which)
+        if sigma is not None:  # a second draw this step (or the KL came first): share sigma
+            return torch.addcmul(mu, sigma, kernels.normal(sigma))
+        weight, sigma = kernels.sample(mu, rho)
+        self._remember_sigma(rho, which, sigma)
+        return weight
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -245,10 +271,10 @@ class BayesianLayer(nn.Module):
 
     def sample_parameters(self) -> tuple[Tensor, Tensor | None]:
         """One reparameterised draw of (weight, bias)."""
-        weight = _sample(self.weight_mu, self._sigma("weight"))
+        weight = self._draw("weight")
         if self.bias_mu is None or self.bias_rho is None:
             return weight, None
-        return weight, _sample(self.bias_mu, self._sigma("bias"))
+        return weight, self._draw("bias")
 
     def kl_terms(self) -> dict[str, Tensor]:
         """Closed-form KL(q || p) summed over elements: ``{"weight": .., "bias": ..}``, scalars."""

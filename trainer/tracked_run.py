@@ -25,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from trainer import kernels
 from trainer.errors import BnnError, ErrorCode
 from trainer.tracking import (
     MAX_EPOCHS,
@@ -146,6 +147,8 @@ class TrackedRun:
         self.global_step = 0
         first = next(iter(model.parameters()), None)
         self._device = first.device if first is not None else torch.device("cpu")
+        if self._device.type == "cpu":
+            kernels.tune_allocator()
         self._submitted: list[int] = []  # epochs handed to the writer
         self._writer = _EpochWriter(
             self._write, self.captured_epochs.append, background=background_writes

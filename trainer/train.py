@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from trainer import kernels
 from trainer.capture import GradientRecorder, epoch_snapshot, is_capture_epoch
 from trainer.config import (
     LRSchedule,
@@ -401,6 +402,8 @@ class Trainer:
         self.heartbeat_interval = heartbeat_interval
         self.on_epoch = on_epoch
         self.device = _resolve_device(config.device)
+        if self.device.type == "cpu":
+            kernels.tune_allocator()
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.data = data or load_dataset(

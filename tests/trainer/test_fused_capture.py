@@ -99,7 +99,7 @@ def test_element_statistics_match_the_float64_reference(
             for n in ("weight_mu", "weight_rho", "bias_mu", "bias_rho")
         )
     )
-    assert norms[0] == pytest.approx(want, rel=1e-6)
+    assert norms[0] == pytest.approx(want, rel=1e-5)  # float32 norms of ~270k elements
 
 
 @pytest.mark.parametrize("path", ["cpu", "foreach"])

@@ -1,0 +1,320 @@
+"""Fused CPU kernels for the Bayesian layers' reparameterised draw ``w = mu + sigma * eps``.
+
+On the CPU a Bayesian step spends a fifth of its time in ``torch.randn`` (one
+Mersenne-Twister stream, on one core) and much of the rest in elementwise passes over the
+weights: softplus, the draw, and their backward. :func:`sample` does the forward in one pass
+(``sigma = softplus(rho) + 1e-8``, ``eps ~ N(0, 1)``, ``w = mu + sigma * eps``) and the
+backward in another (``grad_rho = (grad_w * eps + grad_sigma) * sigmoid(rho)``), over all
+the cores torch uses; :func:`normal` is the draw alone. ``benchmarks/train_throughput.py``
+measures what it saves; ``BENCHMARKS.md`` has the figures.
+
+**Random numbers.** Philox4x32-10 (the counter-based generator of cuRAND and JAX) with
+Box-Muller, keyed per draw by 63 bits taken from torch's default generator: a run seeded
+with ``torch.manual_seed`` draws the same values again, on any number of threads. The
+values differ from ``torch.randn``'s (another generator), with the same distribution
+(tests/trainer/test_kernels.py checks moments, tails and independence).
+
+**Allocator.** glibc's malloc serves every allocation above 128 KB-32 MB (its adaptive
+threshold) with a fresh ``mmap`` and returns it with ``munmap`` when freed, so each of the
+dozens of weight-sized temporaries of a step is zero-filled page by page by the kernel, and
+page faults of two threads contend for one lock: on the 2-core machine, ``F.softplus`` of a
+1200 x 1200 tensor took 8 ms on two threads and 1.9 ms once memory is reused.
+:func:`tune_allocator` (called by the trainer and ``trainer.track`` for CPU training;
+``BNN_MALLOC_TUNING=0`` leaves malloc alone) makes malloc keep and reuse freed memory. A
+training process then keeps its peak heap until it exits; a server does not call it.
+
+**Build.** ``fused.c`` is compiled on first use with the system C compiler (``$CC`` or
+``cc``; ``-O3 -march=native``, glibc's vector math) into a cache directory
+(``$BNN_KERNEL_CACHE``, default ``~/.cache/bnn-infosharing/kernels``), keyed by the source,
+the flags and the machine, written atomically so concurrent first uses are safe. Without a
+compiler, on another platform, for other dtypes or devices, under ``torch.compile``, with
+``BNN_FUSED_KERNELS=0`` or inside ``with kernels.disabled():``, the layers use the torch
+operations (same distribution, ``torch.randn``'s values): :func:`available` says which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "disabled", "normal", "sample", "status", "tune_allocator", "usable"]
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("fused.c")
+BLOCK = 512  # fused.c's BLOCK: a thread's share starts at a multiple of it
+VERSION = 1  # fused.c's bnn_kernels_version()
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd")
+# Below this many elements one call on the calling thread (a thread hand-off costs ~20 us).
+PARALLEL_MIN = 1 << 16
+
+_P, _I64, _U64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64
+_status = "not loaded yet"
+_lock = threading.Lock()
+
+
+def _cache_dir() -> Path:
+    given = os.environ.get("BNN_KERNEL_CACHE")
+    if given:
+        return Path(given)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "bnn-infosharing" / "kernels"
+
+
+def _machine() -> str:
+    """What -march=native compiles for: the CPU's model and flags (Linux), else the arch."""
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+        return "\n".join(sorted(set(lines)))
+    return platform.machine()
+
+
+def _compile(cc: str, out: Path) -> None:
+    """Compile fused.c into ``out`` atomically (a temp file in the same directory, renamed)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = [cc, *FLAGS, "-fPIC", "-shared", str(SOURCE), "-o", tmp, "-lmvec", "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        if proc.returncode != 0:
+            raise OSError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
+        os.replace(tmp, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (with the reason in :func:`status`)."""
+    global _status
+    if os.environ.get("BNN_FUSED_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        _status = "off (BNN_FUSED_KERNELS=0)"
+        return None
+    if not sys.platform.startswith("linux"):
+        _status = f"not built on {sys.platform} (glibc's vector math is needed)"
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        _status = "no C compiler ($CC, cc or gcc) found"
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([source, " ".join(FLAGS).encode(), cc.encode(), _machine().encode()])
+    ).hexdigest()[:20]
+    path = _cache_dir() / f"fused-{key}.so"
+    try:
+        if not path.exists():
+            _compile(cc, path)
+        lib = ctypes.CDLL(str(path))
+        if lib.bnn_kernels_version() != VERSION:
+            raise OSError(f"{path}: kernel version {lib.bnn_kernels_version()} != {VERSION}")
+    except (OSError, subprocess.SubprocessError) as exc:
+        _status = f"build failed, torch operations used instead: {exc}"
+        log.warning("bnn fused CPU kernels unavailable: %s", exc)
+        return None
+    lib.bnn_normal.argtypes = [_P, _I64, _I64, _U64]
+    lib.bnn_sample.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _U64]
+    lib.bnn_sample_backward.argtypes = [_P, _P, _P, _P, _P, _I64, _I64]
+    for fn in (lib.bnn_normal, lib.bnn_sample, lib.bnn_sample_backward):
+        fn.restype = None
+    _status = f"loaded from {path}"
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded (building them on the first call)."""
+    with _lock:
+        return _library() is not None
+
+
+def status() -> str:
+    """Why the kernels are or are not in use, e.g. for ``bnn train`` diagnostics."""
+    available()
+    return _status
+
+
+_off = threading.local()
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block (in this thread) the layers use torch operations, e.g. to draw
+    ``torch.randn``'s values or to compare both paths."""
+    depth = getattr(_off, "depth", 0)
+    _off.depth = depth + 1
+    try:
+        yield
+    finally:
+        _off.depth = depth
+
+
+def usable(*tensors: Tensor) -> bool:
+    """Whether :func:`sample` takes these tensors: CPU float32, contiguous, one shape, outside
+    ``torch.compile`` (which traces torch operations only), and the kernels available."""
+    first = tensors[0]
+    return (
+        all(
+            t.device.type == "cpu"
+            and t.dtype == torch.float32
+            and t.is_contiguous()
+            and t.shape == first.shape
+            for t in tensors
+        )
+        and not torch.compiler.is_compiling()
+        and not getattr(_off, "depth", 0)
+        and available()
+    )
+
+
+# mallopt(3) parameters (glibc's malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_MMAP_THRESHOLD = 1 << 30  # allocations below it come from the heap, and freed ones stay
+_TOP_PAD = 64 << 20
+_tuned: bool | None = None
+
+
+def tune_allocator() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of unmapping it (see the
+    module's "Allocator"); once per process, True when in effect. No-op elsewhere than
+    Linux/glibc and with ``BNN_MALLOC_TUNING=0``."""
+    global _tuned
+    with _lock:
+        if _tuned is not None:
+            return _tuned
+        _tuned = False
+        if os.environ.get("BNN_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "no", "off"):
+            return False
+        if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+            return False
+        try:
+            libc = ctypes.CDLL(None)
+            mallopt = libc.mallopt
+        except (OSError, AttributeError):
+            return False
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        threshold = next(
+            (t for t in (_MMAP_THRESHOLD, 32 << 20) if mallopt(_M_MMAP_THRESHOLD, t) == 1), None
+        )
+        if threshold is None:
+            return False
+        mallopt(_M_TRIM_THRESHOLD, min(2 * threshold, 2**31 - 1))
+        mallopt(_M_TOP_PAD, _TOP_PAD)
+        _tuned = True
+        log.debug("malloc keeps freed memory: mmap threshold %d bytes", threshold)
+        return True
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a new pool when needed."""
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _parallel(n: int, call: Callable[[int, int], Any]) -> None:
+    """``call(start, end)`` over [0, n) in torch's number of threads, each share a multiple
+    of BLOCK (the calls release the GIL)."""
+    global _pool, _pool_size
+    threads = max(1, torch.get_num_threads())
+    if n < PARALLEL_MIN or threads == 1:
+        call(0, n)
+        return
+    share = -(-n // threads // BLOCK) * BLOCK
+    ranges = [(s, min(n, s + share)) for s in range(0, n, share)]
+    if _pool is None or _pool_size < len(ranges) - 1:
+        _pool = ThreadPoolExecutor(len(ranges) - 1, thread_name_prefix="bnn-kernel")
+        _pool_size = len(ranges) - 1
+    futures = [_pool.submit(call, s, e) for s, e in ranges[1:]]
+    call(*ranges[0])
+    for f in futures:
+        f.result()
+
+
+def _seed() -> int:
+    """63 random bits from torch's default CPU generator (so torch.manual_seed repeats them)."""
+    return int(torch.empty((), dtype=torch.int64).random_())
+
+
+def normal(like: Tensor) -> Tensor:
+    """A new tensor of ``like``'s shape of N(0, 1) draws (``like`` as for :func:`usable`)."""
+    lib = _library()
+    assert lib is not None
+    out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    seed, ptr = _seed(), out.data_ptr()
+    _parallel(out.numel(), lambda s, e: lib.bnn_normal(ptr, s, e, seed))
+    return out
+
+
+class _Sample(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, mu: Tensor, rho: Tensor) -> tuple[Tensor, Tensor]:
+        lib = _library()
+        assert lib is not None
+        w, sigma, eps = torch.empty_like(mu), torch.empty_like(mu), torch.empty_like(mu)
+        seed = _seed()
+        ptrs = (mu.data_ptr(), rho.data_ptr(), w.data_ptr(), sigma.data_ptr(), eps.data_ptr())
+        _parallel(mu.numel(), lambda s, e: lib.bnn_sample(*ptrs, s, e, seed))
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(eps, rho)
+        return w, sigma
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: Any, grad_w: Tensor | None, grad_sigma: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        grad_mu = grad_w if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[1]:
+            return grad_mu, None
+        eps, rho = ctx.saved_tensors
+        if grad_w is None:
+            grad_w = torch.zeros_like(rho)
+        grad_w = grad_w.contiguous()
+        if grad_sigma is not None:
+            grad_sigma = grad_sigma.contiguous()
+        lib = _library()
+        assert lib is not None
+        grad_rho = torch.empty_like(rho)
+        ptrs = (
+            grad_w.data_ptr(),
+            None if grad_sigma is None else grad_sigma.data_ptr(),
+            eps.data_ptr(),
+            rho.data_ptr(),
+            grad_rho.data_ptr(),
+        )
+        _parallel(rho.numel(), lambda s, e: lib.bnn_sample_backward(*ptrs, s, e))
+        return grad_mu, grad_rho
+
+
+def sample(mu: Tensor, rho: Tensor) -> tuple[Tensor, Tensor]:
+    """``(w, sigma)``: ``sigma = softplus(rho) + 1e-8`` and one draw ``w = mu + sigma * eps``,
+    differentiable in ``mu`` and ``rho`` (through both outputs). Only for tensors that
+    :func:`usable` accepts."""
+    w, sigma = _Sample.apply(mu, rho)
+    return w, sigma

@@ -1,0 +1,139 @@
+/* CPU kernels of the Bayesian layers' reparameterised draw (trainer.kernels).
+ *
+ * Compiled at first use on the machine that runs them (cc -O3 -march=native, no
+ * -ffast-math: NaN and Inf keep their IEEE meaning and denormals are not flushed in the
+ * process), loaded with ctypes, called on float32 C-contiguous CPU tensors. Each function
+ * takes an element range [start, end) so that the caller can split a tensor between
+ * threads; start is a multiple of BLOCK, and every value depends only on its element index,
+ * never on the split.
+ *
+ * Random numbers: Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2,
+ * 3", SC 2011; the counter-based generator of cuRAND and JAX) keyed by a 64-bit seed, one
+ * counter per 4 outputs, turned into N(0, 1) draws by the Box-Muller transform on 24-bit
+ * uniforms in (0, 1). Block b (elements b * BLOCK .. b * BLOCK + BLOCK - 1) uses the
+ * counters b * BLOCK / 4 .. (b + 1) * BLOCK / 4 - 1, so a draw's values do not depend on how
+ * it is split between threads, and two draws with different seeds are independent.
+ */
+#include <math.h>
+#include <stdint.h>
+
+/* glibc's vector math (libmvec) variants of the scalar functions. Declared here rather than
+   through -ffast-math, which would also allow the compiler to assume no NaN/Inf and (with
+   GCC < 13) link crtfastmath.o, which flushes denormals to zero in the whole process. */
+extern float expf(float) __attribute__((__simd__("notinbranch")));
+extern float logf(float) __attribute__((__simd__("notinbranch")));
+extern float log1pf(float) __attribute__((__simd__("notinbranch")));
+extern float sinf(float) __attribute__((__simd__("notinbranch")));
+extern float cosf(float) __attribute__((__simd__("notinbranch")));
+
+#define BLOCK 512           /* elements per block */
+#define COUNTERS (BLOCK / 4) /* Philox counters per block */
+#define HALF (BLOCK / 2)
+#define SIGMA_FLOOR 1e-8f   /* trainer.priors.SIGMA_FLOOR */
+#define SOFTPLUS_THRESHOLD 20.0f /* F.softplus: x itself above it */
+
+int bnn_kernels_version(void) { return 1; }
+
+/* bits[l * COUNTERS + j] = lane l of Philox4x32-10(counter first + j, key (k0, k1)). */
+static inline void philox_block(uint64_t first, uint32_t k0, uint32_t k1, uint32_t *bits) {
+    uint32_t key0[10], key1[10];
+    for (int r = 0; r < 10; r++) {
+        key0[r] = k0 + (uint32_t)r * 0x9E3779B9u;
+        key1[r] = k1 + (uint32_t)r * 0xBB67AE85u;
+    }
+    const uint32_t lo = (uint32_t)first, hi = (uint32_t)(first >> 32);
+#pragma omp simd
+    for (int j = 0; j < COUNTERS; j++) {
+        uint32_t c0 = lo + (uint32_t)j, c1 = hi + (uint32_t)(c0 < lo), c2 = 0, c3 = 0;
+#pragma GCC unroll 10
+        for (int r = 0; r < 10; r++) {
+            const uint64_t p0 = (uint64_t)0xD2511F53u * c0;
+            const uint64_t p1 = (uint64_t)0xCD9E8D57u * c2;
+            const uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ key0[r];
+            const uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3 ^ key1[r];
+            c1 = (uint32_t)p1;
+            c3 = (uint32_t)p0;
+            c0 = n0;
+            c2 = n2;
+        }
+        bits[j] = c0;
+        bits[COUNTERS + j] = c1;
+        bits[2 * COUNTERS + j] = c2;
+        bits[3 * COUNTERS + j] = c3;
+    }
+}
+
+/* z[0 .. BLOCK) ~ N(0, 1), the draws of block number `block`. */
+static inline void normal_block(uint64_t block, uint32_t k0, uint32_t k1, float *z) {
+    uint32_t bits[BLOCK];
+    float radius[HALF], angle[HALF];
+    philox_block(block * COUNTERS, k0, k1, bits);
+#pragma omp simd
+    for (int j = 0; j < HALF; j++) {
+        /* the top 24 bits as (k + 0.5) / 2^24: never 0 or 1, so the log is finite */
+        const float u1 = ((float)(bits[j] >> 8) + 0.5f) * (1.0f / 16777216.0f);
+        const float u2 = ((float)(bits[HALF + j] >> 8) + 0.5f) * (1.0f / 16777216.0f);
+        radius[j] = sqrtf(-2.0f * logf(u1));
+        angle[j] = 6.28318530717958648f * u2;
+    }
+#pragma omp simd
+    for (int j = 0; j < HALF; j++) z[j] = radius[j] * cosf(angle[j]);
+#pragma omp simd
+    for (int j = 0; j < HALF; j++) z[HALF + j] = radius[j] * sinf(angle[j]);
+}
+
+/* eps[start, end) ~ N(0, 1). */
+void bnn_normal(float *eps, int64_t start, int64_t end, uint64_t seed) {
+    const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    float z[BLOCK];
+    for (int64_t b = start; b < end; b += BLOCK) {
+        const int64_t m = end - b < BLOCK ? end - b : BLOCK;
+        normal_block((uint64_t)(b / BLOCK), k0, k1, z);
+        for (int64_t j = 0; j < m; j++) eps[b + j] = z[j];
+    }
+}
+
+/* sigma = softplus(rho) + 1e-8, eps ~ N(0, 1), w = mu + sigma * eps over [start, end). */
+void bnn_sample(const float *mu, const float *rho, float *w, float *sigma, float *eps,
+                int64_t start, int64_t end, uint64_t seed) {
+    const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    float z[BLOCK], s[BLOCK];
+    for (int64_t b = start; b < end; b += BLOCK) {
+        const int64_t m = end - b < BLOCK ? end - b : BLOCK;
+        normal_block((uint64_t)(b / BLOCK), k0, k1, z);
+        const float *r = rho + b;
+#pragma omp simd
+        for (int64_t j = 0; j < m; j++) {
+            const float x = r[j];
+            s[j] = (x > SOFTPLUS_THRESHOLD ? x : log1pf(expf(x))) + SIGMA_FLOOR;
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < m; j++) {
+            eps[b + j] = z[j];
+            sigma[b + j] = s[j];
+            w[b + j] = mu[b + j] + s[j] * z[j];
+        }
+    }
+}
+
+/* grad_rho = (grad_w * eps + grad_sigma) * sigmoid(rho) over [start, end), the chain rule
+   through sigma = softplus(rho) + 1e-8 (whose derivative is sigmoid(rho), 1 above the
+   softplus threshold); grad_sigma may be NULL (no other use of sigma had a gradient). */
+void bnn_sample_backward(const float *grad_w, const float *grad_sigma, const float *eps,
+                         const float *rho, float *grad_rho, int64_t start, int64_t end) {
+    if (grad_sigma) {
+#pragma omp simd
+        for (int64_t i = start; i < end; i++) {
+            const float x = rho[i];
+            const float slope = x > SOFTPLUS_THRESHOLD ? 1.0f : 1.0f / (1.0f + expf(-x));
+            grad_rho[i] = (grad_w[i] * eps[i] + grad_sigma[i]) * slope;
+        }
+    } else {
+#pragma omp simd
+        for (int64_t i = start; i < end; i++) {
+            const float x = rho[i];
+            const float slope = x > SOFTPLUS_THRESHOLD ? 1.0f : 1.0f / (1.0f + expf(-x));
+            grad_rho[i] = grad_w[i] * eps[i] * slope;
+        }
+    }
+}
