@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainer import kernels
 from trainer.errors import BnnError
 from trainer.prior_spec import (
     DEFAULT_PRIOR,
@@ -151,33 +152,51 @@ class _SharedPriorKL(torch.autograd.Function):
     dKL/dsigma_p = n / sigma_p - sum_i (sigma_i^2 + (mu_i - mu_p)^2) / sigma_p^3.
     Every sum is accumulated as in float64 (:func:`sum64`; a float32 sum of 1.4M squares
     was off by ~100 nats);
-    deviations are taken from mu_p before squaring, so nothing cancels.
+    deviations are taken from mu_p before squaring, so nothing cancels. On the CPU
+    (:func:`trainer.kernels.usable`) the sums take one pass and the gradients of mu and
+    sigma another (:func:`trainer.kernels.kl_sums`, :func:`trainer.kernels.kl_backward`).
     """
 
     @staticmethod
     def forward(ctx: Any, mu_q: Tensor, sigma_q: Tensor, mu_p: Tensor, sigma_p: Tensor) -> Tensor:
         n = mu_q.numel()
-        d = mu_q - mu_p.detach().reshape(())
         sp = sigma_p.detach().reshape(()).to(torch.float64)
-        sum_log = sum64(torch.log(sigma_q), center=True)
-        second = sum64(torch.addcmul(sigma_q * sigma_q, d, d))  # sum_i sigma_i^2 + d_i^2
+        ctx.fused = kernels.usable(mu_q, sigma_q)
+        if ctx.fused:  # the CPU kernels: the three sums in one pass, in float64
+            ctx.mp = float(mu_p.detach().reshape(()))
+            sums = kernels.kl_sums(mu_q, sigma_q, ctx.mp)
+            sum_log, second = (torch.tensor(v, dtype=torch.float64) for v in sums[:2])
+            ctx.sum_d = sums[2]
+            ctx.save_for_backward(mu_q, sigma_q, sigma_p)
+        else:
+            d = mu_q - mu_p.detach().reshape(())
+            sum_log = sum64(torch.log(sigma_q), center=True)
+            second = sum64(torch.addcmul(sigma_q * sigma_q, d, d))  # sum_i sigma_i^2 + d_i^2
+            ctx.save_for_backward(d, sigma_q, sigma_p)
         kl = n * torch.log(sp) - sum_log + second / (2 * sp * sp) - 0.5 * n
-        ctx.save_for_backward(d, sigma_q, sigma_p)
         ctx.n, ctx.second = n, second
         return kl.to(mu_q.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        d, sigma_q, sigma_p = ctx.saved_tensors
+        d, sigma_q, sigma_p = ctx.saved_tensors  # d: mu_q itself on the fused path
         var_p = sigma_p.detach().square()
         scale = (grad / var_p).reshape(())
         g_mu = g_sigma = g_mup = g_sp = None
-        if ctx.needs_input_grad[0]:
+        if ctx.fused:
+            if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+                g_mu, g_sigma = kernels.kl_backward(
+                    d, sigma_q, ctx.mp, float(scale), float(grad.reshape(()))
+                )
+            if ctx.needs_input_grad[2]:
+                g_mup = (-ctx.sum_d * scale.to(torch.float64)).to(sigma_p.dtype)
+                g_mup = g_mup.reshape(sigma_p.shape)
+        elif ctx.needs_input_grad[0]:
             g_mu = d * scale
-        if ctx.needs_input_grad[1]:  # sigma / sigma_p^2 - 1 / sigma, times grad
+        if ctx.needs_input_grad[1] and not ctx.fused:  # sigma / sigma_p^2 - 1 / sigma, * grad
             g_sigma = torch.addcdiv(sigma_q * scale, grad.reshape(()), sigma_q, value=-1)
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2] and not ctx.fused:
             sum_d = sum64(d)
             g_mup = (-sum_d * scale.to(torch.float64)).to(sigma_p.dtype).reshape(sigma_p.shape)
         if ctx.needs_input_grad[3]:

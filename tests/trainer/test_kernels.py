@@ -3,6 +3,7 @@ allocator tuning."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -283,3 +284,44 @@ def test_tune_allocator_once_and_switchable() -> None:
     assert on.stdout.split() == ["True", "True"]
     off = _run(_MALLOC, BNN_MALLOC_TUNING="0")
     assert off.stdout.split() == ["False", "False"]
+
+
+def test_fused_kl_matches_the_torch_path_and_float64() -> None:
+    """The KL of a shared scalar prior: one-pass sums and one-pass gradients (kernels) give
+    the torch path's value and gradients, and the float64 value."""
+    from trainer.priors import kl_normal, kl_normal_sum_fused
+
+    g = torch.Generator().manual_seed(5)
+    n_out, n_in = 700, 600
+    results = []
+    for off in (False, True):
+        mu = (torch.randn(n_out, n_in, generator=g) * 0.2 + 0.05).requires_grad_()
+        sigma = (torch.rand(n_out, n_in, generator=g) * 0.3 + 1e-3).requires_grad_()
+        mu_p = torch.tensor([0.03], requires_grad=True)
+        sigma_p = torch.tensor([0.4], requires_grad=True)
+        with kernels.disabled() if off else contextlib.nullcontext():
+            kl = kl_normal_sum_fused(mu, sigma, mu_p, sigma_p)
+            (kl * 0.7).backward()
+        ref = kl_normal(mu.double(), sigma.double(), mu_p.double(), sigma_p.double()).sum()
+        assert kl.item() == pytest.approx(ref.item(), rel=1.2e-7)  # float32 rounding of the sum
+        results.append([kl.detach(), mu.grad, sigma.grad, mu_p.grad, sigma_p.grad])
+        g = torch.Generator().manual_seed(5)  # the same tensors again
+    for fused, plain in zip(*results, strict=True):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_kl_sums_do_not_depend_on_the_thread_count() -> None:
+    mu, sigma = torch.randn(1_000_003), torch.rand(1_000_003) + 0.01
+    threads = torch.get_num_threads()
+    try:
+        sums = []
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            sums.append(kernels.kl_sums(mu, sigma, 0.1))
+    finally:
+        torch.set_num_threads(threads)
+    assert sums[0] == sums[1] == sums[2]
+    ref = (sigma.double().log().sum(), (sigma.double() ** 2 + (mu - 0.1).double() ** 2).sum())
+    # float32 logs (as torch's path takes them) summed in float64: within 1e-8 of float64
+    assert sums[0][0] == pytest.approx(ref[0].item(), rel=1e-8)
+    assert sums[0][1] == pytest.approx(ref[1].item(), rel=1e-12)

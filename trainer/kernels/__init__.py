@@ -54,13 +54,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["available", "disabled", "normal", "sample", "status", "tune_allocator", "usable"]
+__all__ = [
+    "available",
+    "disabled",
+    "kl_backward",
+    "kl_sums",
+    "normal",
+    "sample",
+    "status",
+    "tune_allocator",
+    "usable",
+]
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fused.c")
 BLOCK = 512  # fused.c's BLOCK: a thread's share starts at a multiple of it
-VERSION = 1  # fused.c's bnn_kernels_version()
+VERSION = 2  # fused.c's bnn_kernels_version()
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd")
 # Below this many elements one call on the calling thread (a thread hand-off costs ~20 us).
 PARALLEL_MIN = 1 << 16
@@ -135,7 +145,19 @@ def _library() -> ctypes.CDLL | None:
     lib.bnn_normal.argtypes = [_P, _I64, _I64, _U64]
     lib.bnn_sample.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _U64]
     lib.bnn_sample_backward.argtypes = [_P, _P, _P, _P, _P, _I64, _I64]
-    for fn in (lib.bnn_normal, lib.bnn_sample, lib.bnn_sample_backward):
+    lib.bnn_kl_partials.argtypes = [_P, _P, ctypes.c_float, _P, _I64, _I64]
+    lib.bnn_sum3.argtypes = [_P, _I64, _P]
+    lib.bnn_kl_backward.argtypes = [
+        _P, _P, ctypes.c_float, ctypes.c_float, ctypes.c_float, _P, _P, _I64, _I64
+    ]  # fmt: skip
+    for fn in (
+        lib.bnn_normal,
+        lib.bnn_sample,
+        lib.bnn_sample_backward,
+        lib.bnn_kl_partials,
+        lib.bnn_sum3,
+        lib.bnn_kl_backward,
+    ):
         fn.restype = None
     _status = f"loaded from {path}"
     return lib
@@ -318,3 +340,30 @@ def sample(mu: Tensor, rho: Tensor) -> tuple[Tensor, Tensor]:
     :func:`usable` accepts."""
     w, sigma = _Sample.apply(mu, rho)
     return w, sigma
+
+
+def kl_sums(mu: Tensor, sigma: Tensor, mu_p: float) -> tuple[float, float, float]:
+    """``(sum log sigma_i, sum sigma_i^2 + d_i^2, sum d_i)``, ``d_i = mu_i - mu_p``, each
+    accumulated in float64 in one pass (for :class:`trainer.priors._SharedPriorKL`)."""
+    lib = _library()
+    assert lib is not None
+    n = mu.numel()
+    partials = torch.empty(3 * (-(-n // BLOCK)), dtype=torch.float64)
+    ptrs = (mu.data_ptr(), sigma.data_ptr(), ctypes.c_float(mu_p), partials.data_ptr())
+    _parallel(n, lambda s, e: lib.bnn_kl_partials(*ptrs, s, e))
+    out = (ctypes.c_double * 3)()
+    lib.bnn_sum3(partials.data_ptr(), partials.numel() // 3, out)
+    return out[0], out[1], out[2]
+
+
+def kl_backward(
+    mu: Tensor, sigma: Tensor, mu_p: float, scale: float, grad: float
+) -> tuple[Tensor, Tensor]:
+    """``((mu - mu_p) * scale, sigma * scale - grad / sigma)`` in one pass."""
+    lib = _library()
+    assert lib is not None
+    g_mu, g_sigma = torch.empty_like(mu), torch.empty_like(sigma)
+    ptrs = (mu.data_ptr(), sigma.data_ptr(), *map(ctypes.c_float, (mu_p, scale, grad)))
+    outs = (g_mu.data_ptr(), g_sigma.data_ptr())
+    _parallel(mu.numel(), lambda s, e: lib.bnn_kl_backward(*ptrs, *outs, s, e))
+    return g_mu, g_sigma

@@ -32,7 +32,7 @@ extern float cosf(float) __attribute__((__simd__("notinbranch")));
 #define SIGMA_FLOOR 1e-8f   /* trainer.priors.SIGMA_FLOOR */
 #define SOFTPLUS_THRESHOLD 20.0f /* F.softplus: x itself above it */
 
-int bnn_kernels_version(void) { return 1; }
+int bnn_kernels_version(void) { return 2; }
 
 /* bits[l * COUNTERS + j] = lane l of Philox4x32-10(counter first + j, key (k0, k1)). */
 static inline void philox_block(uint64_t first, uint32_t k0, uint32_t k1, uint32_t *bits) {
@@ -135,5 +135,56 @@ void bnn_sample_backward(const float *grad_w, const float *grad_sigma, const flo
             const float slope = x > SOFTPLUS_THRESHOLD ? 1.0f : 1.0f / (1.0f + expf(-x));
             grad_rho[i] = grad_w[i] * eps[i] * slope;
         }
+    }
+}
+
+/* KL(N(mu_i, sigma_i^2) || N(mp, sp^2)) summed over a layer needs three sums: of
+   log(sigma_i), of sigma_i^2 + d_i^2 and of d_i, d_i = mu_i - mp (in float32, as the torch
+   path takes it). One pass writes each block's three sums, accumulated in float64, into
+   partials[3 * block ...]; bnn_sum3 adds the blocks in order, so the result does not
+   depend on the split between threads. */
+void bnn_kl_partials(const float *mu, const float *sigma, float mp, double *partials,
+                     int64_t start, int64_t end) {
+    float logs[BLOCK];
+    for (int64_t b = start; b < end; b += BLOCK) {
+        const int64_t m = end - b < BLOCK ? end - b : BLOCK;
+        const float *s = sigma + b, *u = mu + b;
+#pragma omp simd
+        for (int64_t j = 0; j < m; j++) logs[j] = logf(s[j]);
+        double sum_log = 0.0, second = 0.0, sum_d = 0.0;
+#pragma omp simd reduction(+ : sum_log, second, sum_d)
+        for (int64_t j = 0; j < m; j++) {
+            const double d = (double)(u[j] - mp), sd = (double)s[j];
+            sum_log += (double)logs[j];
+            second += sd * sd + d * d;
+            sum_d += d;
+        }
+        double *out = partials + 3 * (b / BLOCK);
+        out[0] = sum_log;
+        out[1] = second;
+        out[2] = sum_d;
+    }
+}
+
+void bnn_sum3(const double *partials, int64_t blocks, double *out) {
+    double a = 0.0, b = 0.0, c = 0.0;
+    for (int64_t i = 0; i < blocks; i++) {
+        a += partials[3 * i];
+        b += partials[3 * i + 1];
+        c += partials[3 * i + 2];
+    }
+    out[0] = a;
+    out[1] = b;
+    out[2] = c;
+}
+
+/* The KL's gradients, times the incoming gradient: grad_mu = (mu - mp) * scale and
+   grad_sigma = sigma * scale - grad / sigma, scale = grad / sp^2. */
+void bnn_kl_backward(const float *mu, const float *sigma, float mp, float scale, float grad,
+                     float *grad_mu, float *grad_sigma, int64_t start, int64_t end) {
+#pragma omp simd
+    for (int64_t i = start; i < end; i++) {
+        grad_mu[i] = (mu[i] - mp) * scale;
+        grad_sigma[i] = sigma[i] * scale - grad / sigma[i];
     }
 }
