@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from trainer import kernels
 from trainer.layers import BayesianLayer, bayesian_layers
 from trainer.snapshot import EpochSnapshot, GradLevel, LayerLog
 
@@ -187,6 +188,21 @@ class _ParamStats:
         if a.numel():
             torch.maximum(self.max_abs, a.max(), out=self.max_abs)
 
+    def record_fused(self, grad: Tensor) -> float:
+        """The CPU kernels' path (:func:`trainer.kernels.grad_stats`): the statistics and the
+        step's sum of squares in one pass over ``grad``; returns the sum of squares."""
+        self.steps += 1
+        if self.level is GradLevel.ELEMENT:
+            sq, _, _, _ = kernels.grad_stats(grad, self.sum_abs, self.max_abs, self.nonfinite)
+            return sq
+        sq, sum_abs, max_abs, bad = kernels.grad_stats(grad)
+        self.sum_abs += sum_abs
+        if max_abs > float(self.max_abs):
+            self.max_abs.fill_(max_abs)
+        if bad:
+            self.nonfinite += bad
+        return sq
+
     def result(self, copies: HostCopies | None = None) -> dict[str, np.ndarray]:
         to_host = copies or HostCopies(self.sum_abs.device, asynchronous=False)
         per = 1 if self.level is GradLevel.ELEMENT else self.elements
@@ -323,15 +339,19 @@ class GradientRecorder:
                     series.add(None if g is None else g.detach().reshape(-1)[0])
 
     def _record_cpu(self, present: list[_ParamStats]) -> None:
-        """CPU: per gradient, its norm (which tells whether it is finite) and the statistics
-        through one reused |g| buffer (three passes; fewer than the masked path)."""
+        """CPU: per gradient, through the kernels, its sum of squares and the statistics in one
+        pass; else its norm (which tells whether it is finite) and the statistics through
+        one reused |g| buffer (three passes; fewer than the masked path)."""
         assert self._norms is not None
         totals = [0.0] * len(self.layers)
         for stats in present:
             grad = stats.param.grad
             assert grad is not None
-            norm_sq = float(torch.linalg.vector_norm(grad).to(torch.float64)) ** 2
-            stats.record(grad, math.isfinite(norm_sq))
+            if kernels.usable(grad):  # one pass (trainer.kernels)
+                norm_sq = stats.record_fused(grad)
+            else:
+                norm_sq = float(torch.linalg.vector_norm(grad).to(torch.float64)) ** 2
+                stats.record(grad, math.isfinite(norm_sq))
             totals[stats.layer] += norm_sq
         self._norms.append_values([math.sqrt(t) for t in totals])
 

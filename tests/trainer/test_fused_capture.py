@@ -1,5 +1,6 @@
-"""Both gradient-statistics paths (the CPU one and the fused ``_foreach`` one that GPUs take)
-give the same statistics as a float64 reference, non-finite gradients included; and ``sum64``."""
+"""The gradient-statistics paths (the CPU kernels' one-pass path, the CPU torch path and the
+fused ``_foreach`` one that GPUs take) give the same statistics as a float64 reference,
+non-finite gradients included; and ``sum64``."""
 
 import math
 
@@ -8,11 +9,21 @@ import pytest
 import torch
 from torch import nn
 
-from trainer import capture
+from trainer import capture, kernels
 from trainer.capture import GradientRecorder
 from trainer.layers import BayesLinear, model_kl
 from trainer.priors import PriorKind, PriorSpec, sum64
 from trainer.snapshot import GradLevel
+
+
+def _take(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cpu: the kernels' path; cpu-torch: the CPU path without them; foreach: the GPUs'."""
+    if path == "foreach":
+        _force_foreach(monkeypatch)
+    elif path == "cpu-torch":
+        monkeypatch.setattr(kernels, "usable", lambda *tensors: False)
+    else:
+        assert kernels.available(), kernels.status()
 
 
 def _force_foreach(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,12 +82,11 @@ def _reference(steps: list[dict[str, torch.Tensor]], name: str) -> dict[str, np.
 
 
 @pytest.mark.parametrize("poison", [False, True])
-@pytest.mark.parametrize("path", ["cpu", "foreach"])
+@pytest.mark.parametrize("path", ["cpu", "cpu-torch", "foreach"])
 def test_element_statistics_match_the_float64_reference(
     path: str, poison: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if path == "foreach":
-        _force_foreach(monkeypatch)
+    _take(path, monkeypatch)
     model = _model()
     steps = _steps(model, 4, poison)
     got = _record(model, GradLevel.ELEMENT, steps)
@@ -102,12 +112,11 @@ def test_element_statistics_match_the_float64_reference(
     assert norms[0] == pytest.approx(want, rel=1e-5)  # float32 norms of ~270k elements
 
 
-@pytest.mark.parametrize("path", ["cpu", "foreach"])
+@pytest.mark.parametrize("path", ["cpu", "cpu-torch", "foreach"])
 def test_layer_statistics_match_the_float64_reference(
     path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if path == "foreach":
-        _force_foreach(monkeypatch)
+    _take(path, monkeypatch)
     model = _model()
     steps = _steps(model, 3, poison=True)
     got = _record(model, GradLevel.LAYER, steps)

@@ -57,6 +57,7 @@ from torch import Tensor
 __all__ = [
     "available",
     "disabled",
+    "grad_stats",
     "kl_backward",
     "kl_sums",
     "normal",
@@ -70,7 +71,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fused.c")
 BLOCK = 512  # fused.c's BLOCK: a thread's share starts at a multiple of it
-VERSION = 2  # fused.c's bnn_kernels_version()
+VERSION = 3  # fused.c's bnn_kernels_version()
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd")
 # Below this many elements one call on the calling thread (a thread hand-off costs ~20 us).
 PARALLEL_MIN = 1 << 16
@@ -150,7 +151,11 @@ def _library() -> ctypes.CDLL | None:
     lib.bnn_kl_backward.argtypes = [
         _P, _P, ctypes.c_float, ctypes.c_float, ctypes.c_float, _P, _P, _I64, _I64
     ]  # fmt: skip
+    lib.bnn_grad_stats.argtypes = [_P, _P, _P, _P, _I64, _I64, _P]
+    lib.bnn_grad_total.argtypes = [_P, _I64, _P]
     for fn in (
+        lib.bnn_grad_stats,
+        lib.bnn_grad_total,
         lib.bnn_normal,
         lib.bnn_sample,
         lib.bnn_sample_backward,
@@ -367,3 +372,37 @@ def kl_backward(
     outs = (g_mu.data_ptr(), g_sigma.data_ptr())
     _parallel(mu.numel(), lambda s, e: lib.bnn_kl_backward(*ptrs, *outs, s, e))
     return g_mu, g_sigma
+
+
+def grad_stats(
+    grad: Tensor,
+    sum_abs: Tensor | None = None,
+    max_abs: Tensor | None = None,
+    nonfinite: Tensor | None = None,
+) -> tuple[float, float, float, int]:
+    """One step's statistics of ``grad`` in one pass: ``(sum of g^2, sum |g|, max |g|,
+    non-finite count)``, the sums in float64, ``|g|`` over the finite values only, the sum of
+    squares NaN or Inf as a norm would be. With the per-element accumulators (float32,
+    float32, int32, ``grad``'s shape), also ``sum_abs += |g|``, ``max_abs = max(max_abs, |g|)``
+    where g is finite and ``nonfinite += 1`` where it is not, in the same pass."""
+    lib = _library()
+    assert lib is not None
+    n = grad.numel()
+    partials = torch.empty(4 * max(1, -(-n // BLOCK)), dtype=torch.float64)
+    partials[:4].zero_()
+    ptrs: tuple[int | None, ...] = (grad.data_ptr(), None, None, None)
+    if sum_abs is not None:
+        assert max_abs is not None and nonfinite is not None
+        accumulators = (
+            (sum_abs, torch.float32),
+            (max_abs, torch.float32),
+            (nonfinite, torch.int32),
+        )
+        for t, dtype in accumulators:
+            assert t.dtype == dtype and t.is_contiguous() and t.shape == grad.shape
+        ptrs = (grad.data_ptr(), sum_abs.data_ptr(), max_abs.data_ptr(), nonfinite.data_ptr())
+    part = partials.data_ptr()
+    _parallel(n, lambda s, e: lib.bnn_grad_stats(*ptrs, s, e, part))
+    out = (ctypes.c_double * 4)()
+    lib.bnn_grad_total(part, partials.numel() // 4, out)
+    return out[0], out[1], out[2], int(out[3])

@@ -16,6 +16,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 /* glibc's vector math (libmvec) variants of the scalar functions. Declared here rather than
    through -ffast-math, which would also allow the compiler to assume no NaN/Inf and (with
@@ -32,7 +33,7 @@ extern float cosf(float) __attribute__((__simd__("notinbranch")));
 #define SIGMA_FLOOR 1e-8f   /* trainer.priors.SIGMA_FLOOR */
 #define SOFTPLUS_THRESHOLD 20.0f /* F.softplus: x itself above it */
 
-int bnn_kernels_version(void) { return 2; }
+int bnn_kernels_version(void) { return 3; }
 
 /* bits[l * COUNTERS + j] = lane l of Philox4x32-10(counter first + j, key (k0, k1)). */
 static inline void philox_block(uint64_t first, uint32_t k0, uint32_t k1, uint32_t *bits) {
@@ -187,4 +188,71 @@ void bnn_kl_backward(const float *mu, const float *sigma, float mp, float scale,
         grad_mu[i] = (mu[i] - mp) * scale;
         grad_sigma[i] = sigma[i] * scale - grad / sigma[i];
     }
+}
+
+/* One step's gradient statistics (trainer.capture.GradientRecorder) in one pass over g.
+   Per block, partials[4 * block ...] = {sum of g^2 (float64; NaN and Inf propagate, as in
+   a norm), sum of |g| over the finite g, max of |g| over the finite g, count of non-finite
+   g}. With sum_abs/max_abs/nonfinite (per-element level; else NULL), also per element:
+   sum_abs += |g| and max_abs = max(max_abs, |g|) where g is finite, nonfinite += 1 where
+   it is not. */
+void bnn_grad_stats(const float *g, float *sum_abs, float *max_abs, int32_t *nonfinite,
+                    int64_t start, int64_t end, double *partials) {
+    for (int64_t b = start; b < end; b += BLOCK) {
+        const int64_t m = end - b < BLOCK ? end - b : BLOCK;
+        const float *x = g + b;
+        double sq = 0.0, sabs = 0.0;
+        float mabs = 0.0f;
+        int bad = 0;
+#pragma omp simd reduction(+ : sq, sabs, bad) reduction(max : mabs)
+        for (int64_t j = 0; j < m; j++) {
+            uint32_t bits;
+            memcpy(&bits, &x[j], 4);
+            const int finite = (bits & 0x7f800000u) != 0x7f800000u;
+            const float a = finite ? fabsf(x[j]) : 0.0f;
+            sq += (double)x[j] * (double)x[j];
+            sabs += (double)a;
+            mabs = a > mabs ? a : mabs;
+            bad += !finite;
+        }
+        if (sum_abs) {
+            float *s = sum_abs + b, *mx = max_abs + b;
+#pragma omp simd
+            for (int64_t j = 0; j < m; j++) {
+                uint32_t bits;
+                memcpy(&bits, &x[j], 4);
+                const float a = (bits & 0x7f800000u) != 0x7f800000u ? fabsf(x[j]) : 0.0f;
+                s[j] += a;
+                mx[j] = a > mx[j] ? a : mx[j];
+            }
+            if (bad) {
+                for (int64_t j = 0; j < m; j++) {
+                    uint32_t bits;
+                    memcpy(&bits, &x[j], 4);
+                    nonfinite[b + j] += (bits & 0x7f800000u) == 0x7f800000u;
+                }
+            }
+        }
+        double *out = partials + 4 * (b / BLOCK);
+        out[0] = sq;
+        out[1] = sabs;
+        out[2] = (double)mabs;
+        out[3] = (double)bad;
+    }
+}
+
+/* The blocks' partials of bnn_grad_stats combined in order: {sum g^2, sum |g|, max |g|,
+   non-finite count}. */
+void bnn_grad_total(const double *partials, int64_t blocks, double *out) {
+    double sq = 0.0, sabs = 0.0, mabs = 0.0, bad = 0.0;
+    for (int64_t i = 0; i < blocks; i++) {
+        sq += partials[4 * i];
+        sabs += partials[4 * i + 1];
+        mabs = partials[4 * i + 2] > mabs ? partials[4 * i + 2] : mabs;
+        bad += partials[4 * i + 3];
+    }
+    out[0] = sq;
+    out[1] = sabs;
+    out[2] = mabs;
+    out[3] = bad;
 }
