@@ -325,3 +325,13 @@ def test_fused_kl_sums_do_not_depend_on_the_thread_count() -> None:
     # float32 logs (as torch's path takes them) summed in float64: within 1e-8 of float64
     assert sums[0][0] == pytest.approx(ref[0].item(), rel=1e-8)
     assert sums[0][1] == pytest.approx(ref[1].item(), rel=1e-12)
+
+
+def test_count_nonfinite() -> None:
+    x = torch.randn(300_000)
+    assert kernels.count_nonfinite(x) == 0
+    x[[0, 511, 512, 299_999]] = torch.tensor([math.nan, math.inf, -math.inf, math.nan])
+    x[7] = torch.finfo(torch.float32).max  # finite, however large
+    x[8] = torch.finfo(torch.float32).tiny / 4  # a denormal
+    assert kernels.count_nonfinite(x) == 4
+    assert kernels.count_nonfinite(torch.tensor(math.nan)) == 1

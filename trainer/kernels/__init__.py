@@ -56,6 +56,7 @@ from torch import Tensor
 
 __all__ = [
     "available",
+    "count_nonfinite",
     "disabled",
     "grad_stats",
     "kl_backward",
@@ -71,7 +72,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fused.c")
 BLOCK = 512  # fused.c's BLOCK: a thread's share starts at a multiple of it
-VERSION = 3  # fused.c's bnn_kernels_version()
+VERSION = 4  # fused.c's bnn_kernels_version()
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd")
 # Below this many elements one call on the calling thread (a thread hand-off costs ~20 us).
 PARALLEL_MIN = 1 << 16
@@ -151,6 +152,8 @@ def _library() -> ctypes.CDLL | None:
     lib.bnn_kl_backward.argtypes = [
         _P, _P, ctypes.c_float, ctypes.c_float, ctypes.c_float, _P, _P, _I64, _I64
     ]  # fmt: skip
+    lib.bnn_count_nonfinite.argtypes = [_P, _I64, _I64]
+    lib.bnn_count_nonfinite.restype = _I64
     lib.bnn_grad_stats.argtypes = [_P, _P, _P, _P, _I64, _I64, _P]
     lib.bnn_grad_total.argtypes = [_P, _I64, _P]
     for fn in (
@@ -264,23 +267,21 @@ def _forget_pool() -> None:
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _parallel(n: int, call: Callable[[int, int], Any]) -> None:
+def _parallel(n: int, call: Callable[[int, int], Any]) -> list[Any]:
     """``call(start, end)`` over [0, n) in torch's number of threads, each share a multiple
-    of BLOCK (the calls release the GIL)."""
+    of BLOCK (the calls release the GIL); the calls' results, in order."""
     global _pool, _pool_size
     threads = max(1, torch.get_num_threads())
     if n < PARALLEL_MIN or threads == 1:
-        call(0, n)
-        return
+        return [call(0, n)]
     share = -(-n // threads // BLOCK) * BLOCK
     ranges = [(s, min(n, s + share)) for s in range(0, n, share)]
     if _pool is None or _pool_size < len(ranges) - 1:
         _pool = ThreadPoolExecutor(len(ranges) - 1, thread_name_prefix="bnn-kernel")
         _pool_size = len(ranges) - 1
     futures = [_pool.submit(call, s, e) for s, e in ranges[1:]]
-    call(*ranges[0])
-    for f in futures:
-        f.result()
+    first = call(*ranges[0])
+    return [first, *(f.result() for f in futures)]
 
 
 def _seed() -> int:
@@ -406,3 +407,11 @@ def grad_stats(
     out = (ctypes.c_double * 4)()
     lib.bnn_grad_total(part, partials.numel() // 4, out)
     return out[0], out[1], out[2], int(out[3])
+
+
+def count_nonfinite(x: Tensor) -> int:
+    """How many NaN and Inf values ``x`` (as for :func:`usable`) holds, in one read pass."""
+    lib = _library()
+    assert lib is not None
+    ptr = x.data_ptr()
+    return int(sum(_parallel(x.numel(), lambda s, e: lib.bnn_count_nonfinite(ptr, s, e))))

@@ -33,7 +33,7 @@ extern float cosf(float) __attribute__((__simd__("notinbranch")));
 #define SIGMA_FLOOR 1e-8f   /* trainer.priors.SIGMA_FLOOR */
 #define SOFTPLUS_THRESHOLD 20.0f /* F.softplus: x itself above it */
 
-int bnn_kernels_version(void) { return 3; }
+int bnn_kernels_version(void) { return 4; }
 
 /* bits[l * COUNTERS + j] = lane l of Philox4x32-10(counter first + j, key (k0, k1)). */
 static inline void philox_block(uint64_t first, uint32_t k0, uint32_t k1, uint32_t *bits) {
@@ -255,4 +255,16 @@ void bnn_grad_total(const double *partials, int64_t blocks, double *out) {
     out[1] = sabs;
     out[2] = mabs;
     out[3] = bad;
+}
+
+/* The number of NaN and Inf values in x[start, end) (one read pass, integer compares). */
+int64_t bnn_count_nonfinite(const float *x, int64_t start, int64_t end) {
+    int64_t bad = 0;
+#pragma omp simd reduction(+ : bad)
+    for (int64_t i = start; i < end; i++) {
+        uint32_t bits;
+        memcpy(&bits, &x[i], 4);
+        bad += (bits & 0x7f800000u) == 0x7f800000u;
+    }
+    return bad;
 }
