@@ -188,19 +188,18 @@ class _ParamStats:
         if a.numel():
             torch.maximum(self.max_abs, a.max(), out=self.max_abs)
 
-    def record_fused(self, grad: Tensor) -> float:
-        """The CPU kernels' path (:func:`trainer.kernels.grad_stats`): the statistics and the
-        step's sum of squares in one pass over ``grad``; returns the sum of squares."""
+    def add_fused(self, result: kernels.GradStats) -> float:
+        """Count one step whose statistics the CPU kernels computed
+        (:func:`trainer.kernels.grad_stats_many`: per element, already added to this
+        parameter's accumulators); returns the step's sum of squares."""
         self.steps += 1
-        if self.level is GradLevel.ELEMENT:
-            sq, _, _, _ = kernels.grad_stats(grad, self.sum_abs, self.max_abs, self.nonfinite)
-            return sq
-        sq, sum_abs, max_abs, bad = kernels.grad_stats(grad)
-        self.sum_abs += sum_abs
-        if max_abs > float(self.max_abs):
-            self.max_abs.fill_(max_abs)
-        if bad:
-            self.nonfinite += bad
+        sq, sum_abs, max_abs, bad = result
+        if self.level is not GradLevel.ELEMENT:
+            self.sum_abs += sum_abs
+            if max_abs > float(self.max_abs):
+                self.max_abs.fill_(max_abs)
+            if bad:
+                self.nonfinite += bad
         return sq
 
     def result(self, copies: HostCopies | None = None) -> dict[str, np.ndarray]:
@@ -344,14 +343,26 @@ class GradientRecorder:
         one reused |g| buffer (three passes; fewer than the masked path)."""
         assert self._norms is not None
         totals = [0.0] * len(self.layers)
+        element = self.level is GradLevel.ELEMENT
+        fused, grads = [], []
+        for s in present:
+            g = s.param.grad
+            if g is not None and kernels.usable(*((g, s.sum_abs, s.max_abs) if element else (g,))):
+                fused.append(s)
+                grads.append(g)
+        if fused:  # one pass per gradient, one call for all (trainer.kernels)
+            accumulators = [(s.sum_abs, s.max_abs, s.nonfinite) for s in fused]
+            results = kernels.grad_stats_many(grads, accumulators if element else None)
+            for stats, result in zip(fused, results, strict=True):
+                totals[stats.layer] += stats.add_fused(result)
+        done = {id(s) for s in fused}
         for stats in present:
+            if id(stats) in done:
+                continue
             grad = stats.param.grad
             assert grad is not None
-            if kernels.usable(grad):  # one pass (trainer.kernels)
-                norm_sq = stats.record_fused(grad)
-            else:
-                norm_sq = float(torch.linalg.vector_norm(grad).to(torch.float64)) ** 2
-                stats.record(grad, math.isfinite(norm_sq))
+            norm_sq = float(torch.linalg.vector_norm(grad).to(torch.float64)) ** 2
+            stats.record(grad, math.isfinite(norm_sq))
             totals[stats.layer] += norm_sq
         self._norms.append_values([math.sqrt(t) for t in totals])
 

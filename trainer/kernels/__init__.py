@@ -45,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
@@ -59,6 +59,7 @@ __all__ = [
     "count_nonfinite",
     "disabled",
     "grad_stats",
+    "grad_stats_many",
     "kl_backward",
     "kl_sums",
     "normal",
@@ -72,7 +73,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fused.c")
 BLOCK = 512  # fused.c's BLOCK: a thread's share starts at a multiple of it
-VERSION = 4  # fused.c's bnn_kernels_version()
+VERSION = 5  # fused.c's bnn_kernels_version()
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd")
 # Below this many elements one call on the calling thread (a thread hand-off costs ~20 us).
 PARALLEL_MIN = 1 << 16
@@ -155,8 +156,12 @@ def _library() -> ctypes.CDLL | None:
     lib.bnn_count_nonfinite.argtypes = [_P, _I64, _I64]
     lib.bnn_count_nonfinite.restype = _I64
     lib.bnn_grad_stats.argtypes = [_P, _P, _P, _P, _I64, _I64, _P]
+    lib.bnn_grad_stats_list.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64]
+    lib.bnn_grad_totals.argtypes = [_I64, _P, _P, _P, _P]
     lib.bnn_grad_total.argtypes = [_P, _I64, _P]
     for fn in (
+        lib.bnn_grad_stats_list,
+        lib.bnn_grad_totals,
         lib.bnn_grad_stats,
         lib.bnn_grad_total,
         lib.bnn_normal,
@@ -267,21 +272,33 @@ def _forget_pool() -> None:
 os.register_at_fork(after_in_child=_forget_pool)
 
 
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _run_parts(parts: int, call: Callable[[int], Any]) -> list[Any]:
+    """``call(part)`` for part in range(parts): part 0 on this thread, the others on the pool
+    (ctypes calls release the GIL); the results, in order."""
+    global _pool, _pool_size
+    if parts <= 1:
+        return [call(0)]
+    if _pool is None or _pool_size < parts - 1:
+        _pool = ThreadPoolExecutor(parts - 1, thread_name_prefix="bnn-kernel")
+        _pool_size = parts - 1
+    futures = [_pool.submit(call, part) for part in range(1, parts)]
+    first = call(0)
+    return [first, *(f.result() for f in futures)]
+
+
 def _parallel(n: int, call: Callable[[int, int], Any]) -> list[Any]:
     """``call(start, end)`` over [0, n) in torch's number of threads, each share a multiple
-    of BLOCK (the calls release the GIL); the calls' results, in order."""
-    global _pool, _pool_size
-    threads = max(1, torch.get_num_threads())
+    of BLOCK; the calls' results, in order."""
+    threads = _threads()
     if n < PARALLEL_MIN or threads == 1:
         return [call(0, n)]
     share = -(-n // threads // BLOCK) * BLOCK
     ranges = [(s, min(n, s + share)) for s in range(0, n, share)]
-    if _pool is None or _pool_size < len(ranges) - 1:
-        _pool = ThreadPoolExecutor(len(ranges) - 1, thread_name_prefix="bnn-kernel")
-        _pool_size = len(ranges) - 1
-    futures = [_pool.submit(call, s, e) for s, e in ranges[1:]]
-    first = call(*ranges[0])
-    return [first, *(f.result() for f in futures)]
+    return _run_parts(len(ranges), lambda part: call(*ranges[part]))
 
 
 def _seed() -> int:
@@ -415,3 +432,50 @@ def count_nonfinite(x: Tensor) -> int:
     assert lib is not None
     ptr = x.data_ptr()
     return int(sum(_parallel(x.numel(), lambda s, e: lib.bnn_count_nonfinite(ptr, s, e))))
+
+
+GradStats = tuple[float, float, float, int]
+
+
+def grad_stats_many(
+    grads: Sequence[Tensor],
+    accumulators: Sequence[tuple[Tensor, Tensor, Tensor]] | None = None,
+) -> list[GradStats]:
+    """:func:`grad_stats` of every tensor in ``grads`` in one call into the kernels (one
+    Python round trip per step instead of one per gradient); ``accumulators``: each
+    gradient's ``(sum_abs, max_abs, nonfinite)``, or None for the statistics alone."""
+    lib = _library()
+    assert lib is not None
+    k = len(grads)
+    if k == 0:
+        return []
+    sizes = [g.numel() for g in grads]
+    first, total = [], 0
+    for n in sizes:
+        first.append(total)
+        total += max(1, -(-n // BLOCK))
+    partials = torch.zeros(4 * total, dtype=torch.float64)
+
+    def array(ctype: Any, values: Sequence[Any]) -> Any:
+        return (ctype * k)(*values)
+
+    g_ptrs = array(ctypes.c_void_p, [g.data_ptr() for g in grads])
+    acc: list[Any] = [None, None, None]
+    if accumulators is not None:
+        for (s, m, c), g in zip(accumulators, grads, strict=True):
+            assert s.dtype == m.dtype == torch.float32 and c.dtype == torch.int32
+            assert s.shape == m.shape == c.shape == g.shape
+            assert s.is_contiguous() and m.is_contiguous() and c.is_contiguous()
+        acc = [array(ctypes.c_void_p, [a[i].data_ptr() for a in accumulators]) for i in range(3)]
+    c_sizes, c_first = array(ctypes.c_int64, sizes), array(ctypes.c_int64, first)
+    parts = _threads() if max(sizes) >= PARALLEL_MIN else 1
+    ptr = partials.data_ptr()
+    _run_parts(
+        parts,
+        lambda part: lib.bnn_grad_stats_list(
+            k, g_ptrs, *acc, c_sizes, c_first, ptr, part, parts, PARALLEL_MIN
+        ),
+    )
+    out = (ctypes.c_double * (4 * k))()
+    lib.bnn_grad_totals(k, ptr, c_first, c_sizes, out)
+    return [(out[4 * t], out[4 * t + 1], out[4 * t + 2], int(out[4 * t + 3])) for t in range(k)]

@@ -33,7 +33,7 @@ extern float cosf(float) __attribute__((__simd__("notinbranch")));
 #define SIGMA_FLOOR 1e-8f   /* trainer.priors.SIGMA_FLOOR */
 #define SOFTPLUS_THRESHOLD 20.0f /* F.softplus: x itself above it */
 
-int bnn_kernels_version(void) { return 4; }
+int bnn_kernels_version(void) { return 5; }
 
 /* bits[l * COUNTERS + j] = lane l of Philox4x32-10(counter first + j, key (k0, k1)). */
 static inline void philox_block(uint64_t first, uint32_t k0, uint32_t k1, uint32_t *bits) {
@@ -267,4 +267,37 @@ int64_t bnn_count_nonfinite(const float *x, int64_t start, int64_t end) {
         bad += (bits & 0x7f800000u) == 0x7f800000u;
     }
     return bad;
+}
+
+/* bnn_grad_stats over k gradients in one call: this caller's share (number `part` of
+   `parts`) of each, in BLOCK multiples; gradients below `parallel_min` elements wholly in
+   part 0. Gradient t's block partials start at partials + 4 * first_block[t]. */
+void bnn_grad_stats_list(int64_t k, const float *const *g, float *const *sum_abs,
+                         float *const *max_abs, int32_t *const *nonfinite, const int64_t *sizes,
+                         const int64_t *first_block, double *partials, int64_t part,
+                         int64_t parts, int64_t parallel_min) {
+    for (int64_t t = 0; t < k; t++) {
+        const int64_t n = sizes[t];
+        int64_t start = 0, end = n;
+        if (n >= parallel_min) {
+            const int64_t share = (n / parts / BLOCK + 1) * BLOCK;
+            start = part * share < n ? part * share : n;
+            end = start + share < n ? start + share : n;
+        } else if (part != 0) {
+            continue;
+        }
+        if (start < end || (part == 0 && n == 0))
+            bnn_grad_stats(g[t], sum_abs ? sum_abs[t] : 0, max_abs ? max_abs[t] : 0,
+                           nonfinite ? nonfinite[t] : 0, start, end,
+                           partials + 4 * first_block[t]);
+    }
+}
+
+/* bnn_grad_total of each of k gradients: out[4 * t ...]. */
+void bnn_grad_totals(int64_t k, const double *partials, const int64_t *first_block,
+                     const int64_t *sizes, double *out) {
+    for (int64_t t = 0; t < k; t++) {
+        const int64_t blocks = (sizes[t] + BLOCK - 1) / BLOCK;
+        bnn_grad_total(partials + 4 * first_block[t], blocks, out + 4 * t);
+    }
 }
