@@ -16,8 +16,10 @@ process (``--worker``), which measures:
 ``--trees A,B`` runs the same samples with other source trees' code (e.g. ``git archive
 HEAD | tar -x -C /tmp/base``), alternating A, B, B, A, ... in one run, so that their ratio
 holds on a shared machine. The run is written on first use into ``--data-dir`` (100
-synthetic epochs like ``benchmarks/analysis.py``, element gradient statistics, about 2.3
-GB uncompressed) and reused afterwards.
+synthetic epochs like ``benchmarks/analysis.py``, element gradient statistics, by the
+tree running this script: schema 2 files with their summaries take 1.24 GB; schema 1 files
+took 2.3 GB) and reused afterwards; all trees read that run (code that predates the stored
+summaries computes from the arrays).
 
     python benchmarks/cold_plots.py --data-dir /tmp/cold-plots [--rounds 3] [--trees .,/tmp/base]
 

@@ -7,7 +7,10 @@ one). Every captured snapshot is written by each variant side by side (the order
 per repetition, ``--repeats`` times), with fsync, as the trainer writes it:
 
 * ``v1``: schema version 1, today's format before this change (float32, uncompressed);
-* ``v2``: schema version 2 (bfloat16 statistics, Blosc; posteriors plain float32);
+* ``v2``: schema version 2 (bfloat16 statistics, Blosc; posteriors plain float32), with
+  the epoch's summaries (``/summary``, computed by the writer: ``trainer.store.summaries``);
+* ``v2-bare``: version 2 without the summaries (as written before they were added: what
+  computing and storing them costs the writer);
 * ``v2-packed``: version 2 with ``compress_posteriors=True`` (posteriors Blosc too).
 
 Each variant's files then form one run of its own store, and the reads the analysis does
@@ -58,6 +61,7 @@ LAYER = "layer1"  # 784 -> 1200: 940,800 weights
 VARIANTS: dict[str, dict[str, Any]] = {
     "v1": {"schema_version": 1},
     "v2": {"schema_version": 2},
+    "v2-bare": {"schema_version": 2, "summaries": False},
     "v2-packed": {"schema_version": 2, "compress_posteriors": True},
 }
 
@@ -104,7 +108,8 @@ def drop_cache(paths: list[Path]) -> None:
 
 
 def array_bytes(path: Path) -> dict[str, int]:
-    """Stored bytes per kind of array: posterior mu/sigma, statistics, counts, other."""
+    """Stored bytes per kind of array: posterior mu/sigma, statistics, counts, summary,
+    other."""
     out: dict[str, int] = {}
 
     def visit(name: str, obj: Any) -> None:
@@ -115,7 +120,9 @@ def array_bytes(path: Path) -> dict[str, int]:
                 if name.startswith("params/") and "/posterior/" in name
                 else {"mean_abs": "statistics", "max_abs": "statistics"}.get(last, last)
             )
-            if kind not in ("posterior mu", "posterior sigma", "statistics", "nonfinite"):
+            if name.startswith("summary/"):
+                kind = "summary"
+            elif kind not in ("posterior mu", "posterior sigma", "statistics", "nonfinite"):
                 kind = "other"
             out[kind] = out.get(kind, 0) + obj.id.get_storage_size()
 

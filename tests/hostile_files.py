@@ -158,6 +158,19 @@ def _set_value(stat: str, value: float) -> Builder:
     return build
 
 
+def wrong_summary(base: Path, out: Path) -> Path:
+    """The stored summary of the first layer's posterior weights claims another mean mu
+    (the arrays as they were): readers trust stored summaries, so an upload may not."""
+    _copy(base, out)
+    with h5py.File(out, "r+") as f:
+        ds = f["summary/params"]
+        table = ds[()]
+        column = json.loads(ds.attrs["columns"]).index("mu_mean")
+        table[0, column] += 0.25
+        ds[...] = table
+    return out
+
+
 def bit_flip(base: Path, out: Path, offset: int, bit: int = 0) -> Path:
     data = bytearray(base.read_bytes())
     data[offset] ^= 1 << bit
@@ -228,6 +241,7 @@ HOSTILE: dict[str, tuple[Builder, str]] = {
     "sigma_negative": (_set_value("sigma", -0.1), "sigma"),
     "mu_nan": (_set_value("mu", float("nan")), "mu"),
     "mu_inf": (_set_value("mu", float("-inf")), "mu"),
+    "wrong_summary": (wrong_summary, "summary params/"),
 }
 
 #: bit flips at chosen places: (case, builder, a word the refusal names)

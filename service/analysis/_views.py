@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from trainer.errors import BnnError
+from trainer.store.summaries import EpochSummaries
 
 __all__ = ["Alloc", "DistType", "EpochView", "ParamKind", "RunSource", "parse_enum"]
 
@@ -85,6 +86,11 @@ class EpochView:
                 return None
             node = node[key]
         return None if isinstance(node, dict) else np.asarray(node)
+
+    def stored(self) -> EpochSummaries | None:
+        """The summaries stored with this epoch (a stored run's epoch files written with
+        them: :mod:`trainer.store.summaries`), or None: compute from the arrays."""
+        return None
 
     def check_layer(self, layer: str) -> str:
         """``layer`` or NOT_FOUND naming the layers of this epoch."""

@@ -31,9 +31,10 @@ import numpy as np
 import pandas as pd
 
 from trainer.errors import BnnError
+from trainer.store.summaries import EpochSummaries, GradStats, grad_stats
 
 from ._cache import cached, store
-from ._numeric import greater_than, less_than, percentiles, pow10, robust_log_scale
+from ._numeric import finite_max, greater_than, less_than, pow10, robust_log_scale
 from ._scratch import Scratch
 from ._views import Alloc
 from .source import EpochView, RunLike, RunSource, open_source, parse_enum
@@ -249,47 +250,45 @@ class GradSummary:
     has_peak: bool = True  # False: ``max_abs`` was not read (NaN), see ``grad_summary``
 
 
-def _finite_max(x: np.ndarray) -> float:
-    """Max of the finite values of ``x`` (NaN when none); one pass when all are finite."""
-    if not x.size:
-        return float("nan")
-    top = x.max()
-    if np.isfinite(top):  # max propagates NaN and +inf: none is there
-        return float(top)
-    finite = np.isfinite(x)
-    return float(x.max(where=finite, initial=-np.inf)) if finite.any() else float("nan")
-
-
-def _peak(stats: dict[str, Any], g: np.ndarray) -> float:
-    """The largest single-step |g|: the finite max of ``max_abs`` (of ``g`` without it)."""
-    return _finite_max(np.asarray(stats.get("max_abs", g), np.float32).ravel())
+def _summary(s: GradStats, peak: float, norms: Any, has_peak: bool) -> GradSummary:
+    return GradSummary(
+        "element" if s.element_level else "layer",
+        s.elements,
+        s.nonfinite_elements,
+        s.nonfinite_steps,
+        s.zeros,
+        s.median,
+        s.max,
+        peak,
+        np.asarray(norms, np.float64).ravel(),
+        has_peak=has_peak,
+    )
 
 
 def _basic(tree: dict[str, Any], th: GradThresholds, where: str, peak: bool) -> GradSummary:
-    g_arr, nf = stat_arrays(tree, th, where)
-    g = g_arr.astype(np.float32, copy=False).ravel()  # statistics of |g|: non-negative
-    nf_elements = int(np.count_nonzero(nf))  # nearly always 0: then one pass each
-    if nf_elements == 0 and (not g.size or np.isfinite(g.max())):
-        n_bad, finite_g = 0, g
-    else:
-        nonfinite = ~np.isfinite(g)
-        if nf_elements:
-            nonfinite |= np.greater(nf, 0).ravel()
-        n_bad = int(np.count_nonzero(nonfinite))
-        finite_g = g[~nonfinite] if n_bad else g
-    norms = np.asarray(tree.get("step_norm", np.zeros(0)), np.float64).ravel()
-    return GradSummary(
-        "layer" if nf.ndim == 0 else "element",
-        int(g.size),
-        n_bad,
-        int(nf.sum()) if nf_elements else 0,
-        int(np.count_nonzero(g == 0)),
-        float(percentiles(finite_g, (50.0,))[0]),
-        float(finite_g.max()) if finite_g.size else float("nan"),
-        _peak(tree[th.param][th.grad_param], g) if peak else float("nan"),
-        norms,
-        has_peak=peak,
-    )
+    s = grad_stats(*stat_arrays(tree, th, where))
+    stats = tree[th.param][th.grad_param]
+    peak_abs = float("nan")
+    if peak:  # the largest single-step |g|: the finite max of max_abs (of the stat without)
+        has_max = "max_abs" in stats and th.stat != "max_abs"
+        peak_abs = (
+            finite_max(np.asarray(stats["max_abs"], np.float32).ravel()) if has_max else s.peak
+        )
+    return _summary(s, peak_abs, tree.get("step_norm", np.zeros(0)), peak)
+
+
+def _stored_basic(
+    view: EpochView, layer: str, th: GradThresholds, stored: EpochSummaries
+) -> GradSummary | None:
+    """:func:`_basic` from the summaries stored with the epoch (the step norms are read);
+    None when they have none of the examined statistic (then the arrays decide)."""
+    key = (layer, th.param, th.grad_param)
+    s = stored.gradients.get((*key, th.stat))
+    if s is None:
+        return None
+    peak = stored.gradients.get((*key, "max_abs"), s).peak
+    norms = view.gradient_array(layer, "step_norm")
+    return _summary(s, peak, np.zeros(0) if norms is None else norms, True)
 
 
 def grad_summary(
@@ -303,9 +302,12 @@ def grad_summary(
 ) -> GradSummary | None:
     """Cached :class:`GradSummary` of one layer at one epoch; None without statistics.
 
-    ``flags=False`` skips the robust scale (exploding/vanishing counts stay -1);
-    ``peak=False`` does not read ``max_abs`` (``max_abs`` NaN, ``has_peak`` False) unless
-    the cached summary has it. A summary cached without it gets it when asked for later.
+    An epoch file that keeps summaries (:mod:`trainer.store.summaries`) gives it, peak
+    included, without reading any statistic (only the step norms); otherwise it is
+    computed from the arrays. ``flags=False`` skips the robust scale (exploding/vanishing
+    counts stay -1; the flags always need the arrays); ``peak=False`` does not read
+    ``max_abs`` (``max_abs`` NaN, ``has_peak`` False) unless the cached or stored summary
+    has it. A summary cached without it gets it when asked for later.
     """
     with Scratch() as scratch:  # the statistics read are not kept, only what is computed
         return _grad_summary(src, view, layer, th, flags, scratch, peak)
@@ -324,13 +326,18 @@ def _grad_summary(
     where = f"epoch {view.epoch} layer {layer!r}"
     read: list[dict[str, Any] | None] = []
 
-    def tree() -> dict[str, Any] | None:
+    def tree(with_peak: bool) -> dict[str, Any] | None:
+        """The arrays, read once (``max_abs`` only for a summary computed from them)."""
         if not read:
-            read.append(grad_tree(view, layer, th, sc.alloc, peak=peak))
+            read.append(grad_tree(view, layer, th, sc.alloc, peak=with_peak))
         return read[0]
 
     def basic() -> GradSummary | None:
-        t = tree()
+        stored = view.stored()
+        found = None if stored is None else _stored_basic(view, layer, th, stored)
+        if found is not None:
+            return found
+        t = tree(peak)
         return None if t is None else _basic(t, th, where, peak)
 
     key = None if base is None else ("grad", base, layer, th.param, th.grad_param, th.stat)
@@ -340,14 +347,14 @@ def _grad_summary(
         if arr is None:  # no max_abs: the examined statistic stands in, as in _basic
             arr = view.gradient_array(layer, th.param, th.grad_param, th.stat, alloc=sc.alloc)
         assert arr is not None  # the summary exists: its statistic was read before
-        peak_abs = _finite_max(np.asarray(arr, np.float32).ravel())
+        peak_abs = finite_max(np.asarray(arr, np.float32).ravel())
         summary = replace(summary, max_abs=peak_abs, has_peak=True)
         store(key, summary)
     if summary is None or not flags:
         return summary
 
     def flag_counts() -> tuple[int, int, float, float]:
-        t = tree()
+        t = tree(False)  # the flags read the examined statistic and the counts
         assert t is not None
         sc = layer_scores(t, th, where)
         explode, vanish = sc.exploding(th), sc.vanishing(th)

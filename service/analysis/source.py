@@ -26,6 +26,7 @@ import numpy as np
 from trainer.errors import BnnError, ErrorCode
 from trainer.snapshot import EpochSnapshot
 from trainer.store import RunReader
+from trainer.store.summaries import EpochSummaries
 
 from ._cache import cached
 from ._views import Alloc, DistType, EpochView, ParamKind, RunSource, parse_enum
@@ -172,6 +173,7 @@ class _ReaderView(EpochView):
         self._reader = reader
         self._file: Any = None
         self._grads: tuple[str, dict[str, Any] | None] | None = None  # last layer read
+        self._stored: EpochSummaries | bool | None = False  # False: not looked at yet
 
     def _ef(self) -> Any:
         if self._file is None:
@@ -200,7 +202,15 @@ class _ReaderView(EpochView):
             ef.array(layer, dist, param, stat, index, alloc=alloc, mapped=bool(alloc))
         )
 
+    def stored(self) -> EpochSummaries | None:
+        if self._stored is False:
+            self._stored = self._ef().summaries()
+        return self._stored if isinstance(self._stored, EpochSummaries) else None
+
     def has_param(self, layer: str, param: str) -> bool:
+        stored = self.stored()
+        if stored is not None:  # a row for every parameter the layer has
+            return (self.check_layer(layer), "prior", param) in stored.params
         try:
             self.array(layer, "prior", param, "mu")
         except BnnError as exc:
@@ -242,6 +252,7 @@ class _ReaderView(EpochView):
 
     def close(self) -> None:
         self._grads = None
+        self._stored = False
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -2,9 +2,13 @@
 
 A summary holds what the tables and trajectory plots need of one parameter tensor: the
 sums (moments, the pairwise KL sum, the sums that give KL to any prior) and the exact
-percentiles of mu and sigma, each part computed when first asked for. Committed epochs
-never change, so for stored runs every part is computed once per process (the cache key
-is the run's id and creation time and the epoch); dict sources are never cached.
+percentiles of mu and sigma. Epoch files written by this version keep them
+(``/summary``, :mod:`trainer.store.summaries`, computed when the epoch was written by the
+same functions): then they are read from there, all parts at once, and no array is read.
+Otherwise (older files, dict sources) each part is computed from the arrays when first
+asked for. Committed epochs never change, so for stored runs every summary is read or
+computed once per process (the cache key is the run's id and creation time and the
+epoch); dict sources are never cached.
 """
 
 from __future__ import annotations
@@ -19,9 +23,18 @@ import numpy as np
 import pandas as pd
 
 from trainer.errors import BnnError, ErrorCode
+from trainer.store.summaries import ParamStats
 
 from ._cache import clear_cache, peek, store
-from ._numeric import TB_PERCENTILES, GaussianSums, Moments, gaussian_sums, percentiles, valid_mask
+from ._numeric import (
+    TB_PERCENTILES,
+    GaussianSums,
+    Moments,
+    gaussian_sums,
+    percentiles,
+    scalar,
+    valid_values,
+)
 from ._scratch import Scratch
 from .source import EpochView, RunSource
 
@@ -111,11 +124,6 @@ class ParamSummary:
         return self._sums.kl_to(self.prior_mu, self.prior_sigma)
 
 
-def _scalar(arr: np.ndarray) -> float:
-    flat = np.asarray(arr).ravel()
-    return float(flat[0]) if flat.size else float("nan")
-
-
 def _compute(
     view: EpochView,
     layer: str,
@@ -152,20 +160,17 @@ def _compute_from(
         )
     with_prior = True
     if dist == "prior":
-        prior_mu, prior_sigma = _scalar(mu), _scalar(sigma)
+        prior_mu, prior_sigma = scalar(mu), scalar(sigma)
     elif base is not None and base.with_prior:
         prior_mu, prior_sigma = base.prior_mu, base.prior_sigma
     elif SUMS in parts or PERCENTILES not in parts:
-        prior_mu = _scalar(view.array(layer, "prior", param, "mu"))
-        prior_sigma = _scalar(view.array(layer, "prior", param, "sigma"))
+        prior_mu = scalar(view.array(layer, "prior", param, "mu"))
+        prior_sigma = scalar(view.array(layer, "prior", param, "sigma"))
     else:  # percentiles alone need no prior
         prior_mu = prior_sigma = float("nan")
         with_prior = False
     shape = tuple(int(d) for d in mu.shape)
-    ok = valid_mask(mu, sigma)
-    nonfinite = 0 if ok is None else int(ok.size - np.count_nonzero(ok))
-    if ok is not None:
-        mu, sigma = mu[ok], sigma[ok]
+    mu, sigma, nonfinite = valid_values(mu, sigma)
     sums = base.sums if base is not None else None
     if sums is None and SUMS in parts:
         sums = gaussian_sums(mu, sigma)
@@ -181,6 +186,18 @@ def _compute_from(
 _ABSENT = object()  # cached: the layer has no such parameter
 
 
+def _from_stats(s: ParamStats) -> ParamSummary:
+    return ParamSummary(
+        s.shape,
+        s.nonfinite,
+        s.prior_mu,
+        s.prior_sigma,
+        s.sums,
+        s.mu_percentiles,
+        s.sigma_percentiles,
+    )
+
+
 def summarize(
     src: RunSource,
     view: EpochView,
@@ -193,7 +210,8 @@ def summarize(
     """The summary of ``layer``'s ``param`` at ``view.epoch`` with at least ``parts``
     (``"sums"``, ``"percentiles"``); None if the layer lacks ``param``.
 
-    For stored runs each part is computed once and cached.
+    Read from the epoch file when it keeps summaries (all parts; no array is read), else
+    computed from the arrays. For stored runs each part is read or computed once and cached.
     """
     view.check_layer(layer)
     base_key = src.cache_key(view.epoch)
@@ -203,7 +221,12 @@ def summarize(
         return None
     if isinstance(hit, ParamSummary) and hit.has(parts):
         return hit
-    value = _compute(view, layer, param, dist, parts, hit)
+    stored = view.stored()
+    if stored is not None:  # a row for every parameter the layer has
+        found = stored.params.get((layer, dist, param))
+        value = None if found is None else _from_stats(found)
+    else:
+        value = _compute(view, layer, param, dist, parts, hit)
     store(key, _ABSENT if value is None else value)
     return value
 

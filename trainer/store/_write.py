@@ -14,9 +14,18 @@ import numpy as np
 from trainer.errors import BnnError, ErrorCode
 from trainer.snapshot import EpochSnapshot, GradLevel
 
-from ._codec import BFLOAT16, ENCODING_ATTR, blosc_options, chunk_shape, encode_bf16, load_filters
+from ._codec import (
+    BFLOAT16,
+    ENCODING_ATTR,
+    blosc_options,
+    chunk_shape,
+    decode_bf16,
+    encode_bf16,
+    load_filters,
+)
 from ._paths import fsync_file
 from ._schema import GRAD_PARAMS, PARAMS, validate_snapshot
+from .summaries import EpochSummaries, add_layer, write_summaries
 
 __all__ = [
     "COMPRESSIONS",
@@ -90,18 +99,19 @@ class _Writer:
         *,
         encode: bool = False,
         compress: bool = True,
-    ) -> None:
+    ) -> np.ndarray:
         """One array as a dataset, fully written (never left as unwritten chunks read as
         their fill value, which older versions did for all-zero counts: see
         ``EpochFile.validate``). ``encode``: a per-element statistic, stored as bfloat16
-        from schema version 2 on."""
+        from schema version 2 on. Returns the values a reader reads back."""
         arr = np.asarray(arr)
         if encode and self.version >= 2 and arr.ndim >= 1:
             codes = encode_bf16(arr)
             ds = group.create_dataset(name, data=codes, **self.options(codes, encoded=True))
             ds.attrs[ENCODING_ATTR] = BFLOAT16
-        else:
-            group.create_dataset(name, data=arr, **self.options(arr, compress))
+            return decode_bf16(codes)
+        group.create_dataset(name, data=arr, **self.options(arr, compress))
+        return arr
 
     def tree(self, group: h5py.Group, tree: Mapping[str, Any], *, compress: bool = True) -> None:
         for key, value in tree.items():
@@ -110,11 +120,15 @@ class _Writer:
             else:
                 self.put(group, key, value, compress=compress)
 
-    def gradients(self, group: h5py.Group, grads: Mapping[str, Any]) -> None:
+    def gradients(self, group: h5py.Group, grads: Mapping[str, Any]) -> dict[str, Any]:
         """``/gradients``: the statistics of ``weight``/``bias`` per ``mu``/``rho`` (the
-        ``mean_abs`` and ``max_abs`` arrays encoded), step norms and prior gradients."""
+        ``mean_abs`` and ``max_abs`` arrays encoded), step norms and prior gradients.
+        Returns ``{layer: {param: {grad_param: {stat: values}}}}``: the statistics as a
+        reader reads them (bfloat16-rounded where encoded), for the summaries."""
+        stored: dict[str, Any] = {}
         for layer, g in grads.items():
             lg = group.create_group(layer)
+            stored[layer] = {}
             for key, value in g.items():
                 if not isinstance(value, Mapping):
                     self.put(lg, key, value)  # step_norm
@@ -122,11 +136,14 @@ class _Writer:
                     self.tree(lg.create_group(key), value)  # prior
                 else:
                     pg = lg.create_group(key)
+                    stored[layer][key] = {}
                     for gp, stats in value.items():
                         sg = pg.create_group(gp)
+                        got = stored[layer][key][gp] = {}
                         for stat, arr in stats.items():
                             encode = gp in GRAD_PARAMS and stat in ENCODED_STATS
-                            self.put(sg, stat, arr, encode=encode)
+                            got[stat] = self.put(sg, stat, arr, encode=encode)
+        return stored
 
 
 def write_epoch_file(
@@ -136,6 +153,7 @@ def write_epoch_file(
     run_id: str = "",
     schema_version: int = SCHEMA_VERSION,
     compress_posteriors: bool = False,
+    summaries: bool = True,
 ) -> None:
     """Write ``snap`` as a complete epoch file at ``path`` (overwriting it) and fsync it.
 
@@ -144,10 +162,13 @@ def write_epoch_file(
     ``BNN_HDF5_COMPRESSION`` (default Blosc); the posterior arrays stay plain contiguous
     float32, which readers map without a copy, unless ``compress_posteriors`` (13% of a
     784-1200-1200-10 file less, at the cost of decompressing them at every read: see
-    ``BENCHMARKS.md``). ``schema_version=1`` writes the previous format (float32
-    statistics, uncompressed unless ``BNN_HDF5_COMPRESSION`` says gzip or lzf), which
-    older versions of this library read. Raises INVALID_ARGUMENT for a bad snapshot or
-    version and STORAGE when the file cannot be written.
+    ``BENCHMARKS.md``). Version 2 also stores the epoch's summaries (``/summary``,
+    :mod:`trainer.store.summaries`: what the analysis's tables and plots need, computed
+    here once from the values written), unless ``summaries=False`` (files as older
+    versions wrote them). ``schema_version=1`` writes the previous format (float32
+    statistics, uncompressed unless ``BNN_HDF5_COMPRESSION`` says gzip or lzf, no
+    summaries), which older versions of this library read. Raises INVALID_ARGUMENT for a
+    bad snapshot or version and STORAGE when the file cannot be written.
     """
     if schema_version not in SCHEMA_VERSIONS:
         raise BnnError.invalid(
@@ -169,8 +190,14 @@ def write_epoch_file(
                 group = params.create_group(layer)
                 group.attrs["type"] = snap.layer_types.get(layer, "")
                 writer.tree(group, log, compress=schema_version < 2 or compress_posteriors)
+            stored = None
             if snap.gradients is not None:
-                writer.gradients(f.create_group("gradients"), snap.gradients)
+                stored = writer.gradients(f.create_group("gradients"), snap.gradients)
+            if summaries and schema_version >= 2:
+                found = EpochSummaries()
+                for layer, log in snap.params.items():
+                    add_layer(found, layer, log, (stored or {}).get(layer))
+                write_summaries(f, found, list(snap.params))
             if snap.evaluation:
                 writer.tree(f.create_group("evaluation"), snap.evaluation)
             metrics = f.create_group("metrics", track_order=True)

@@ -1,11 +1,13 @@
 """Rewriting a run's older epoch files in the current format (``bnn runs compact RUN_ID``).
 
 :func:`compact_run` rewrites every epoch file of a run whose ``schema_version`` is older
-than :data:`~trainer.store.hdf5.SCHEMA_VERSION` (files already current are skipped), one
-epoch at a time, oldest first. With ``compress_posteriors`` it also rewrites current files
-whose posterior arrays are stored plain, compressing those too (``bnn runs compact
---compress-posteriors``: for runs kept for the record; reads then decompress them, see
-``BENCHMARKS.md``):
+than :data:`~trainer.store.hdf5.SCHEMA_VERSION`, and current files without the epoch's
+summaries (``/summary`` of version :data:`~trainer.store.summaries.SUMMARY_VERSION`,
+written by this version: the rewrite adds them, posteriors stored as they were), one epoch
+at a time, oldest first; files already current are skipped. With ``compress_posteriors``
+it also rewrites current files whose posterior arrays are stored plain, compressing those
+too (``bnn runs compact --compress-posteriors``: for runs kept for the record; reads then
+decompress them, see ``BENCHMARKS.md``):
 
 1. the file must match its catalog row (size and sha256); one that does not is left alone
    and reported (``bnn runs fsck`` tells more);
@@ -57,6 +59,7 @@ from ._codec import decode_bf16, encode_bf16
 from ._write import ENCODED_STATS, SCHEMA_VERSION, write_epoch_file
 from .catalog import EpochRow
 from .hdf5 import EpochFile, read_epoch_file
+from .summaries import SUMMARY_VERSION
 
 if TYPE_CHECKING:
     from .runstore import RunStore
@@ -234,10 +237,14 @@ def _compact_epoch(
         return EpochCompaction(epoch, "failed", size, size, f"{name}: {exc.strerror or exc}")
     with EpochFile(path, name=name) as ef:
         version, layers = ef.header.schema_version, ef.header.layers
+        summarised = ef.summary_version() == SUMMARY_VERSION
     first = layers[0] if layers else ""
-    if version >= SCHEMA_VERSION and (not packed or _posteriors_packed(path, first)):
+    was_packed = version >= SCHEMA_VERSION and _posteriors_packed(path, first)
+    if version >= SCHEMA_VERSION and summarised and (not packed or was_packed):
         what = f"schema_version {version}" + (", posteriors compressed" if packed else "")
         return EpochCompaction(epoch, "skipped", on_disk, on_disk, what)
+    packed = packed or was_packed  # a current file rewritten for its summaries stays packed
+    detail = "summaries added" if version >= SCHEMA_VERSION and not summarised else ""
     if on_disk != size or paths.sha256_file(path) != checksum:
         return EpochCompaction(
             epoch,
@@ -283,7 +290,7 @@ def _compact_epoch(
             crash_point("compact_commit")
             journal.unlink(missing_ok=True)
             paths.fsync_dir(path.parent)
-    return EpochCompaction(epoch, "compacted", size, new[0])
+    return EpochCompaction(epoch, "compacted", size, new[0], detail)
 
 
 # ----------------------------------------------------------------------------- read-back check

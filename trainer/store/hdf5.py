@@ -12,6 +12,9 @@ Layout (any HDF5 tool can read it; version 2 needs the Blosc filter, below)::
         /prior/<weight|bias>/<mu|rho>                 (steps,) float, learnable priors only
     /metrics              attrs: one float64 per metric (NaN/Inf kept), in insertion order
     /evaluation/<name>    (last epoch only) per-test-example float64 arrays, all (N,)
+    /summary              attrs: version (1); version 2 files written by this version only
+        /params           float64 (rows, 31): per layer, posterior|prior, weight|bias
+        /gradients        float64 (rows, 12): per layer, weight|bias, mu|rho, mean_abs|max_abs
 
 **Schema version 2** (what :func:`write_epoch_file` writes) stores:
 
@@ -50,9 +53,27 @@ Layout (any HDF5 tool can read it; version 2 needs the Blosc filter, below)::
   as the one filter of a dataset, and each chunk's Blosc header must match the chunk
   before anything is decompressed (:meth:`EpochFile.validate`).
 
+**Summaries** (``/summary``, optional, :mod:`trainer.store.summaries` describes the
+tables): what the analysis's tables and trajectory plots need of the epoch -- per
+parameter tensor the moments, pairwise-KL and KL-to-prior sums and the exact percentiles
+of mu and sigma; per gradient statistic the counts, median and maxima -- computed by
+:func:`write_epoch_file` from the values it writes (the functions of
+:mod:`trainer.store.numeric`, which the analysis uses on arrays too, so the stored numbers
+are bit for bit the ones the arrays give), a few KB. Readers use them when their
+``version`` is :data:`~trainer.store.summaries.SUMMARY_VERSION` and compute from the
+arrays otherwise (version 1 files, version 2 files written before, another summary
+version): the first plot of a run then reads a few hundred numbers per epoch instead of
+its arrays. A file from elsewhere must carry the summaries its arrays give (recomputed on
+receipt, ``trainer.store.validate``); ``bnn runs compact`` adds them to files without.
+The group is the only root object added: older versions of this library read such files
+(their analysis ignores it), but their schema check refuses them ("unexpected root
+objects"): a service older than its trainer client refuses the client's uploads.
+
 A 784-1200-1200-10 epoch with per-element statistics, trained values: 57.7 MB in version
 1, 32.2 MB (56%) in version 2 (the statistics 38.3 MB -> 12.7 MB; 27.8 MB with compressed
-posteriors), written no slower (``benchmarks/epoch_file_size.py``, ``BENCHMARKS.md``).
+posteriors), written no slower (``benchmarks/epoch_file_size.py``, ``BENCHMARKS.md``)
+but for computing the summaries: about 120 ms more per epoch of that model, in the
+trainer's background writer (the ``/summary`` tables themselves take about 8 KB).
 
 **Schema version 1** (older files): every float array float32 (or as given),
 uncompressed unless ``BNN_HDF5_COMPRESSION`` was ``gzip`` or ``lzf``. These files are still
@@ -114,6 +135,7 @@ from ._write import (
     SCHEMA_VERSIONS,
     write_epoch_file,
 )
+from .summaries import SUMMARY_VERSION, EpochSummaries, read_summaries
 
 __all__ = [
     "COMPRESS_MIN_SIZE",
@@ -138,7 +160,7 @@ _UNSET = object()
 Alloc = Callable[[tuple[int, ...], Any], np.ndarray]  # (shape, dtype) -> array to read into
 #: layer -> "posterior/weight/mu" (dist/param/stat) -> (shape, dtype name), in layer order
 Layout = dict[str, dict[str, tuple[tuple[int, ...], str]]]
-ROOT_OBJECTS = ("params", "gradients", "metrics", "evaluation")
+ROOT_OBJECTS = ("params", "gradients", "metrics", "evaluation", "summary")
 MAX_ROOT_ATTRS = 32
 MAX_DEPTH = 6  # /gradients/<layer>/prior/<param>/<gp> is the deepest dataset
 #: filters a reader here can decode: deflate (gzip), shuffle, fletcher32, lzf (schema
@@ -206,6 +228,7 @@ class EpochFile:
         self.limits = limits
         self._nodes: dict[tuple[str, ...], Any] = {}
         self._mm: Any = None  # the file memory-mapped on first use (False: cannot be)
+        self._summaries: Any = _UNSET  # /summary, parsed on first use
         load_filters()  # Blosc, before any chunk of a version 2 file is read
         try:
             self._f = h5py.File(self.path, "r", locking=False)
@@ -509,8 +532,45 @@ class EpochFile:
         except OSError as exc:
             raise self._corrupt(str(exc)) from exc
 
+    def summary_version(self) -> int | None:
+        """The ``version`` of the file's ``/summary`` group; None without one (CORRUPT when
+        it is not a group with an integer version)."""
+
+        def read() -> int | None:
+            node = self._node("summary")
+            if node is None:
+                return None
+            version = _attr(node.attrs, "version", None) if isinstance(node, h5py.Group) else None
+            if version is None or not np.issubdtype(np.asarray(version).dtype, np.integer):
+                raise self._corrupt("/summary is not a group with an integer version attribute")
+            return int(version)
+
+        found: int | None = self._guard(read)
+        return found
+
+    def summaries(self) -> EpochSummaries | None:
+        """The epoch's stored summaries (:mod:`trainer.store.summaries`), read once; None
+        for a file without them (older files) or with another summary version, whose
+        readers compute from the arrays. CORRUPT when they are malformed."""
+        if self._summaries is _UNSET:
+            found = None
+            if self.summary_version() == SUMMARY_VERSION:
+                found = self._guard(
+                    lambda: read_summaries(
+                        self._node("summary", "params"),
+                        self._node("summary", "gradients"),
+                        self.header.layers,
+                        self._corrupt,
+                    )
+                )
+            self._summaries = found
+        out: EpochSummaries | None = self._summaries
+        return out
+
     def validate(self, limits: UploadLimits | None = None) -> None:
-        """Full schema check from metadata (names, shapes, dtypes, links); reads no array data.
+        """Full schema check from metadata (names, shapes, dtypes, links); reads no array data
+        but the small ``/summary`` tables (parsed last; their values are checked against the
+        arrays only on receipt, by ``trainer.store.validate``).
 
         The required groups ``/params`` and ``/metrics`` must be there. With ``limits`` (a
         file from elsewhere; ``self.limits`` when not given) the walk is bounded (members
@@ -569,8 +629,15 @@ class EpochFile:
                 self.header.grad_level,
                 self._corrupt,
             )
+        summary = self._node("summary")
+        if summary is not None:
+            if self.summary_version() == SUMMARY_VERSION and set(summary) - {"params", "gradients"}:
+                raise self._corrupt(f"/summary holds {sorted(summary)}, not params, gradients")
+            tree(summary, "/summary", 1)
         if limits is not None:
             self._check_storage(datasets, limits)
+        if summary is not None:
+            self.summaries()  # parsed (small tables) once the storage is known to be sound
 
     def _encoded(self, where: str, ds: h5py.Dataset) -> _Decoded:
         """What the schema checks see of a bfloat16-encoded dataset (float32 of its shape);

@@ -23,7 +23,12 @@
   is read, 16 bytes, before anything is decompressed).
 
 Only then are the ``/params`` arrays read, a block at a time: every ``mu`` must be finite,
-every ``sigma`` finite and > 0 (CORRUPT naming the layer and array).
+every ``sigma`` finite and > 0 (CORRUPT naming the layer and array). Last, a file that
+carries summaries (``/summary``, :mod:`trainer.store.summaries`) must carry the ones its
+arrays give: they are computed again, a layer at a time, and a summary that differs, is
+missing or has no arrays behind it is CORRUPT naming it (:func:`check_summaries`); so is
+a summary version this library cannot check. Readers trust stored summaries, so none
+planted by an upload gets past this.
 
 The reference (:func:`run_reference`) is the ``/params`` layout of the run's first
 catalogued epoch; for a run without epochs, the layout of the model its configuration
@@ -43,10 +48,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainer.errors import BnnError
+from trainer.errors import BnnError, ErrorCode
 
 from ._schema import UploadLimits
 from .hdf5 import EpochFile, EpochHeader, Layout
+from .summaries import SUMMARY_VERSION, EpochSummaries, add_layer, difference
 
 if TYPE_CHECKING:
     from .runstore import RunStore
@@ -57,6 +63,7 @@ __all__ = [
     "UploadLimits",
     "check_epoch_file",
     "check_layout",
+    "check_summaries",
     "config_layout",
     "run_reference",
 ]
@@ -167,7 +174,47 @@ def check_epoch_file(
         if reference is not None:
             check_layout(ef.layout(), reference, name)
         ef.check_values()
+        check_summaries(ef, name)
     return header
+
+
+def check_summaries(ef: EpochFile, name: str) -> None:
+    """CORRUPT naming the summary unless the file's stored summaries (if any) are the ones
+    its arrays give (:func:`trainer.store.summaries.difference`). Reads one layer's arrays
+    at a time; validate the file first."""
+    version = ef.summary_version()
+    if version is None:
+        return
+    if version != SUMMARY_VERSION:
+        raise BnnError(
+            ErrorCode.CORRUPT,
+            f"epoch file {name} is corrupt: its /summary is of version {version}; this "
+            f"library checks version {SUMMARY_VERSION} (send the file without summaries)",
+            file=name,
+            summary_version=version,
+        )
+    stored = ef.summaries()
+    assert stored is not None
+    computed = EpochSummaries()
+    for layer in ef.header.layers:
+        grads = None
+        if ef.header.has_gradients:
+            try:
+                grads = ef.gradients(layer)
+            except BnnError as exc:
+                if exc.code is not ErrorCode.NOT_FOUND:
+                    raise
+        add_layer(computed, layer, ef.params([layer])[layer], grads)
+    found = difference(stored, computed)
+    if found is not None:
+        summary, what = found
+        raise BnnError(
+            ErrorCode.CORRUPT,
+            f"epoch file {name} is corrupt: its stored summary {summary} does not match its "
+            f"arrays: {what}",
+            file=name,
+            summary=summary,
+        )
 
 
 def run_reference(store: RunStore, run_id: str) -> Reference | None:
