@@ -32,9 +32,15 @@ pytestmark = needs_kernels
 
 def test_kernels_build_here() -> None:
     """On Linux with a compiler the kernels must load (else every CPU run silently takes the
-    slow path): the status says why not."""
+    slow path): the status says why not. They run on torch's OpenMP threads: the process
+    maps one libgomp, torch's."""
     assert kernels.available(), kernels.status()
     assert kernels.status().startswith("loaded from")
+    gomp = {ln.split()[-1] for ln in Path("/proc/self/maps").read_text().splitlines()}
+    gomp = {p for p in gomp if "libgomp" in p}
+    if gomp:  # torch on libgomp (the Linux wheels)
+        assert len(gomp) == 1, gomp
+        assert kernels.status().endswith("(OpenMP, torch's threads)")
 
 
 def _params(shape: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,17 +218,26 @@ def test_training_with_the_kernels_learns() -> None:
 
 
 def _child_draw(queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    # as torch's DataLoader workers do: libgomp's team does not survive fork(), and torch's
+    # own parallel operations hang in such a child just as these kernels would
+    torch.set_num_threads(1)
     queue.put(float(kernels.sample(torch.zeros(1 << 18), torch.zeros(1 << 18))[0].std()))
 
 
 def test_a_forked_child_can_draw() -> None:
-    """The kernels' thread pool does not survive fork(); the child starts its own."""
-    kernels.sample(torch.zeros(1 << 18), torch.zeros(1 << 18))  # the parent's pool exists
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_child_draw, args=(queue,))
-    child.start()
-    child.join(60)
+    """A child forked after the kernels ran on a team of threads draws (on one thread, the
+    rule for torch in forked children)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        kernels.sample(torch.zeros(1 << 18), torch.zeros(1 << 18))  # the parent's team exists
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_child_draw, args=(queue,))
+        child.start()
+        child.join(60)
+    finally:
+        torch.set_num_threads(threads)
     assert child.exitcode == 0
     assert queue.get(timeout=5) == pytest.approx(math.log(2) + SIGMA_FLOOR, rel=0.05)
 

@@ -4,8 +4,11 @@ On the CPU a Bayesian step spends a fifth of its time in ``torch.randn`` (one
 Mersenne-Twister stream, on one core) and much of the rest in elementwise passes over the
 weights: softplus, the draw, and their backward. :func:`sample` does the forward in one pass
 (``sigma = softplus(rho) + 1e-8``, ``eps ~ N(0, 1)``, ``w = mu + sigma * eps``) and the
-backward in another (``grad_rho = (grad_w * eps + grad_sigma) * sigmoid(rho)``), over all
-the cores torch uses; :func:`normal` is the draw alone. ``benchmarks/train_throughput.py``
+backward in another (``grad_rho = (grad_w * eps + grad_sigma) * sigmoid(rho)``), on
+torch's own OpenMP threads; :func:`normal` is the draw alone. The KL of a shared prior
+(:func:`kl_sums`, :func:`kl_backward`), the gradient statistics of a capture
+(:func:`grad_stats_many`) and the divergence watch (:func:`count_nonfinite`) take one pass
+each too. ``benchmarks/train_throughput.py``
 measures what it saves; ``BENCHMARKS.md`` has the figures.
 
 **Random numbers.** Philox4x32-10 (the counter-based generator of cuRAND and JAX) with
@@ -24,7 +27,8 @@ page faults of two threads contend for one lock: on the 2-core machine, ``F.soft
 training process then keeps its peak heap until it exits; a server does not call it.
 
 **Build.** ``fused.c`` is compiled on first use with the system C compiler (``$CC`` or
-``cc``; ``-O3 -march=native``, glibc's vector math) into a cache directory
+``cc``; ``-O3 -march=native``, glibc's vector math; ``-fopenmp`` when torch's OpenMP runtime
+is libgomp, so that the kernels share torch's thread team) into a cache directory
 (``$BNN_KERNEL_CACHE``, default ``~/.cache/bnn-infosharing/kernels``), keyed by the source,
 the flags and the machine, written atomically so concurrent first uses are safe. Without a
 compiler, on another platform, for other dtypes or devices, under ``torch.compile``, with
@@ -45,8 +49,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -58,7 +61,6 @@ __all__ = [
     "available",
     "count_nonfinite",
     "disabled",
-    "grad_stats",
     "grad_stats_many",
     "kl_backward",
     "kl_sums",
@@ -73,10 +75,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fused.c")
 BLOCK = 512  # fused.c's BLOCK: a thread's share starts at a multiple of it
-VERSION = 5  # fused.c's bnn_kernels_version()
+VERSION = 6  # fused.c's bnn_kernels_version()
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd")
-# Below this many elements one call on the calling thread (a thread hand-off costs ~20 us).
-PARALLEL_MIN = 1 << 16
 
 _P, _I64, _U64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64
 _status = "not loaded yet"
@@ -100,13 +100,30 @@ def _machine() -> str:
     return platform.machine()
 
 
-def _compile(cc: str, out: Path) -> None:
+def _torch_libgomp() -> str | None:
+    """The libgomp that torch loaded (its OpenMP runtime), from this process's mappings."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/maps").read_text().splitlines():
+            path = line.split()[-1]
+            if "/libgomp" in path and ".so" in path:
+                return path
+    return None
+
+
+def _flags() -> tuple[str, ...]:
+    """FLAGS, plus -fopenmp when torch runs on libgomp: the library then names the same
+    libgomp.so.1, which the loader resolves to torch's copy, so the kernels' parallel regions
+    run on torch's thread team (with another runtime, one team of each would compete)."""
+    return (*FLAGS, "-fopenmp") if _torch_libgomp() else FLAGS
+
+
+def _compile(cc: str, flags: Sequence[str], out: Path) -> None:
     """Compile fused.c into ``out`` atomically (a temp file in the same directory, renamed)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cc, *FLAGS, "-fPIC", "-shared", str(SOURCE), "-o", tmp, "-lmvec", "-lm"]
+        cmd = [cc, *flags, "-fPIC", "-shared", str(SOURCE), "-o", tmp, "-lmvec", "-lm"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         if proc.returncode != 0:
             raise OSError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
@@ -130,14 +147,14 @@ def _library() -> ctypes.CDLL | None:
     if not cc:
         _status = "no C compiler ($CC, cc or gcc) found"
         return None
-    source = SOURCE.read_bytes()
+    source, flags = SOURCE.read_bytes(), _flags()
     key = hashlib.sha256(
-        b"\0".join([source, " ".join(FLAGS).encode(), cc.encode(), _machine().encode()])
+        b"\0".join([source, " ".join(flags).encode(), cc.encode(), _machine().encode()])
     ).hexdigest()[:20]
     path = _cache_dir() / f"fused-{key}.so"
     try:
         if not path.exists():
-            _compile(cc, path)
+            _compile(cc, flags, path)
         lib = ctypes.CDLL(str(path))
         if lib.bnn_kernels_version() != VERSION:
             raise OSError(f"{path}: kernel version {lib.bnn_kernels_version()} != {VERSION}")
@@ -145,34 +162,27 @@ def _library() -> ctypes.CDLL | None:
         _status = f"build failed, torch operations used instead: {exc}"
         log.warning("bnn fused CPU kernels unavailable: %s", exc)
         return None
-    lib.bnn_normal.argtypes = [_P, _I64, _I64, _U64]
-    lib.bnn_sample.argtypes = [_P, _P, _P, _P, _P, _I64, _I64, _U64]
-    lib.bnn_sample_backward.argtypes = [_P, _P, _P, _P, _P, _I64, _I64]
-    lib.bnn_kl_partials.argtypes = [_P, _P, ctypes.c_float, _P, _I64, _I64]
-    lib.bnn_sum3.argtypes = [_P, _I64, _P]
-    lib.bnn_kl_backward.argtypes = [
-        _P, _P, ctypes.c_float, ctypes.c_float, ctypes.c_float, _P, _P, _I64, _I64
-    ]  # fmt: skip
-    lib.bnn_count_nonfinite.argtypes = [_P, _I64, _I64]
+    i32 = ctypes.c_int
+    lib.bnn_normal.argtypes = [_P, _I64, _U64, i32]
+    lib.bnn_sample.argtypes = [_P, _P, _P, _P, _P, _I64, _U64, i32]
+    lib.bnn_sample_backward.argtypes = [_P, _P, _P, _P, _P, _I64, i32]
+    lib.bnn_kl_sums.argtypes = [_P, _P, ctypes.c_float, _P, _I64, i32, _P]
+    f32 = ctypes.c_float
+    lib.bnn_kl_backward.argtypes = [_P, _P, f32, f32, f32, _P, _P, _I64, i32]
+    lib.bnn_count_nonfinite.argtypes = [_P, _I64, i32]
     lib.bnn_count_nonfinite.restype = _I64
-    lib.bnn_grad_stats.argtypes = [_P, _P, _P, _P, _I64, _I64, _P]
-    lib.bnn_grad_stats_list.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64]
-    lib.bnn_grad_totals.argtypes = [_I64, _P, _P, _P, _P]
-    lib.bnn_grad_total.argtypes = [_P, _I64, _P]
+    lib.bnn_grad_stats.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _P, i32, _P]
     for fn in (
-        lib.bnn_grad_stats_list,
-        lib.bnn_grad_totals,
-        lib.bnn_grad_stats,
-        lib.bnn_grad_total,
         lib.bnn_normal,
         lib.bnn_sample,
         lib.bnn_sample_backward,
-        lib.bnn_kl_partials,
-        lib.bnn_sum3,
+        lib.bnn_kl_sums,
         lib.bnn_kl_backward,
+        lib.bnn_grad_stats,
     ):
         fn.restype = None
-    _status = f"loaded from {path}"
+    openmp = "OpenMP, torch's threads" if lib.bnn_kernels_openmp() else "one thread"
+    _status = f"loaded from {path} ({openmp})"
     return lib
 
 
@@ -259,46 +269,8 @@ def tune_allocator() -> bool:
         return True
 
 
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-
-
-def _forget_pool() -> None:
-    """In a forked child the pool's threads do not exist: start a new pool when needed."""
-    global _pool, _pool_size
-    _pool, _pool_size = None, 0
-
-
-os.register_at_fork(after_in_child=_forget_pool)
-
-
 def _threads() -> int:
     return max(1, torch.get_num_threads())
-
-
-def _run_parts(parts: int, call: Callable[[int], Any]) -> list[Any]:
-    """``call(part)`` for part in range(parts): part 0 on this thread, the others on the pool
-    (ctypes calls release the GIL); the results, in order."""
-    global _pool, _pool_size
-    if parts <= 1:
-        return [call(0)]
-    if _pool is None or _pool_size < parts - 1:
-        _pool = ThreadPoolExecutor(parts - 1, thread_name_prefix="bnn-kernel")
-        _pool_size = parts - 1
-    futures = [_pool.submit(call, part) for part in range(1, parts)]
-    first = call(0)
-    return [first, *(f.result() for f in futures)]
-
-
-def _parallel(n: int, call: Callable[[int, int], Any]) -> list[Any]:
-    """``call(start, end)`` over [0, n) in torch's number of threads, each share a multiple
-    of BLOCK; the calls' results, in order."""
-    threads = _threads()
-    if n < PARALLEL_MIN or threads == 1:
-        return [call(0, n)]
-    share = -(-n // threads // BLOCK) * BLOCK
-    ranges = [(s, min(n, s + share)) for s in range(0, n, share)]
-    return _run_parts(len(ranges), lambda part: call(*ranges[part]))
 
 
 def _seed() -> int:
@@ -306,25 +278,25 @@ def _seed() -> int:
     return int(torch.empty((), dtype=torch.int64).random_())
 
 
+def _lib() -> ctypes.CDLL:
+    lib = _library()
+    assert lib is not None, "trainer.kernels used where usable() is False"
+    return lib
+
+
 def normal(like: Tensor) -> Tensor:
     """A new tensor of ``like``'s shape of N(0, 1) draws (``like`` as for :func:`usable`)."""
-    lib = _library()
-    assert lib is not None
     out = torch.empty_like(like, memory_format=torch.contiguous_format)
-    seed, ptr = _seed(), out.data_ptr()
-    _parallel(out.numel(), lambda s, e: lib.bnn_normal(ptr, s, e, seed))
+    _lib().bnn_normal(out.data_ptr(), out.numel(), _seed(), _threads())
     return out
 
 
 class _Sample(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, mu: Tensor, rho: Tensor) -> tuple[Tensor, Tensor]:
-        lib = _library()
-        assert lib is not None
         w, sigma, eps = torch.empty_like(mu), torch.empty_like(mu), torch.empty_like(mu)
-        seed = _seed()
         ptrs = (mu.data_ptr(), rho.data_ptr(), w.data_ptr(), sigma.data_ptr(), eps.data_ptr())
-        _parallel(mu.numel(), lambda s, e: lib.bnn_sample(*ptrs, s, e, seed))
+        _lib().bnn_sample(*ptrs, mu.numel(), _seed(), _threads())
         if ctx.needs_input_grad[1]:
             ctx.save_for_backward(eps, rho)
         return w, sigma
@@ -343,17 +315,16 @@ class _Sample(torch.autograd.Function):
         grad_w = grad_w.contiguous()
         if grad_sigma is not None:
             grad_sigma = grad_sigma.contiguous()
-        lib = _library()
-        assert lib is not None
         grad_rho = torch.empty_like(rho)
-        ptrs = (
+        _lib().bnn_sample_backward(
             grad_w.data_ptr(),
             None if grad_sigma is None else grad_sigma.data_ptr(),
             eps.data_ptr(),
             rho.data_ptr(),
             grad_rho.data_ptr(),
+            rho.numel(),
+            _threads(),
         )
-        _parallel(rho.numel(), lambda s, e: lib.bnn_sample_backward(*ptrs, s, e))
         return grad_mu, grad_rho
 
 
@@ -367,15 +338,14 @@ def sample(mu: Tensor, rho: Tensor) -> tuple[Tensor, Tensor]:
 
 def kl_sums(mu: Tensor, sigma: Tensor, mu_p: float) -> tuple[float, float, float]:
     """``(sum log sigma_i, sum sigma_i^2 + d_i^2, sum d_i)``, ``d_i = mu_i - mu_p``, each
-    accumulated in float64 in one pass (for :class:`trainer.priors._SharedPriorKL`)."""
-    lib = _library()
-    assert lib is not None
+    accumulated in float64 in one pass, blocks added in order (the same on any number of
+    threads); for :class:`trainer.priors._SharedPriorKL`."""
     n = mu.numel()
-    partials = torch.empty(3 * (-(-n // BLOCK)), dtype=torch.float64)
-    ptrs = (mu.data_ptr(), sigma.data_ptr(), ctypes.c_float(mu_p), partials.data_ptr())
-    _parallel(n, lambda s, e: lib.bnn_kl_partials(*ptrs, s, e))
+    partials = torch.empty(3 * max(1, -(-n // BLOCK)), dtype=torch.float64)
     out = (ctypes.c_double * 3)()
-    lib.bnn_sum3(partials.data_ptr(), partials.numel() // 3, out)
+    _lib().bnn_kl_sums(
+        mu.data_ptr(), sigma.data_ptr(), mu_p, partials.data_ptr(), n, _threads(), out
+    )
     return out[0], out[1], out[2]
 
 
@@ -383,55 +353,24 @@ def kl_backward(
     mu: Tensor, sigma: Tensor, mu_p: float, scale: float, grad: float
 ) -> tuple[Tensor, Tensor]:
     """``((mu - mu_p) * scale, sigma * scale - grad / sigma)`` in one pass."""
-    lib = _library()
-    assert lib is not None
     g_mu, g_sigma = torch.empty_like(mu), torch.empty_like(sigma)
-    ptrs = (mu.data_ptr(), sigma.data_ptr(), *map(ctypes.c_float, (mu_p, scale, grad)))
-    outs = (g_mu.data_ptr(), g_sigma.data_ptr())
-    _parallel(mu.numel(), lambda s, e: lib.bnn_kl_backward(*ptrs, *outs, s, e))
+    _lib().bnn_kl_backward(
+        mu.data_ptr(),
+        sigma.data_ptr(),
+        mu_p,
+        scale,
+        grad,
+        g_mu.data_ptr(),
+        g_sigma.data_ptr(),
+        mu.numel(),
+        _threads(),
+    )
     return g_mu, g_sigma
-
-
-def grad_stats(
-    grad: Tensor,
-    sum_abs: Tensor | None = None,
-    max_abs: Tensor | None = None,
-    nonfinite: Tensor | None = None,
-) -> tuple[float, float, float, int]:
-    """One step's statistics of ``grad`` in one pass: ``(sum of g^2, sum |g|, max |g|,
-    non-finite count)``, the sums in float64, ``|g|`` over the finite values only, the sum of
-    squares NaN or Inf as a norm would be. With the per-element accumulators (float32,
-    float32, int32, ``grad``'s shape), also ``sum_abs += |g|``, ``max_abs = max(max_abs, |g|)``
-    where g is finite and ``nonfinite += 1`` where it is not, in the same pass."""
-    lib = _library()
-    assert lib is not None
-    n = grad.numel()
-    partials = torch.empty(4 * max(1, -(-n // BLOCK)), dtype=torch.float64)
-    partials[:4].zero_()
-    ptrs: tuple[int | None, ...] = (grad.data_ptr(), None, None, None)
-    if sum_abs is not None:
-        assert max_abs is not None and nonfinite is not None
-        accumulators = (
-            (sum_abs, torch.float32),
-            (max_abs, torch.float32),
-            (nonfinite, torch.int32),
-        )
-        for t, dtype in accumulators:
-            assert t.dtype == dtype and t.is_contiguous() and t.shape == grad.shape
-        ptrs = (grad.data_ptr(), sum_abs.data_ptr(), max_abs.data_ptr(), nonfinite.data_ptr())
-    part = partials.data_ptr()
-    _parallel(n, lambda s, e: lib.bnn_grad_stats(*ptrs, s, e, part))
-    out = (ctypes.c_double * 4)()
-    lib.bnn_grad_total(part, partials.numel() // 4, out)
-    return out[0], out[1], out[2], int(out[3])
 
 
 def count_nonfinite(x: Tensor) -> int:
     """How many NaN and Inf values ``x`` (as for :func:`usable`) holds, in one read pass."""
-    lib = _library()
-    assert lib is not None
-    ptr = x.data_ptr()
-    return int(sum(_parallel(x.numel(), lambda s, e: lib.bnn_count_nonfinite(ptr, s, e))))
+    return int(_lib().bnn_count_nonfinite(x.data_ptr(), x.numel(), _threads()))
 
 
 GradStats = tuple[float, float, float, int]
@@ -441,11 +380,12 @@ def grad_stats_many(
     grads: Sequence[Tensor],
     accumulators: Sequence[tuple[Tensor, Tensor, Tensor]] | None = None,
 ) -> list[GradStats]:
-    """:func:`grad_stats` of every tensor in ``grads`` in one call into the kernels (one
-    Python round trip per step instead of one per gradient); ``accumulators``: each
-    gradient's ``(sum_abs, max_abs, nonfinite)``, or None for the statistics alone."""
-    lib = _library()
-    assert lib is not None
+    """One step's statistics of each gradient, one pass over each and one call for all:
+    ``(sum of g^2, sum |g|, max |g|, non-finite count)``, the sums in float64, ``|g|`` over
+    the finite values only, the sum of squares NaN or Inf as a norm would be. With
+    ``accumulators`` (each gradient's float32 ``sum_abs``, float32 ``max_abs`` and int32
+    ``nonfinite``, of its shape), also, per element, ``sum_abs += |g|`` and ``max_abs =
+    max(max_abs, |g|)`` where g is finite and ``nonfinite += 1`` where it is not."""
     k = len(grads)
     if k == 0:
         return []
@@ -459,7 +399,6 @@ def grad_stats_many(
     def array(ctype: Any, values: Sequence[Any]) -> Any:
         return (ctype * k)(*values)
 
-    g_ptrs = array(ctypes.c_void_p, [g.data_ptr() for g in grads])
     acc: list[Any] = [None, None, None]
     if accumulators is not None:
         for (s, m, c), g in zip(accumulators, grads, strict=True):
@@ -467,15 +406,15 @@ def grad_stats_many(
             assert s.shape == m.shape == c.shape == g.shape
             assert s.is_contiguous() and m.is_contiguous() and c.is_contiguous()
         acc = [array(ctypes.c_void_p, [a[i].data_ptr() for a in accumulators]) for i in range(3)]
-    c_sizes, c_first = array(ctypes.c_int64, sizes), array(ctypes.c_int64, first)
-    parts = _threads() if max(sizes) >= PARALLEL_MIN else 1
-    ptr = partials.data_ptr()
-    _run_parts(
-        parts,
-        lambda part: lib.bnn_grad_stats_list(
-            k, g_ptrs, *acc, c_sizes, c_first, ptr, part, parts, PARALLEL_MIN
-        ),
-    )
     out = (ctypes.c_double * (4 * k))()
-    lib.bnn_grad_totals(k, ptr, c_first, c_sizes, out)
+    _lib().bnn_grad_stats(
+        k,
+        array(ctypes.c_void_p, [g.data_ptr() for g in grads]),
+        *acc,
+        array(ctypes.c_int64, sizes),
+        array(ctypes.c_int64, first),
+        partials.data_ptr(),
+        _threads(),
+        out,
+    )
     return [(out[4 * t], out[4 * t + 1], out[4 * t + 2], int(out[4 * t + 3])) for t in range(k)]

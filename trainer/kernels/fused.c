@@ -2,10 +2,14 @@
  *
  * Compiled at first use on the machine that runs them (cc -O3 -march=native, no
  * -ffast-math: NaN and Inf keep their IEEE meaning and denormals are not flushed in the
- * process), loaded with ctypes, called on float32 C-contiguous CPU tensors. Each function
- * takes an element range [start, end) so that the caller can split a tensor between
- * threads; start is a multiple of BLOCK, and every value depends only on its element index,
- * never on the split.
+ * process), loaded with ctypes, called on float32 C-contiguous CPU tensors.
+ *
+ * Threads: the exported bnn_* functions split their work with OpenMP between `threads`
+ * threads (torch.get_num_threads()) in BLOCK-aligned shares, each running a *_range
+ * function. The library is loaded after torch and names the same libgomp.so.1, so it runs
+ * on torch's own OpenMP threads (no second pool competing for the cores); without -fopenmp
+ * the pragmas are ignored and everything runs on the calling thread. Every value depends
+ * only on its element index, never on the split.
  *
  * Random numbers: Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2,
  * 3", SC 2011; the counter-based generator of cuRAND and JAX) keyed by a 64-bit seed, one
@@ -17,6 +21,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* glibc's vector math (libmvec) variants of the scalar functions. Declared here rather than
    through -ffast-math, which would also allow the compiler to assume no NaN/Inf and (with
@@ -32,8 +39,33 @@ extern float cosf(float) __attribute__((__simd__("notinbranch")));
 #define HALF (BLOCK / 2)
 #define SIGMA_FLOOR 1e-8f   /* trainer.priors.SIGMA_FLOOR */
 #define SOFTPLUS_THRESHOLD 20.0f /* F.softplus: x itself above it */
+#define PARALLEL_MIN (1 << 16) /* fewer elements: one thread (a team costs ~10 us) */
 
-int bnn_kernels_version(void) { return 5; }
+int bnn_kernels_version(void) { return 6; }
+
+/* Whether this build runs OpenMP teams (compiled with -fopenmp). */
+int bnn_kernels_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* This thread's share [*start, *end) of [0, n): whole blocks, in thread order. */
+static inline void share(int64_t n, int64_t *start, int64_t *end) {
+    int64_t t = 0, k = 1;
+#ifdef _OPENMP
+    t = omp_get_thread_num();
+    k = omp_get_num_threads();
+#endif
+    const int64_t blocks = (n + BLOCK - 1) / BLOCK, per = (blocks + k - 1) / k;
+    *start = t * per * BLOCK < n ? t * per * BLOCK : n;
+    *end = (t + 1) * per * BLOCK < n ? (t + 1) * per * BLOCK : n;
+}
+
+#define TEAM(n, threads) \
+    _Pragma("omp parallel num_threads(threads) if ((n) >= PARALLEL_MIN && (threads) > 1)")
 
 /* bits[l * COUNTERS + j] = lane l of Philox4x32-10(counter first + j, key (k0, k1)). */
 static inline void philox_block(uint64_t first, uint32_t k0, uint32_t k1, uint32_t *bits) {
@@ -84,7 +116,7 @@ static inline void normal_block(uint64_t block, uint32_t k0, uint32_t k1, float 
 }
 
 /* eps[start, end) ~ N(0, 1). */
-void bnn_normal(float *eps, int64_t start, int64_t end, uint64_t seed) {
+static void normal_range(float *eps, int64_t start, int64_t end, uint64_t seed) {
     const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
     float z[BLOCK];
     for (int64_t b = start; b < end; b += BLOCK) {
@@ -95,8 +127,8 @@ void bnn_normal(float *eps, int64_t start, int64_t end, uint64_t seed) {
 }
 
 /* sigma = softplus(rho) + 1e-8, eps ~ N(0, 1), w = mu + sigma * eps over [start, end). */
-void bnn_sample(const float *mu, const float *rho, float *w, float *sigma, float *eps,
-                int64_t start, int64_t end, uint64_t seed) {
+static void sample_range(const float *mu, const float *rho, float *w, float *sigma,
+                         float *eps, int64_t start, int64_t end, uint64_t seed) {
     const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
     float z[BLOCK], s[BLOCK];
     for (int64_t b = start; b < end; b += BLOCK) {
@@ -120,8 +152,9 @@ void bnn_sample(const float *mu, const float *rho, float *w, float *sigma, float
 /* grad_rho = (grad_w * eps + grad_sigma) * sigmoid(rho) over [start, end), the chain rule
    through sigma = softplus(rho) + 1e-8 (whose derivative is sigmoid(rho), 1 above the
    softplus threshold); grad_sigma may be NULL (no other use of sigma had a gradient). */
-void bnn_sample_backward(const float *grad_w, const float *grad_sigma, const float *eps,
-                         const float *rho, float *grad_rho, int64_t start, int64_t end) {
+static void sample_backward_range(const float *grad_w, const float *grad_sigma,
+                                  const float *eps, const float *rho, float *grad_rho,
+                                  int64_t start, int64_t end) {
     if (grad_sigma) {
 #pragma omp simd
         for (int64_t i = start; i < end; i++) {
@@ -144,8 +177,8 @@ void bnn_sample_backward(const float *grad_w, const float *grad_sigma, const flo
    path takes it). One pass writes each block's three sums, accumulated in float64, into
    partials[3 * block ...]; bnn_sum3 adds the blocks in order, so the result does not
    depend on the split between threads. */
-void bnn_kl_partials(const float *mu, const float *sigma, float mp, double *partials,
-                     int64_t start, int64_t end) {
+static void kl_partials_range(const float *mu, const float *sigma, float mp,
+                              double *partials, int64_t start, int64_t end) {
     float logs[BLOCK];
     for (int64_t b = start; b < end; b += BLOCK) {
         const int64_t m = end - b < BLOCK ? end - b : BLOCK;
@@ -167,7 +200,7 @@ void bnn_kl_partials(const float *mu, const float *sigma, float mp, double *part
     }
 }
 
-void bnn_sum3(const double *partials, int64_t blocks, double *out) {
+static void sum3(const double *partials, int64_t blocks, double *out) {
     double a = 0.0, b = 0.0, c = 0.0;
     for (int64_t i = 0; i < blocks; i++) {
         a += partials[3 * i];
@@ -181,8 +214,9 @@ void bnn_sum3(const double *partials, int64_t blocks, double *out) {
 
 /* The KL's gradients, times the incoming gradient: grad_mu = (mu - mp) * scale and
    grad_sigma = sigma * scale - grad / sigma, scale = grad / sp^2. */
-void bnn_kl_backward(const float *mu, const float *sigma, float mp, float scale, float grad,
-                     float *grad_mu, float *grad_sigma, int64_t start, int64_t end) {
+static void kl_backward_range(const float *mu, const float *sigma, float mp, float scale,
+                              float grad, float *grad_mu, float *grad_sigma, int64_t start,
+                              int64_t end) {
 #pragma omp simd
     for (int64_t i = start; i < end; i++) {
         grad_mu[i] = (mu[i] - mp) * scale;
@@ -196,8 +230,9 @@ void bnn_kl_backward(const float *mu, const float *sigma, float mp, float scale,
    g}. With sum_abs/max_abs/nonfinite (per-element level; else NULL), also per element:
    sum_abs += |g| and max_abs = max(max_abs, |g|) where g is finite, nonfinite += 1 where
    it is not. */
-void bnn_grad_stats(const float *g, float *sum_abs, float *max_abs, int32_t *nonfinite,
-                    int64_t start, int64_t end, double *partials) {
+static void grad_stats_range(const float *g, float *sum_abs, float *max_abs,
+                             int32_t *nonfinite, int64_t start, int64_t end,
+                             double *partials) {
     for (int64_t b = start; b < end; b += BLOCK) {
         const int64_t m = end - b < BLOCK ? end - b : BLOCK;
         const float *x = g + b;
@@ -243,7 +278,7 @@ void bnn_grad_stats(const float *g, float *sum_abs, float *max_abs, int32_t *non
 
 /* The blocks' partials of bnn_grad_stats combined in order: {sum g^2, sum |g|, max |g|,
    non-finite count}. */
-void bnn_grad_total(const double *partials, int64_t blocks, double *out) {
+static void grad_total(const double *partials, int64_t blocks, double *out) {
     double sq = 0.0, sabs = 0.0, mabs = 0.0, bad = 0.0;
     for (int64_t i = 0; i < blocks; i++) {
         sq += partials[4 * i];
@@ -257,8 +292,9 @@ void bnn_grad_total(const double *partials, int64_t blocks, double *out) {
     out[3] = bad;
 }
 
+
 /* The number of NaN and Inf values in x[start, end) (one read pass, integer compares). */
-int64_t bnn_count_nonfinite(const float *x, int64_t start, int64_t end) {
+static int64_t count_nonfinite_range(const float *x, int64_t start, int64_t end) {
     int64_t bad = 0;
 #pragma omp simd reduction(+ : bad)
     for (int64_t i = start; i < end; i++) {
@@ -269,35 +305,97 @@ int64_t bnn_count_nonfinite(const float *x, int64_t start, int64_t end) {
     return bad;
 }
 
-/* bnn_grad_stats over k gradients in one call: this caller's share (number `part` of
-   `parts`) of each, in BLOCK multiples; gradients below `parallel_min` elements wholly in
-   part 0. Gradient t's block partials start at partials + 4 * first_block[t]. */
-void bnn_grad_stats_list(int64_t k, const float *const *g, float *const *sum_abs,
-                         float *const *max_abs, int32_t *const *nonfinite, const int64_t *sizes,
-                         const int64_t *first_block, double *partials, int64_t part,
-                         int64_t parts, int64_t parallel_min) {
-    for (int64_t t = 0; t < k; t++) {
-        const int64_t n = sizes[t];
-        int64_t start = 0, end = n;
-        if (n >= parallel_min) {
-            const int64_t share = (n / parts / BLOCK + 1) * BLOCK;
-            start = part * share < n ? part * share : n;
-            end = start + share < n ? start + share : n;
-        } else if (part != 0) {
-            continue;
-        }
-        if (start < end || (part == 0 && n == 0))
-            bnn_grad_stats(g[t], sum_abs ? sum_abs[t] : 0, max_abs ? max_abs[t] : 0,
-                           nonfinite ? nonfinite[t] : 0, start, end,
-                           partials + 4 * first_block[t]);
+/* ---- entry points (ctypes) ---- */
+
+void bnn_normal(float *eps, int64_t n, uint64_t seed, int threads) {
+    TEAM(n, threads)
+    {
+        int64_t s, e;
+        share(n, &s, &e);
+        normal_range(eps, s, e, seed);
     }
 }
 
-/* bnn_grad_total of each of k gradients: out[4 * t ...]. */
-void bnn_grad_totals(int64_t k, const double *partials, const int64_t *first_block,
-                     const int64_t *sizes, double *out) {
-    for (int64_t t = 0; t < k; t++) {
-        const int64_t blocks = (sizes[t] + BLOCK - 1) / BLOCK;
-        bnn_grad_total(partials + 4 * first_block[t], blocks, out + 4 * t);
+void bnn_sample(const float *mu, const float *rho, float *w, float *sigma, float *eps,
+                int64_t n, uint64_t seed, int threads) {
+    TEAM(n, threads)
+    {
+        int64_t s, e;
+        share(n, &s, &e);
+        sample_range(mu, rho, w, sigma, eps, s, e, seed);
     }
+}
+
+void bnn_sample_backward(const float *grad_w, const float *grad_sigma, const float *eps,
+                         const float *rho, float *grad_rho, int64_t n, int threads) {
+    TEAM(n, threads)
+    {
+        int64_t s, e;
+        share(n, &s, &e);
+        sample_backward_range(grad_w, grad_sigma, eps, rho, grad_rho, s, e);
+    }
+}
+
+/* out = {sum log sigma, sum sigma^2 + d^2, sum d}; partials: 3 doubles per block. */
+void bnn_kl_sums(const float *mu, const float *sigma, float mp, double *partials, int64_t n,
+                 int threads, double *out) {
+    TEAM(n, threads)
+    {
+        int64_t s, e;
+        share(n, &s, &e);
+        kl_partials_range(mu, sigma, mp, partials, s, e);
+    }
+    sum3(partials, (n + BLOCK - 1) / BLOCK, out);
+}
+
+void bnn_kl_backward(const float *mu, const float *sigma, float mp, float scale, float grad,
+                     float *grad_mu, float *grad_sigma, int64_t n, int threads) {
+    TEAM(n, threads)
+    {
+        int64_t s, e;
+        share(n, &s, &e);
+        kl_backward_range(mu, sigma, mp, scale, grad, grad_mu, grad_sigma, s, e);
+    }
+}
+
+int64_t bnn_count_nonfinite(const float *x, int64_t n, int threads) {
+    int64_t bad = 0;
+#pragma omp parallel num_threads(threads) if (n >= PARALLEL_MIN && threads > 1) reduction(+ : bad)
+    {
+        int64_t s, e;
+        share(n, &s, &e);
+        bad += count_nonfinite_range(x, s, e);
+    }
+    return bad;
+}
+
+/* grad_stats_range over k gradients (each thread its share of each; a gradient below
+   PARALLEL_MIN elements wholly on the first thread), then each gradient's totals into
+   out[4 * t ...] = {sum g^2, sum |g|, max |g|, non-finite count}. Gradient t's block
+   partials start at partials + 4 * first_block[t]; sum_abs/max_abs/nonfinite: NULL, or
+   one accumulator per gradient. */
+void bnn_grad_stats(int64_t k, const float *const *g, float *const *sum_abs,
+                    float *const *max_abs, int32_t *const *nonfinite, const int64_t *sizes,
+                    const int64_t *first_block, double *partials, int threads, double *out) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t t0 = 0;
+#ifdef _OPENMP
+        t0 = omp_get_thread_num();
+#endif
+        for (int64_t t = 0; t < k; t++) {
+            const int64_t n = sizes[t];
+            int64_t s = 0, e = n;
+            if (n >= PARALLEL_MIN)
+                share(n, &s, &e);
+            else if (t0 != 0)
+                continue;
+            if (s < e)
+                grad_stats_range(g[t], sum_abs ? sum_abs[t] : 0, max_abs ? max_abs[t] : 0,
+                                 nonfinite ? nonfinite[t] : 0, s, e,
+                                 partials + 4 * first_block[t]);
+        }
+    }
+    for (int64_t t = 0; t < k; t++)
+        grad_total(partials + 4 * first_block[t], (sizes[t] + BLOCK - 1) / BLOCK, out + 4 * t);
 }
