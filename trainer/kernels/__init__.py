@@ -24,7 +24,8 @@ page faults of two threads contend for one lock: on the 2-core machine, ``F.soft
 1200 x 1200 tensor took 8 ms on two threads and 1.9 ms once memory is reused.
 :func:`tune_allocator` (called by the trainer and ``trainer.track`` for CPU training;
 ``BNN_MALLOC_TUNING=0`` leaves malloc alone) makes malloc keep and reuse freed memory. A
-training process then keeps its peak heap until it exits; a server does not call it.
+training process then keeps its peak heap until it exits (a Dask worker that ran a training
+job, between jobs too); the API server, which does not train, never calls it.
 
 **Build.** ``fused.c`` is compiled on first use with the system C compiler (``$CC`` or
 ``cc``; ``-O3 -march=native``, glibc's vector math; ``-fopenmp`` when torch's OpenMP runtime
