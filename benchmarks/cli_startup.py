@@ -94,8 +94,7 @@ def main() -> None:
     for name, values in walls.items():
         med = statistics.median(values)
         print(
-            f"{name:<20} {med:>8.3f}s {min(values):>8.3f}s {med - base:>8.3f}s "
-            f"{rss[name]:>8.0f} MB"
+            f"{name:<20} {med:>8.3f}s {min(values):>8.3f}s {med - base:>8.3f}s {rss[name]:>8.0f} MB"
         )
 
 
