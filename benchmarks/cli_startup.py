@@ -43,11 +43,15 @@ def _store(data_dir: Path, runs: int) -> str:
             check=True,
         )
         last = out.stdout.strip().splitlines()[-1]
-    from trainer.store import RunStore
-
-    with RunStore(data_dir) as store:
-        for i in range(max(0, runs - 3)):
-            store.create_run(f"queued-{i}", {"dataset": "mnist", "prior": "learnable"})
+    # in a child: this process stays small, since a child's peak RSS counts the parent's
+    # pages it was forked with
+    code = (
+        "import sys\nfrom trainer.store import RunStore\n"
+        "with RunStore(sys.argv[1]) as store:\n"
+        "    for i in range(int(sys.argv[2])):\n"
+        "        store.create_run(f'queued-{i}', {'dataset': 'mnist', 'prior': 'learnable'})\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(data_dir), str(max(0, runs - 3))], check=True)
     marker.write_text(last)
     return last
 

@@ -206,16 +206,28 @@ class BayesianLayer(nn.Module):
         self._remember_sigma(rho, which, sigma)
         return sigma
 
+    @staticmethod
+    def _shares_sigma(rho: Tensor) -> bool:
+        """Whether this step's sigma node is kept for reuse: only while gradients are on and
+        outside torch.compile (a compiled graph shares the node by itself) and torch.func
+        transforms (whose tensors have no storage to key the cache by)."""
+        return (
+            torch.is_grad_enabled()
+            and rho.requires_grad
+            and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(rho)
+        )
+
     def _cached_sigma(self, rho: Tensor, which: str) -> Tensor | None:
         """This step's sigma node of ``which``, if one was made (see :meth:`_sigma`)."""
         cached = self._sigma_cache.get(which)
-        if cached is not None and cached[0] == (rho._version, rho.data_ptr()):
-            return cached[1]
-        return None
+        if cached is None or not self._shares_sigma(rho):
+            return None
+        return cached[1] if cached[0] == (rho._version, rho.data_ptr()) else None
 
     def _remember_sigma(self, rho: Tensor, which: str, sigma: Tensor) -> None:
-        if not (torch.is_grad_enabled() and rho.requires_grad) or torch.compiler.is_compiling():
-            return  # no graph to share (a compiled graph shares the node by itself)
+        if not self._shares_sigma(rho):
+            return  # no graph to share
         sigma.register_hook(functools.partial(_drop_cached_sigma, self._sigma_cache, which))
         self._sigma_cache[which] = ((rho._version, rho.data_ptr()), sigma)
 

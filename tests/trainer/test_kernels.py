@@ -350,3 +350,20 @@ def test_count_nonfinite() -> None:
     x[8] = torch.finfo(torch.float32).tiny / 4  # a denormal
     assert kernels.count_nonfinite(x) == 4
     assert kernels.count_nonfinite(torch.tensor(math.nan)) == 1
+
+
+def test_torch_func_transforms_take_the_torch_path() -> None:
+    """Inside torch.func (per-sample gradients, say) the layers use torch operations, which
+    the transforms can batch and differentiate."""
+    from torch.func import functional_call, grad, vmap
+
+    layer = BayesLinear(4, 3)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    x = torch.randn(5, 4)
+
+    def loss(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+        return functional_call(layer, p, (xi.unsqueeze(0),)).square().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0), randomness="different")(params, x)
+    assert per_sample["weight_rho"].shape == (5, 3, 4)
+    assert torch.isfinite(per_sample["weight_rho"]).all()

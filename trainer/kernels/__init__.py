@@ -200,6 +200,13 @@ def status() -> str:
 
 
 _off = threading.local()
+# tensors whose memory the kernels may address: not subclasses (fake, meta-backed, ...)
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _wrapped(t: Tensor) -> bool:
+    """A tensor inside a torch.func transform (grad, vmap, ...): torch operations only."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 @contextlib.contextmanager
@@ -215,15 +222,18 @@ def disabled() -> Iterator[None]:
 
 
 def usable(*tensors: Tensor) -> bool:
-    """Whether :func:`sample` takes these tensors: CPU float32, contiguous, one shape, outside
-    ``torch.compile`` (which traces torch operations only), and the kernels available."""
+    """Whether :func:`sample` takes these tensors: plain CPU float32 tensors, contiguous, of
+    one shape, outside ``torch.compile`` and ``torch.func`` transforms (which trace or batch
+    torch operations only), and the kernels available."""
     first = tensors[0]
     return (
         all(
-            t.device.type == "cpu"
+            type(t) in _PLAIN
+            and t.device.type == "cpu"
             and t.dtype == torch.float32
             and t.is_contiguous()
             and t.shape == first.shape
+            and not _wrapped(t)
             for t in tensors
         )
         and not torch.compiler.is_compiling()
