@@ -377,7 +377,8 @@ class BayesLinear(BayesianLayer):
             bias_var = None if self.bias_rho is None else self._sigma("bias").square()
             var = F.linear(x.square(), self._sigma("weight").square(), bias_var)
             std = var.add_(_VAR_FLOOR).sqrt_()
-            return torch.addcmul(mean, std, torch.randn_like(mean))
+            noise = kernels.normal(mean) if kernels.usable(mean) else torch.randn_like(mean)
+            return torch.addcmul(mean, std, noise)
         weight, bias = self.sample_parameters()
         return F.linear(x, weight, bias)
 
