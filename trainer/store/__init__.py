@@ -13,6 +13,9 @@ Public names:
     FsckReport, Finding                         -- RunStore.fsck(): recovery after crashes
     SCHEMA_VERSION, write_epoch_file, read_epoch_file, EpochFile, EpochHeader, validate_snapshot
         -- the epoch file format on its own (no catalog), e.g. for uploads
+
+Each epoch file written now also holds the summaries the analysis needs (``/summary``,
+:mod:`trainer.store.summaries`; ``EpochFile.summaries()``), computed once at write time.
 """
 
 from __future__ import annotations
