@@ -13,6 +13,9 @@ from trainer.errors import BnnError
 from trainer.store import RunStore, load_distribution_log
 from trainer.train import train
 
+# a graph break (Dynamo tracing into untraceable code, e.g. the CPU kernels' checks) fails
+pytestmark = pytest.mark.filterwarnings("error:Dynamo:UserWarning")
+
 TINY = {"dataset": "regression", "n_train": 96, "n_test": 32, "eval_samples": 2, "seed": 0}
 
 

@@ -225,6 +225,8 @@ def usable(*tensors: Tensor) -> bool:
     """Whether :func:`sample` takes these tensors: plain CPU float32 tensors, contiguous, of
     one shape, outside ``torch.compile`` and ``torch.func`` transforms (which trace or batch
     torch operations only), and the kernels available."""
+    if torch.compiler.is_compiling():  # first: the checks below would break the graph
+        return False
     first = tensors[0]
     return (
         all(
@@ -236,7 +238,6 @@ def usable(*tensors: Tensor) -> bool:
             and not _wrapped(t)
             for t in tensors
         )
-        and not torch.compiler.is_compiling()
         and not getattr(_off, "depth", 0)
         and available()
     )
