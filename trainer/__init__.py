@@ -13,10 +13,11 @@ torch-free parts (``trainer.config``, ``trainer.store``, ``trainer.errors``) loa
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import TYPE_CHECKING, Any
+
+from trainer._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from trainer.capture import GradientRecorder, get_all_distribution_params
@@ -134,17 +135,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'trainer' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)
 
 
 class _Package(types.ModuleType):

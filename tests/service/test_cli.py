@@ -229,23 +229,13 @@ import sys
 loaded = [m for m in {heavy!r} if m in sys.modules]
 assert not loaded, loaded
 """
+_HELP = "try:\n    main({argv!r})\nexcept SystemExit as exc:\n    assert exc.code == 0"
+_CLI = "from service.cli import main\n"
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
-        "import service.cli",
-        "import trainer, trainer.config\nfrom trainer import PriorSpec, RunStatus",
-        "from service.cli import main\nassert main(['runs', '--data-dir', sys.argv[1]]) == 0",
-        "from service.cli import main\n"
-        "try:\n    main(['--help'])\nexcept SystemExit as exc:\n    assert exc.code == 0",
-        "from service.cli import main\n"
-        "try:\n    main(['train', '--help'])\nexcept SystemExit as exc:\n    assert exc.code == 0",
-    ],
-    ids=["import", "trainer-config", "runs", "help", "train-help"],
-)
-def test_light_commands_import_no_torch_pandas_or_matplotlib(tmp_path: Path, body: str) -> None:
-    code = _NOT_LOADED.format(body=body, heavy=HEAVY)
+def _assert_not_loaded(tmp_path: Path, body: str, heavy: tuple[str, ...]) -> None:
+    """Running ``body`` in a fresh interpreter imports none of the ``heavy`` modules."""
+    code = _NOT_LOADED.format(body=body, heavy=heavy)
     out = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path)],
         cwd=REPO,
@@ -257,23 +247,29 @@ def test_light_commands_import_no_torch_pandas_or_matplotlib(tmp_path: Path, bod
     assert out.returncode == 0, out.stderr
 
 
-_NOT_LOADED_LIGHT = """
-import sys
-from service.cli import main
-{body}
-loaded = [m for m in {heavy!r} if m in sys.modules]
-assert not loaded, loaded
-"""
+@pytest.mark.parametrize(
+    "body",
+    [
+        "import service.cli",
+        "import trainer, trainer.config\nfrom trainer import PriorSpec, RunStatus",
+        _CLI + "assert main(['runs', '--data-dir', sys.argv[1]]) == 0",
+        _CLI + _HELP.format(argv=["--help"]),
+        _CLI + _HELP.format(argv=["train", "--help"]),
+    ],
+    ids=["import", "trainer-config", "runs", "help", "train-help"],
+)
+def test_light_commands_import_no_torch_pandas_or_matplotlib(tmp_path: Path, body: str) -> None:
+    _assert_not_loaded(tmp_path, body, HEAVY)
 
 
 @pytest.mark.parametrize(
     ("body", "heavy"),
     [
         (
-            "try:\n    main(['--help'])\nexcept SystemExit as exc:\n    assert exc.code == 0",
+            _CLI + _HELP.format(argv=["--help"]),
             ("pydantic", "sqlalchemy", "numpy", "h5py", "trainer.config"),
         ),
-        ("assert main(['runs', '--data-dir', sys.argv[1]]) == 0", ("alembic", "pydantic")),
+        (_CLI + "assert main(['runs', '--data-dir', sys.argv[1]]) == 0", ("alembic", "pydantic")),
     ],
     ids=["help", "runs"],
 )
@@ -283,16 +279,7 @@ def test_help_and_runs_import_only_what_they_use(
     """``bnn --help`` builds no command's options; ``bnn runs`` on a catalog at head imports
     neither Alembic nor the training configuration."""
     main(["runs", "--data-dir", str(tmp_path)])  # creates the catalog: at head from now on
-    code = _NOT_LOADED_LIGHT.format(body=body, heavy=heavy)
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "BNN_DATA_DIR": str(tmp_path)},
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
+    _assert_not_loaded(tmp_path, body, heavy)
 
 
 @pytest.mark.parametrize("command", ["train", "runs", "serve", "push"])

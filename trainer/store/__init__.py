@@ -20,8 +20,9 @@ Each epoch file written now also holds the summaries the analysis needs (``/summ
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from trainer._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from ._records import EpochInfo, RunInfo, RunStatus
@@ -64,36 +65,26 @@ __all__ = [
 # Each public name loads its submodule on first use (PEP 562): ``from trainer.store import
 # RunStatus`` does not import SQLAlchemy, h5py or the recovery code.
 _LAZY = {
-    "EpochFile": "hdf5",
-    "EpochHeader": "hdf5",
-    "EpochInfo": "_records",
-    "Finding": "fsck",
-    "FsckReport": "fsck",
-    "METRIC_SORT": "catalog",
-    "RUN_SORTS": "catalog",
-    "RunInfo": "_records",
-    "RunListing": "catalog",
-    "RunPage": "catalog",
-    "RunReader": "reader",
-    "RunStatus": "_records",
-    "RunStore": "runstore",
-    "SCHEMA_VERSION": "hdf5",
-    "SweepInfo": "sweeps",
-    "load_distribution_log": "reader",
-    "read_epoch_file": "hdf5",
-    "validate_snapshot": "hdf5",
-    "write_epoch_file": "hdf5",
+    "EpochFile": ".hdf5",
+    "EpochHeader": ".hdf5",
+    "EpochInfo": "._records",
+    "Finding": ".fsck",
+    "FsckReport": ".fsck",
+    "METRIC_SORT": ".catalog",
+    "RUN_SORTS": ".catalog",
+    "RunInfo": "._records",
+    "RunListing": ".catalog",
+    "RunPage": ".catalog",
+    "RunReader": ".reader",
+    "RunStatus": "._records",
+    "RunStore": ".runstore",
+    "SCHEMA_VERSION": ".hdf5",
+    "SweepInfo": ".sweeps",
+    "load_distribution_log": ".reader",
+    "read_epoch_file": ".hdf5",
+    "validate_snapshot": ".hdf5",
+    "write_epoch_file": ".hdf5",
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
