@@ -1,17 +1,22 @@
 """What ``trainer.track`` costs a training loop, against the same loop untracked and against
 the capture ``bnn train`` pays, on this machine.
 
-The same 784-400-400-10 Bayesian MLP (learnable prior), batch 128, Adam(1e-3), loss
-``CE + KL / N`` on MNIST batches, in three variants, each with its own model and optimiser:
+The same 784-400-400-10 Bayesian MLP (learnable prior), batch 128, Adam(1e-3) as ``bnn
+train`` makes it (on the CPU ``trainer.optim.RecordingAdam``), loss ``CE + KL / N`` on MNIST
+batches, in four variants, each with its own model and optimiser:
 
 * **plain**: the loop alone, nothing recorded;
 * **bnn train capture**: what :class:`trainer.train.Trainer` does on top of the step when it
-  captures every epoch: ``GradientRecorder.record_step()`` and the divergence watch after each
-  backward, and at each epoch end the KL per layer, ``get_all_distribution_params``, an
-  ``EpochSnapshot`` handed to the trainer's background epoch writer (``RunStore.write_epoch``:
-  HDF5 + SQLite, fsync, catalogue);
+  captures every epoch: the divergence watch after each backward and the step recorded
+  (``trainer.optim.record_with``: in the optimiser's own pass), and at each epoch end the
+  KL per layer, ``get_all_distribution_params``, an ``EpochSnapshot`` handed to the
+  trainer's background epoch writer (``RunStore.write_epoch``: HDF5 + SQLite, fsync,
+  catalogue);
 * **trainer.track**: the loop with ``run.step(loss)`` after each backward and
-  ``run.log_epoch`` at each epoch end, into a real run store (``capture_every=1``).
+  ``run.log_epoch`` at each epoch end, into a real run store (``capture_every=1``): the
+  recorder's own pass over the gradients, as for any optimiser;
+* **trainer.track(optimizer=)**: the same with the tracker recording in the optimiser's step
+  hook instead of ``run.step``, so that the RecordingAdam takes the statistics in its pass.
 
 An epoch end is charged, as ``benchmarks/train_throughput.py`` charges it, the time the
 training thread was blocked (snapshot, waiting for the previous write) plus the CPU time the
@@ -49,10 +54,11 @@ from trainer.capture import GradientRecorder, HostCopies, get_all_distribution_p
 from trainer.data import load_dataset
 from trainer.layers import bayesian_layers, kl_by_layer, model_kl, prior_penalty
 from trainer.models import mlp
+from trainer.optim import record_with
 from trainer.priors import PriorSpec
 from trainer.snapshot import EpochSnapshot, GradLevel
 from trainer.store import RunStore
-from trainer.train import _DivergenceWatch, _EpochWriter
+from trainer.train import _adam, _DivergenceWatch, _EpochWriter
 
 WIDTHS = [400, 400]
 BATCH = 128
@@ -92,7 +98,7 @@ class TimedStore:
 def make_model(device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = mlp(784, WIDTHS, 10, PriorSpec(kind="learnable", sigma0=0.1)).to(device)
-    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+    return model, _adam(torch.optim.Adam, list(model.parameters()), 1e-3)  # bnn train's
 
 
 def plain(device: torch.device) -> Variant:
@@ -120,7 +126,7 @@ def trainer_capture(device: torch.device, store: RunStore, level: GradLevel) -> 
     def after(loss: Tensor) -> None:
         watch.observe(loss)
         step0[1] += 1
-        recorder.record_step()
+        record_with(optimizer, recorder)
 
     def end(epoch: int, loss: float) -> None:
         watch.first(epoch, step0[0])
@@ -139,11 +145,16 @@ def trainer_capture(device: torch.device, store: RunStore, level: GradLevel) -> 
     return Variant(name, model, optimizer, after, end, start, cpu, writer.wait)
 
 
-def tracked(device: torch.device, store: RunStore, level: GradLevel) -> tuple[Variant, object]:
+def tracked(
+    device: torch.device, store: RunStore, level: GradLevel, *, hook: bool = False
+) -> tuple[Variant, object]:
     model, optimizer = make_model(device)
     cpu: list[float] = []
     sink = TimedStore(store, cpu)
-    run = trainer.track(model, name="trainer.track", sink=sink, grad_level=level.value)
+    name = "trainer.track(optimizer=)" if hook else "trainer.track"
+    run = trainer.track(
+        model, name=name, sink=sink, grad_level=level.value, optimizer=optimizer if hook else None
+    )
 
     def after(loss: Tensor) -> None:
         run.step(loss)
@@ -151,7 +162,8 @@ def tracked(device: torch.device, store: RunStore, level: GradLevel) -> tuple[Va
     def end(epoch: int, loss: float) -> None:
         run.log_epoch(epoch, {"loss": loss})
 
-    return Variant("trainer.track", model, optimizer, after, end, None, cpu, run.flush), run
+    after_backward = None if hook else after
+    return Variant(name, model, optimizer, after_backward, end, None, cpu, run.flush), run
 
 
 def _sync(device: torch.device) -> None:
@@ -210,7 +222,13 @@ def main() -> None:
     ]
     with tempfile.TemporaryDirectory() as tmp, RunStore(tmp) as store:
         track_variant, run = tracked(device, store, level)
-        variants = [plain(device), trainer_capture(device, store, level), track_variant]
+        hook_variant, hook_run = tracked(device, store, level, hook=True)
+        variants = [
+            plain(device),
+            trainer_capture(device, store, level),
+            track_variant,
+            hook_variant,
+        ]
         for v in variants:  # warm-up (its epoch is not timed)
             run_chunk(v, data[:3], device)
             if v.end_epoch is not None:
@@ -230,6 +248,7 @@ def main() -> None:
             if v.flush is not None:
                 v.flush()
         run.finish()  # type: ignore[attr-defined]
+        hook_run.finish()  # type: ignore[attr-defined]
     step_s = {k: statistics.median(v) for k, v in steps.items()}
     end_s = {k: statistics.median(v) for k, v in ends.items()}
     epoch_s = {k: EPOCH_STEPS * s + end_s.get(k, 0.0) for k, s in step_s.items()}
@@ -240,11 +259,11 @@ def main() -> None:
         f"{level.value}, {args.rounds} rounds x {len(data)} steps per variant, {args.device} "
         f"({where}), load average {min(load):.2f}-{max(load):.2f}"
     )
-    print(f"{'variant':<38} {'ms/step':>8} {'epoch end':>10} {'s/epoch':>8} {'overhead':>9}")
+    print(f"{'variant':<40} {'ms/step':>8} {'epoch end':>10} {'s/epoch':>8} {'overhead':>9}")
     for k in step_s:
         end = f"{end_s[k]:.3f} s" if k in end_s else "-"
         over = f"{100 * (epoch_s[k] / base - 1):.1f}%" if k != variants[0].name else "-"
-        print(f"{k:<38} {1e3 * step_s[k]:>8.2f} {end:>10} {epoch_s[k]:>8.2f} {over:>9}")
+        print(f"{k:<40} {1e3 * step_s[k]:>8.2f} {end:>10} {epoch_s[k]:>8.2f} {over:>9}")
     plain_steps = steps[variants[0].name]
     for v in variants[1:]:
         per_round = [
@@ -256,8 +275,9 @@ def main() -> None:
             f"per-round overhead of {v.name}: median {statistics.median(per_round):.1f}% "
             f"(quartiles {q1:.1f}% .. {q3:.1f}%)"
         )
-    ratio = epoch_s["trainer.track"] / epoch_s[variants[1].name]
-    print(f"trainer.track / bnn train capture: {ratio:.3f} of the epoch time")
+    for name in ("trainer.track", "trainer.track(optimizer=)"):
+        ratio = epoch_s[name] / epoch_s[variants[1].name]
+        print(f"{name} / bnn train capture: {ratio:.3f} of the epoch time")
 
 
 if __name__ == "__main__":

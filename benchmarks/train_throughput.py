@@ -1,8 +1,10 @@
 """Training throughput of a 784-1200-1200-10 Bayesian MLP, batch 128, on this machine.
 
-Every variant trains on the same MNIST batches with the same optimiser, Adam(1e-3) with
-PyTorch's fused kernel (what ``bnn train`` uses; ``--optimizer foreach`` or ``loop`` for
-the others), and the ELBO ``CE + KL / N``. To keep ratios meaningful on a noisy shared
+Every variant trains on the same MNIST batches with the same optimiser, Adam(1e-3) as
+``bnn train`` makes it (``--optimizer fused``: on the CPU ``trainer.optim.RecordingAdam``,
+the one-pass kernel that also takes a captured step's gradient statistics, on CUDA
+PyTorch's fused Adam; ``torch-fused``, ``foreach`` or ``loop``: PyTorch's), and the ELBO
+``CE + KL / N``. To keep ratios meaningful on a noisy shared
 machine, variants are interleaved finely: each round runs a chunk of ``--chunk`` steps of
 every variant in turn, and a variant's rate is the median over ``--rounds`` chunks.
 Capture variants record gradient statistics at every step (inside the timed chunks) and,
@@ -41,10 +43,11 @@ from trainer.capture import GradientRecorder, HostCopies, get_all_distribution_p
 from trainer.data import load_dataset
 from trainer.layers import model_kl, prior_penalty
 from trainer.models import deterministic_mlp, mlp
+from trainer.optim import record_with
 from trainer.priors import PriorKind, PriorSpec
 from trainer.snapshot import EpochSnapshot, GradLevel
 from trainer.store import RunStore
-from trainer.train import _EpochWriter
+from trainer.train import _adam, _EpochWriter
 
 WIDTHS = [1200, 1200]
 BATCH = 128
@@ -59,8 +62,9 @@ class Variant:
     model: nn.Module
     loss: Callable[[Tensor, Tensor], Tensor]
     end_epoch: Callable[[int], float] | None = None
-    after_backward: Callable[[], None] | None = None
+    after_backward: Callable[[torch.optim.Optimizer], None] | None = None
     finish: Callable[[], float] | None = None
+    optimizer: str | None = None  # overrides --optimizer
 
 
 def ours(
@@ -71,6 +75,7 @@ def ours(
     *,
     local_reparam: bool = False,
     fused: bool = True,
+    optimizer: str | None = None,
 ) -> Variant:
     model = mlp(784, WIDTHS, 10, PriorSpec(kind=kind, sigma0=0.1), local_reparam=local_reparam).to(
         DEVICE
@@ -81,7 +86,7 @@ def ours(
             return F.cross_entropy(model(x), y) + (model_kl(model) + prior_penalty(model)) / N_TRAIN
 
     if level is None:
-        return Variant(name, model, loss)
+        return Variant(name, model, loss, optimizer=optimizer)
     recorder = GradientRecorder(model, level)
     assert store is not None
     run_id = store.create_run(name, {"benchmark": True}).id
@@ -115,7 +120,10 @@ def ours(
         writer.wait()
         return 0.0
 
-    return Variant(name, model, loss, end_epoch, recorder.record_step, finish)
+    def record(opt: torch.optim.Optimizer) -> None:  # as the trainer records a step
+        record_with(opt, recorder)
+
+    return Variant(name, model, loss, end_epoch, record, finish)
 
 
 def deterministic() -> Variant:
@@ -214,7 +222,7 @@ def run_chunk(v: Variant, opt: torch.optim.Optimizer, data: list[tuple[Tensor, T
         loss = v.loss(x, y)
         loss.backward()
         if v.after_backward is not None:
-            v.after_backward()
+            v.after_backward(opt)
         opt.step()
     _sync()
     return len(data) * BATCH / (time.perf_counter() - t0)
@@ -227,8 +235,11 @@ def time_epoch_end(v: Variant, epoch: int) -> float:
 
 
 def make_optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
-    """Adam(1e-3): "fused" (one kernel; what ``bnn train`` uses), "foreach" or "loop"."""
+    """Adam(1e-3): "fused" (what ``bnn train`` uses: trainer.train._adam), "torch-fused"
+    (PyTorch's fused kernel), "foreach" or "loop"."""
     if kind == "fused":
+        return _adam(torch.optim.Adam, list(model.parameters()), 1e-3)
+    if kind == "torch-fused":
         return torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     return torch.optim.Adam(model.parameters(), lr=1e-3, foreach=kind == "foreach")
 
@@ -243,7 +254,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument(
-        "--optimizer", default="fused", choices=["fused", "foreach", "loop"], help="every variant's"
+        "--optimizer",
+        default="fused",
+        choices=["fused", "torch-fused", "foreach", "loop"],
+        help="every variant's",
     )
     ap.add_argument(
         "--malloc",
@@ -277,6 +291,13 @@ def main() -> None:
                 fused=False,
             ),
             ours(
+                "ours learnable, PyTorch fused Adam, no capture",
+                PriorKind.LEARNABLE,
+                None,
+                None,
+                optimizer="torch-fused",
+            ),
+            ours(
                 "ours learnable, local reparam, no capture",
                 PriorKind.LEARNABLE,
                 None,
@@ -293,7 +314,7 @@ def main() -> None:
         ]
         for v in variants:
             v.model.to(device)
-        opts = [make_optimizer(v.model, args.optimizer) for v in variants]
+        opts = [make_optimizer(v.model, v.optimizer or args.optimizer) for v in variants]
         for v, o in zip(variants, opts, strict=True):  # warm-up
             run_chunk(v, o, data[:3])
         rates: dict[str, list[float]] = {v.name: [] for v in variants}

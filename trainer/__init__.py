@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     )
     from trainer.mixture import ScaleMixturePrior
     from trainer.models import bayesianize, deterministic_mlp, mlp, small_cnn
+    from trainer.optim import RecordingAdam
     from trainer.priors import (
         GaussianPrior,
         LayerPrior,
@@ -66,6 +67,7 @@ __all__ = [
     "PriorKind",
     "PriorScale",
     "PriorSpec",
+    "RecordingAdam",
     "RunReader",
     "RunStatus",
     "RunStore",
@@ -95,6 +97,7 @@ __all__ = [
 # (trainer.prior_spec) that trainer.priors re-exports: the same objects either way.
 _LAZY = {
     "GradientRecorder": "trainer.capture",
+    "RecordingAdam": "trainer.optim",
     "get_all_distribution_params": "trainer.capture",
     "TrainConfig": "trainer.config",
     "parse_config": "trainer.config",

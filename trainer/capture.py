@@ -330,6 +330,36 @@ class GradientRecorder:
             self._record_cpu(present)
         else:
             self._record_foreach(present)
+        self._record_priors()
+
+    def fused_plan(self) -> dict[int, _ParamStats]:
+        """The parameters (by ``id``) whose statistics an optimiser that reads every gradient
+        anyway may take in its own pass (:class:`trainer.optim.RecordingAdam`), then handed
+        to :meth:`record_fused_step`: every recorded CPU parameter; ``{}`` at level none.
+        Their ``level`` says what to compute: the totals (``layer``) or, at ``element``, the
+        totals and the per-element ``sum_abs``, ``max_abs`` and ``nonfinite`` accumulators
+        updated as :func:`trainer.kernels.grad_stats_many` updates them."""
+        if self.level is GradLevel.NONE or self._norms is None:
+            return {}
+        return {id(s.param): s for s in self._stats if s.param.device.type == "cpu"}
+
+    @torch.no_grad()
+    def record_fused_step(self, results: dict[int, kernels.GradStats]) -> None:
+        """:meth:`record_step`, with the statistics of the parameters in ``results`` (by
+        ``id``, as :meth:`fused_plan` named them) already computed from this step's raw
+        gradients, and their accumulators updated; the others' are computed here."""
+        if self.level is GradLevel.NONE or self._norms is None:
+            return
+        present = [s for s in self._stats if s.param.grad is not None]
+        if all(s.param.device.type == "cpu" for s in present):
+            done = {id(s): results[id(s.param)] for s in present if id(s.param) in results}
+            self._finish_cpu(present, done)
+        else:  # the optimiser's pass runs on the CPU only (RecordingAdam)
+            assert not results, "statistics from an optimiser pass for a non-CPU model"
+            self._record_foreach(present)
+        self._record_priors()
+
+    def _record_priors(self) -> None:
         for name, layer in self.layers:
             for kind, grads in self._prior[name].items():
                 prior = getattr(layer, f"{kind}_prior")
@@ -341,8 +371,6 @@ class GradientRecorder:
         """CPU: per gradient, through the kernels, its sum of squares and the statistics in one
         pass; else its norm (which tells whether it is finite) and the statistics through
         one reused |g| buffer (three passes; fewer than the masked path)."""
-        assert self._norms is not None
-        totals = [0.0] * len(self.layers)
         element = self.level is GradLevel.ELEMENT
         fused, grads = [], []
         for s in present:
@@ -350,14 +378,24 @@ class GradientRecorder:
             if g is not None and kernels.usable(*((g, s.sum_abs, s.max_abs) if element else (g,))):
                 fused.append(s)
                 grads.append(g)
+        results: dict[int, kernels.GradStats] = {}
         if fused:  # one pass per gradient, one call for all (trainer.kernels)
             accumulators = [(s.sum_abs, s.max_abs, s.nonfinite) for s in fused]
-            results = kernels.grad_stats_many(grads, accumulators if element else None)
-            for stats, result in zip(fused, results, strict=True):
-                totals[stats.layer] += stats.add_fused(result)
-        done = {id(s) for s in fused}
+            computed = kernels.grad_stats_many(grads, accumulators if element else None)
+            results = {id(s): r for s, r in zip(fused, computed, strict=True)}
+        self._finish_cpu(present, results)
+
+    def _finish_cpu(
+        self, present: list[_ParamStats], results: dict[int, kernels.GradStats]
+    ) -> None:
+        """Count the step of the statistics in ``results`` (by ``id`` of the _ParamStats,
+        computed by the kernels), compute the others', and append the layers' step norms."""
+        assert self._norms is not None
+        totals = [0.0] * len(self.layers)
         for stats in present:
-            if id(stats) in done:
+            result = results.get(id(stats))
+            if result is not None:
+                totals[stats.layer] += stats.add_fused(result)
                 continue
             grad = stats.param.grad
             assert grad is not None

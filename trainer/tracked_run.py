@@ -188,6 +188,7 @@ class TrackedRun:
             raise
         self._heartbeat = _Heartbeat(sink, self.id, interval).__enter__()
         self._hook = None
+        self._optimizer = optimizer
         if optimizer is not None:
             self._hook = optimizer.register_step_pre_hook(self._optimizer_hook)
         self._sigterm = False
@@ -279,7 +280,13 @@ class TrackedRun:
         if self._epoch_steps == 0:
             self._begin_epoch()
         if self._recording:
-            self._recorder.record_step()
+            if self._in_hook and self._optimizer is not None:
+                # in the step itself: a RecordingAdam takes the statistics in its own pass
+                from trainer.optim import record_with
+
+                record_with(self._optimizer, self._recorder)
+            else:
+                self._recorder.record_step()
         if self.divergence is None:  # only the first divergence counts (as in the trainer)
             if loss is None:
                 loss = self._zero

@@ -38,6 +38,10 @@ count). Keys with a meaning in the run listing must have its type: ``epochs`` an
 Gradients: call ``run.step()`` after ``backward()`` and before ``optimizer.step()`` (raw
 gradients, before any clipping, as ``bnn train`` records them), or pass ``optimizer=`` and
 the tracker records them in a step pre-hook of that optimiser (after any clipping you do).
+With ``optimizer=`` a :class:`trainer.optim.RecordingAdam` (``torch.optim.Adam``, or AdamW
+with ``decoupled_weight_decay=True``; what ``bnn train`` uses on the CPU) takes the
+statistics in its own update pass on the CPU, so a tracked loop's capture costs what
+``bnn train``'s does; any other optimiser gets a separate pass over the gradients.
 Each step also checks, without waiting for the device, that the gradients (and the loss,
 when passed: ``run.step(loss)``) are finite; the first non-finite step is reported as the
 run's divergence (``diverged_step``, ``diverged_epoch``, ``diverged_layer``) and a run that

@@ -72,6 +72,7 @@ from trainer.layers import (
 )
 from trainer.metrics import gaussian_nll
 from trainer.models import mlp, small_cnn
+from trainer.optim import RecordingAdam, record_with
 from trainer.priors import EBSchedule, GaussianPrior, LayerPrior, LearnMode, PriorKind
 from trainer.snapshot import EpochSnapshot, GradLevel
 
@@ -339,13 +340,24 @@ def _adam(
     weight_decay: float = 0.0,
 ) -> torch.optim.Optimizer:
     """``kind`` with ``fused=True`` when every parameter is a floating tensor on a CPU or CUDA
-    device (where PyTorch has the fused kernel), else with ``foreach=True``."""
+    device (where PyTorch has the fused kernel), else with ``foreach=True``. On the CPU it is
+    :class:`~trainer.optim.RecordingAdam` (the same update, in one pass of the fused kernels,
+    which also takes a captured step's gradient statistics; AdamW as its decoupled form)."""
     fused = bool(params) and all(
         p.device.type in _FUSED_DEVICES and p.is_floating_point() for p in params
     )
-    return kind(
-        params, lr=lr, weight_decay=weight_decay, fused=fused, foreach=None if fused else True
-    )
+    foreach = None if fused else True
+    if params and all(p.device.type == "cpu" for p in params):
+        decoupled = issubclass(kind, torch.optim.AdamW)
+        return RecordingAdam(
+            params,
+            lr=lr,
+            weight_decay=weight_decay,
+            fused=fused,
+            foreach=foreach,
+            decoupled_weight_decay=decoupled,
+        )
+    return kind(params, lr=lr, weight_decay=weight_decay, fused=fused, foreach=foreach)
 
 
 #: ``Trainer(compile=...)``: torch.compile modes (see :func:`_compiled`)
@@ -580,8 +592,11 @@ class Trainer:
             if watch is not None:
                 watch.observe(loss)
             self.global_step += 1
-            if record:
-                self.recorder.record_step()
+            if record:  # raw gradients: before clipping, in the optimiser's pass where it can
+                if c.grad_clip is None:
+                    record_with(self.optimizer, self.recorder)
+                else:
+                    self.recorder.record_step()
             if c.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
             self.optimizer.step()

@@ -207,6 +207,33 @@ def test_an_optimizer_hook_records_the_steps(tmp_path: Path, data: Any) -> None:
     assert run.global_step == N // BATCH
 
 
+def test_a_recording_adam_hook_takes_the_statistics_in_its_pass(tmp_path: Path, data: Any) -> None:
+    """track(optimizer=RecordingAdam): the statistics come from the update's own pass and equal
+    those run.step() records before the update (same seeds, same run)."""
+    grads = {}
+    for mode in ("hook", "step"):
+        model = small_model()
+        opt = trainer.RecordingAdam(model.parameters(), lr=1e-2)
+        hooked = opt if mode == "hook" else None
+        with trainer.track(
+            model, data_dir=tmp_path / mode, optimizer=hooked, grad_level="element"
+        ) as run:
+            torch.manual_seed(5)
+            train_epoch(model, data, opt, None if hooked else run)
+            run.log_epoch(0)
+        assert opt.fused_steps == N // BATCH
+        with RunReader(run.id, data_dir=tmp_path / mode) as reader:
+            grads[mode] = reader.gradients(0, "layer1")
+    for key in ("step_norm",):
+        np.testing.assert_array_equal(grads["hook"][key], grads["step"][key])
+    for kind in ("weight", "bias"):
+        for p in ("mu", "rho"):
+            for stat in ("mean_abs", "max_abs", "nonfinite"):
+                np.testing.assert_array_equal(
+                    grads["hook"][kind][p][stat], grads["step"][kind][p][stat]
+                )
+
+
 def test_an_exception_fails_the_run_keeps_its_epochs_and_is_raised(
     tmp_path: Path, data: Any
 ) -> None:

@@ -8,8 +8,9 @@ backward in another (``grad_rho = (grad_w * eps + grad_sigma) * sigmoid(rho)``),
 torch's own OpenMP threads; :func:`normal` is the draw alone. The KL of a shared prior
 (:func:`kl_sums`, :func:`kl_backward`), the gradient statistics of a capture
 (:func:`grad_stats_many`) and the divergence watch (:func:`count_nonfinite`) take one pass
-each too. ``benchmarks/train_throughput.py``
-measures what it saves; ``BENCHMARKS.md`` has the figures.
+each too, and :func:`adam_step` does the Adam/AdamW update (``trainer.optim.RecordingAdam``)
+with a captured step's gradient statistics in one pass over each parameter.
+``benchmarks/train_throughput.py`` measures what it saves; ``BENCHMARKS.md`` has the figures.
 
 **Random numbers.** Philox4x32-10 (the counter-based generator of cuRAND and JAX) with
 Box-Muller, keyed per draw by 63 bits taken from torch's default generator: a run seeded
@@ -59,6 +60,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "AdamHyper",
+    "adam_step",
     "available",
     "count_nonfinite",
     "disabled",
@@ -76,7 +79,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fused.c")
 BLOCK = 512  # fused.c's BLOCK: a thread's share starts at a multiple of it
-VERSION = 6  # fused.c's bnn_kernels_version()
+VERSION = 9  # fused.c's bnn_kernels_version()
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd")
 
 _P, _I64, _U64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64
@@ -173,6 +176,7 @@ def _library() -> ctypes.CDLL | None:
     lib.bnn_count_nonfinite.argtypes = [_P, _I64, i32]
     lib.bnn_count_nonfinite.restype = _I64
     lib.bnn_grad_stats.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _P, i32, _P]
+    lib.bnn_adam.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, i32, _P]
     for fn in (
         lib.bnn_normal,
         lib.bnn_sample,
@@ -180,6 +184,7 @@ def _library() -> ctypes.CDLL | None:
         lib.bnn_kl_sums,
         lib.bnn_kl_backward,
         lib.bnn_grad_stats,
+        lib.bnn_adam,
     ):
         fn.restype = None
     openmp = "OpenMP, torch's threads" if lib.bnn_kernels_openmp() else "one thread"
@@ -430,3 +435,69 @@ def grad_stats_many(
         out,
     )
     return [(out[4 * t], out[4 * t + 1], out[4 * t + 2], int(out[4 * t + 3])) for t in range(k)]
+
+
+class AdamHyper(ctypes.Structure):
+    """One tensor's Adam step, as ``fused.c``'s ``adam_hyper`` (float32, as the update runs)."""
+
+    _fields_ = [
+        (name, ctypes.c_float)
+        for name in (
+            "beta1", "beta2", "eps", "weight_decay", "decay", "step_size", "bias2_sqrt", "pad"
+        )
+    ]  # fmt: skip
+
+
+def adam_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    hypers: Sequence[AdamHyper],
+    record: Sequence[int] | None = None,
+    accumulators: Sequence[tuple[Tensor, Tensor, Tensor] | None] | None = None,
+) -> list[GradStats | None]:
+    """One Adam/AdamW update of every parameter in one pass over its memory (see
+    ``fused.c``'s ``adam_range``; ``trainer.optim.RecordingAdam`` builds the arguments),
+    with, where ``record[t]`` is 1, the raw gradient's statistics of :func:`grad_stats_many`
+    taken in the same pass (2: and its per-element ``accumulators[t]`` updated too).
+    Returns each tensor's statistics, None where not recorded. Every tensor: plain float32,
+    contiguous, CPU (the caller checks, e.g. with :func:`usable`)."""
+    k = len(params)
+    if k == 0:
+        return []
+    record = list(record) if record is not None else [0] * k
+    sizes = [p.numel() for p in params]
+    first, total = [], 0
+    for n, r in zip(sizes, record, strict=True):
+        first.append(total)
+        total += max(1, -(-n // BLOCK)) if r else 0
+    partials = torch.zeros(max(1, 4 * total), dtype=torch.float64)
+
+    def pointers(tensors: Sequence[Tensor | None]) -> Any:
+        return (ctypes.c_void_p * k)(*[None if t is None else t.data_ptr() for t in tensors])
+
+    acc: list[Any] = [None, None, None]
+    if accumulators is not None:
+        for i in range(3):
+            acc[i] = pointers([None if a is None else a[i] for a in accumulators])
+    out = (ctypes.c_double * (4 * k))()
+    _lib().bnn_adam(
+        k,
+        pointers(params),
+        pointers(grads),
+        pointers(exp_avgs),
+        pointers(exp_avg_sqs),
+        (AdamHyper * k)(*hypers),
+        (ctypes.c_int32 * k)(*record),
+        *acc,
+        (ctypes.c_int64 * k)(*sizes),
+        (ctypes.c_int64 * k)(*first),
+        partials.data_ptr(),
+        _threads(),
+        out,
+    )
+    return [
+        (out[4 * t], out[4 * t + 1], out[4 * t + 2], int(out[4 * t + 3])) if record[t] else None
+        for t in range(k)
+    ]

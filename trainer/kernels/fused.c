@@ -41,7 +41,7 @@ extern float cosf(float) __attribute__((__simd__("notinbranch")));
 #define SOFTPLUS_THRESHOLD 20.0f /* F.softplus: x itself above it */
 #define PARALLEL_MIN (1 << 16) /* fewer elements: one thread (a team costs ~10 us) */
 
-int bnn_kernels_version(void) { return 6; }
+int bnn_kernels_version(void) { return 9; }
 
 /* Whether this build runs OpenMP teams (compiled with -fopenmp). */
 int bnn_kernels_openmp(void) {
@@ -236,19 +236,30 @@ static void grad_stats_range(const float *g, float *sum_abs, float *max_abs,
     for (int64_t b = start; b < end; b += BLOCK) {
         const int64_t m = end - b < BLOCK ? end - b : BLOCK;
         const float *x = g + b;
-        double sq = 0.0, sabs = 0.0;
-        float mabs = 0.0f;
+        /* float32 lanes within the block (each lane sums BLOCK / width values), float64
+           across blocks; where a square could overflow or underflow float32 (a block's
+           max |g| outside [2^-50, 2^50]), the block again in float64 */
+        float fsq = 0.0f, fsabs = 0.0f, mabs = 0.0f;
         int bad = 0;
-#pragma omp simd reduction(+ : sq, sabs, bad) reduction(max : mabs)
+#pragma omp simd reduction(+ : fsq, fsabs, bad) reduction(max : mabs)
         for (int64_t j = 0; j < m; j++) {
             uint32_t bits;
             memcpy(&bits, &x[j], 4);
             const int finite = (bits & 0x7f800000u) != 0x7f800000u;
             const float a = finite ? fabsf(x[j]) : 0.0f;
-            sq += (double)x[j] * (double)x[j];
-            sabs += (double)a;
+            fsq += x[j] * x[j];
+            fsabs += a;
             mabs = a > mabs ? a : mabs;
             bad += !finite;
+        }
+        double sq = fsq, sabs = fsabs;
+        if (!bad && mabs != 0.0f && !(mabs >= 0x1p-50f && mabs <= 0x1p50f)) {
+            sq = 0.0;
+            sabs = 0.0;
+            for (int64_t j = 0; j < m; j++) {
+                sq += (double)x[j] * (double)x[j];
+                sabs += fabs((double)x[j]);
+            }
         }
         if (sum_abs) {
             float *s = sum_abs + b, *mx = max_abs + b;
@@ -292,6 +303,49 @@ static void grad_total(const double *partials, int64_t blocks, double *out) {
     out[3] = bad;
 }
 
+
+/* Adam's hyperparameters for one tensor's step (trainer.optim.RecordingAdam). */
+typedef struct {
+    float beta1, beta2, eps;
+    float weight_decay; /* L2 penalty added to the gradient (Adam); 0 for AdamW */
+    float decay;        /* the parameter's factor before the update: 1 - lr * wd (AdamW), 1 */
+    float step_size;    /* lr / (1 - beta1^t) */
+    float bias2_sqrt;   /* sqrt(1 - beta2^t) */
+    float pad;
+} adam_hyper;
+
+/* One Adam (or AdamW) update of p[start, end) from g, m = exp_avg, v = exp_avg_sq, as
+   torch.optim.Adam's update for float32 (torch/optim/adam.py):
+       g' = g + wd * p (Adam), p = p * (1 - lr * wd) (AdamW)
+       m = m + (1 - beta1) * (g' - m), v = beta2 * v + (1 - beta2) * g'^2
+       p = p - step_size * (m / (sqrt(v) / bias2_sqrt + eps)),
+   with, when partials is not NULL, the statistics of the raw g of grad_stats_range taken in
+   the same pass (each block's statistics while its gradients are in the L1 cache): the
+   separate pass over every gradient that capture costs otherwise. */
+static void adam_range(float *p, const float *g, float *m, float *v, const adam_hyper *h,
+                       float *sum_abs, float *max_abs, int32_t *nonfinite, int64_t start,
+                       int64_t end, double *partials) {
+    const float b2 = h->beta2, c1 = 1.0f - h->beta1, c2 = 1.0f - h->beta2;
+    const float eps = h->eps, wd = h->weight_decay, decay = h->decay;
+    const float step = h->step_size, bias2 = h->bias2_sqrt;
+    for (int64_t b = start; b < end; b += BLOCK) {
+        const int64_t n = end - b < BLOCK ? end - b : BLOCK;
+        if (partials)
+            grad_stats_range(g, sum_abs, max_abs, nonfinite, b, b + n, partials);
+        float *pb = p + b, *mb = m + b, *vb = v + b;
+        const float *gb = g + b;
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) {
+            const float pj = pb[j] * decay;
+            const float gj = gb[j] + wd * pj;
+            const float mj = mb[j] + c1 * (gj - mb[j]); /* exp_avg.lerp_(g, 1 - beta1) */
+            const float vj = b2 * vb[j] + c2 * (gj * gj);
+            mb[j] = mj;
+            vb[j] = vj;
+            pb[j] = pj - step * (mj / (sqrtf(vj) / bias2 + eps)); /* addcdiv_ */
+        }
+    }
+}
 
 /* The number of NaN and Inf values in x[start, end) (one read pass, integer compares). */
 static int64_t count_nonfinite_range(const float *x, int64_t start, int64_t end) {
@@ -369,6 +423,23 @@ int64_t bnn_count_nonfinite(const float *x, int64_t n, int threads) {
     return bad;
 }
 
+/* This thread's share [*s, *e) of tensor t of n elements in a k-tensor call: a share of
+   each tensor of at least PARALLEL_MIN elements, smaller tensors wholly on thread 0; returns
+   whether it is non-empty. */
+static inline int tensor_share(int64_t n, int64_t *s, int64_t *e) {
+    int64_t t0 = 0;
+#ifdef _OPENMP
+    t0 = omp_get_thread_num();
+#endif
+    *s = 0;
+    *e = n;
+    if (n >= PARALLEL_MIN)
+        share(n, s, e);
+    else if (t0 != 0)
+        return 0;
+    return *s < *e;
+}
+
 /* grad_stats_range over k gradients (each thread its share of each; a gradient below
    PARALLEL_MIN elements wholly on the first thread), then each gradient's totals into
    out[4 * t ...] = {sum g^2, sum |g|, max |g|, non-finite count}. Gradient t's block
@@ -379,18 +450,9 @@ void bnn_grad_stats(int64_t k, const float *const *g, float *const *sum_abs,
                     const int64_t *first_block, double *partials, int threads, double *out) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        int64_t t0 = 0;
-#ifdef _OPENMP
-        t0 = omp_get_thread_num();
-#endif
         for (int64_t t = 0; t < k; t++) {
-            const int64_t n = sizes[t];
-            int64_t s = 0, e = n;
-            if (n >= PARALLEL_MIN)
-                share(n, &s, &e);
-            else if (t0 != 0)
-                continue;
-            if (s < e)
+            int64_t s, e;
+            if (tensor_share(sizes[t], &s, &e))
                 grad_stats_range(g[t], sum_abs ? sum_abs[t] : 0, max_abs ? max_abs[t] : 0,
                                  nonfinite ? nonfinite[t] : 0, s, e,
                                  partials + 4 * first_block[t]);
@@ -398,4 +460,31 @@ void bnn_grad_stats(int64_t k, const float *const *g, float *const *sum_abs,
     }
     for (int64_t t = 0; t < k; t++)
         grad_total(partials + 4 * first_block[t], (sizes[t] + BLOCK - 1) / BLOCK, out + 4 * t);
+}
+
+/* One Adam step of k tensors (adam_range; each thread its share of each, a tensor below
+   PARALLEL_MIN elements wholly on the first thread). record[t]: 0 no statistics of tensor t,
+   1 its totals into out[4 * t ...] (as bnn_grad_stats), 2 the totals and its per-element
+   accumulators sum_abs[t], max_abs[t], nonfinite[t]. */
+void bnn_adam(int64_t k, float *const *p, const float *const *g, float *const *m,
+              float *const *v, const adam_hyper *hyper, const int32_t *record,
+              float *const *sum_abs, float *const *max_abs, int32_t *const *nonfinite,
+              const int64_t *sizes, const int64_t *first_block, double *partials,
+              int threads, double *out) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        for (int64_t t = 0; t < k; t++) {
+            int64_t s, e;
+            if (!tensor_share(sizes[t], &s, &e))
+                continue;
+            const int element = record[t] == 2;
+            adam_range(p[t], g[t], m[t], v[t], hyper + t, element ? sum_abs[t] : 0,
+                       element ? max_abs[t] : 0, element ? nonfinite[t] : 0, s, e,
+                       record[t] ? partials + 4 * first_block[t] : 0);
+        }
+    }
+    for (int64_t t = 0; t < k; t++)
+        if (record[t])
+            grad_total(partials + 4 * first_block[t], (sizes[t] + BLOCK - 1) / BLOCK,
+                       out + 4 * t);
 }

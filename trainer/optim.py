@@ -1,0 +1,163 @@
+"""Adam and AdamW that record a capture's gradient statistics in their own pass.
+
+With gradient capture on, :class:`~trainer.capture.GradientRecorder` reads every gradient
+once per step for its statistics, and the optimiser reads it again for the update: on the
+CPU, where a step of the 784-1200-1200-10 MLP is memory-bound, that second pass over
+every gradient was most of what per-layer capture cost. :class:`RecordingAdam` is
+``torch.optim.Adam`` (``decoupled_weight_decay=True``: AdamW) whose step, on the CPU
+with the fused kernels (:mod:`trainer.kernels`), updates every parameter in one pass
+(``fused.c``'s ``adam_range``) and, after :meth:`RecordingAdam.record_next_step`, takes
+the recorder's statistics of the raw gradients in that same pass, block by block while
+they are in the L1 cache. The statistics are those of ``GradientRecorder.record_step``
+(same kernels, same order of summation); the update is the same whether or not the step
+is recorded, so capture never changes a run.
+
+Everywhere else (a GPU, AMSGrad, ``maximize``, ``capturable``, ``differentiable``, a
+tensor learning rate, other dtypes, no kernels, under ``torch.compile``) it records the
+step with ``record_step`` and runs ``torch.optim.Adam``'s own update. The state (``step``,
+``exp_avg``, ``exp_avg_sq``) and ``state_dict`` are ``torch.optim.Adam``'s, so
+checkpoints move between the two. The update agrees with ``torch.optim.Adam``'s to float32
+rounding (tests/trainer/test_optim.py), not bit for bit: its arithmetic is in float32 in a
+different order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from trainer import kernels
+from trainer.capture import GradientRecorder
+from trainer.snapshot import GradLevel
+
+__all__ = ["RecordingAdam", "record_with"]
+
+
+def _unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.optim.Adam.step`` without the hook wrapper torch puts around an optimiser
+    class's ``step`` (RecordingAdam.step has its own: the hooks must run once)."""
+    return getattr(step, "__wrapped__", step) if getattr(step, "hooked", False) else step
+
+
+class RecordingAdam(torch.optim.Adam):
+    """``torch.optim.Adam`` with the update, and a recorded step's gradient statistics, in one
+    pass over each parameter on the CPU (see the module's documentation)."""
+
+    def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(params, *args, **kwargs)
+        self._pending: GradientRecorder | None = None
+        self.fused_steps = 0  # steps taken by the one-pass kernel (the rest: torch's update)
+
+    def record_next_step(self, recorder: GradientRecorder) -> None:
+        """The next :meth:`step` records the gradients it updates with into ``recorder``
+        (exactly what ``recorder.record_step()`` before the step would record)."""
+        self._pending = recorder
+
+    def _one_pass(self) -> list[tuple[dict[str, Any], list[Tensor]]] | None:
+        """Each group and its parameters with a gradient, when the kernel can take them all."""
+        if torch.compiler.is_compiling() or not kernels.available():
+            return None
+        groups = []
+        for group in self.param_groups:
+            if (
+                group["amsgrad"]
+                or group["maximize"]
+                or group["capturable"]
+                or group["differentiable"]
+                or any(isinstance(group[k], Tensor) for k in ("lr", "weight_decay", "eps"))
+                or any(isinstance(b, Tensor) for b in group["betas"])
+            ):
+                return None
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                grad = p.grad
+                assert grad is not None
+                if grad.is_sparse or not kernels.usable(p, grad):
+                    return None
+            groups.append((group, params))
+        return groups
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        recorder, self._pending = self._pending, None
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = self._one_pass()
+        gathered = []
+        for group, group_params in groups or []:
+            lists: tuple[list[Tensor], ...] = ([], [], [], [], [])
+            if group_params:
+                p_, g_, m_, v_, t_ = lists
+                self._init_group(group, p_, g_, m_, v_, [], t_)
+            gathered.append((group, lists))
+        if not all(kernels.usable(s) for _, lists in gathered for s in lists[2] + lists[3]):
+            groups = None  # a state loaded in another layout
+        if groups is None:
+            if recorder is not None:
+                recorder.record_step()
+            _unhooked(torch.optim.Adam.step)(self)
+            return loss
+        plan = recorder.fused_plan() if recorder is not None else {}
+        element = recorder is not None and recorder.level is GradLevel.ELEMENT
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        exp_avgs: list[Tensor] = []
+        exp_avg_sqs: list[Tensor] = []
+        hypers: list[kernels.AdamHyper] = []
+        record: list[int] = []
+        accumulators: list[tuple[Tensor, Tensor, Tensor] | None] = []
+        for group, (g_params, g_grads, g_avgs, g_sqs, g_steps) in gathered:
+            if not g_params:
+                continue
+            torch._foreach_add_(g_steps, 1)
+            beta1, beta2 = group["betas"]
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            decoupled = group["decoupled_weight_decay"]
+            for p, step in zip(g_params, g_steps, strict=True):
+                t = float(step)
+                hypers.append(
+                    kernels.AdamHyper(
+                        beta1=beta1,
+                        beta2=beta2,
+                        eps=eps,
+                        weight_decay=0.0 if decoupled else wd,
+                        decay=1.0 - lr * wd if decoupled else 1.0,
+                        step_size=lr / (1.0 - beta1**t),
+                        bias2_sqrt=math.sqrt(1.0 - beta2**t),
+                    )
+                )
+                stats = plan.get(id(p))
+                record.append(0 if stats is None else 2 if element else 1)
+                accumulators.append(
+                    None if stats is None or not element
+                    else (stats.sum_abs, stats.max_abs, stats.nonfinite)
+                )  # fmt: skip
+            params += g_params
+            grads += g_grads
+            exp_avgs += g_avgs
+            exp_avg_sqs += g_sqs
+        results = kernels.adam_step(
+            params, grads, exp_avgs, exp_avg_sqs, hypers, record, accumulators if element else None
+        )
+        self.fused_steps += 1
+        if recorder is not None:
+            recorder.record_fused_step(
+                {id(p): r for p, r in zip(params, results, strict=True) if r is not None}
+            )
+        return loss
+
+
+def record_with(optimizer: torch.optim.Optimizer, recorder: GradientRecorder) -> None:
+    """Record this step's gradients (now in ``.grad``) into ``recorder``: in the optimiser's
+    own pass when it is a :class:`RecordingAdam` (call its ``step()`` next, with the
+    gradients unchanged, e.g. not clipped in between), else at once."""
+    if isinstance(optimizer, RecordingAdam):
+        optimizer.record_next_step(recorder)
+    else:
+        recorder.record_step()
