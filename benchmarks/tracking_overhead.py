@@ -19,8 +19,11 @@ batches, in four variants, each with its own model and optimiser:
   hook instead of ``run.step``, so that the RecordingAdam takes the statistics in its pass.
 
 An epoch end is charged, as ``benchmarks/train_throughput.py`` charges it, the time the
-training thread was blocked (snapshot, waiting for the previous write) plus the CPU time the
-writer thread used for the previous epoch's write (it competes with training for the cores).
+training thread was blocked (the snapshot) plus the CPU time the writer thread used for the
+epoch's write (in training it competes with the steps for the cores). The write is waited
+for, untimed, before the next variant runs: else it runs into the next variant's chunk and
+slows that one instead (with the order rotating, the variant after a writing one was charged
+for it, which made ``bnn train capture``, always after the plain loop, look free).
 
 Variants are interleaved finely on the noisy shared machine: each round runs ``--chunk``
 steps of every variant in turn (the order rotates from round to round), then ends an epoch
@@ -190,13 +193,15 @@ def run_chunk(v: Variant, data: list[tuple[Tensor, Tensor]], device: torch.devic
 
 
 def time_end(v: Variant, epoch: int, device: torch.device) -> float:
-    """Blocked time of the epoch end + the writer CPU time of the previous epoch's write."""
+    """Blocked time of the epoch end + the writer CPU time of its write (waited for, untimed)."""
     assert v.end_epoch is not None and v.writer_cpu is not None
     _sync(device)
     t0 = time.perf_counter()
     v.end_epoch(epoch, 0.0)
     _sync(device)
     blocked = time.perf_counter() - t0
+    if v.flush is not None:  # untimed: else the write runs into the next variant's chunk
+        v.flush()
     return blocked + (v.writer_cpu.pop(0) if v.writer_cpu else 0.0)
 
 
@@ -233,6 +238,10 @@ def main() -> None:
             run_chunk(v, data[:3], device)
             if v.end_epoch is not None:
                 v.end_epoch(0, 0.0)
+            if v.flush is not None:
+                v.flush()
+            if v.writer_cpu is not None:
+                v.writer_cpu.clear()
         steps: dict[str, list[float]] = {v.name: [] for v in variants}
         ends: dict[str, list[float]] = {v.name: [] for v in variants if v.end_epoch}
         load = []
