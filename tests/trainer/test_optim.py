@@ -10,6 +10,7 @@ import math
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -70,7 +71,11 @@ def test_update_agrees_with_torch_adam_and_adamw(weight_decay: float, decoupled:
         {"params": m[2].parameters()},
     ]
     opt = RecordingAdam(
-        groups(ours), lr=1e-3, weight_decay=weight_decay, decoupled_weight_decay=decoupled
+        groups(ours),
+        one_pass_min=0,
+        lr=1e-3,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled,
     )
     kind = torch.optim.AdamW if decoupled else torch.optim.Adam
     ref_opt = kind(groups(ref), lr=1e-3, weight_decay=weight_decay)
@@ -96,9 +101,9 @@ def test_statistics_from_the_update_pass_are_the_recorders(level: GradLevel) -> 
     """Recorded in the optimiser's pass or by record_step before torch's update: the same
     statistics (non-finite gradients included), and recording does not change the run."""
     fused_model, plain_model, unrecorded = _bayes_model(), _bayes_model(), _bayes_model()
-    fused_opt = RecordingAdam(fused_model.parameters(), lr=1e-3)
-    plain_opt = RecordingAdam(plain_model.parameters(), lr=1e-3)
-    free_opt = RecordingAdam(unrecorded.parameters(), lr=1e-3)
+    fused_opt = RecordingAdam(fused_model.parameters(), one_pass_min=0, lr=1e-3)
+    plain_opt = RecordingAdam(plain_model.parameters(), one_pass_min=0, lr=1e-3)
+    free_opt = RecordingAdam(unrecorded.parameters(), one_pass_min=0, lr=1e-3)
     fused_rec, plain_rec = (
         GradientRecorder(fused_model, level),
         GradientRecorder(plain_model, level),
@@ -133,8 +138,8 @@ def test_statistics_from_the_update_pass_are_the_recorders(level: GradLevel) -> 
 
 def test_recording_never_changes_the_update() -> None:
     recorded, unrecorded = _bayes_model(), _bayes_model()
-    opt_r = RecordingAdam(recorded.parameters(), lr=1e-3, weight_decay=0.01)
-    opt_u = RecordingAdam(unrecorded.parameters(), lr=1e-3, weight_decay=0.01)
+    opt_r = RecordingAdam(recorded.parameters(), one_pass_min=0, lr=1e-3, weight_decay=0.01)
+    opt_u = RecordingAdam(unrecorded.parameters(), one_pass_min=0, lr=1e-3, weight_decay=0.01)
     rec = GradientRecorder(recorded, GradLevel.ELEMENT)
     for step in range(5):
         for model, opt in ((recorded, opt_r), (unrecorded, opt_u)):
@@ -157,7 +162,7 @@ def test_what_the_kernel_cannot_take_is_torchs_update_and_still_recorded(case: s
         options[case] = True
     if case == "tensor-lr":
         options["lr"] = torch.tensor(1e-3)
-    opt = RecordingAdam(model.parameters(), **options)
+    opt = RecordingAdam(model.parameters(), one_pass_min=0, **options)
     ref_opt = torch.optim.Adam(ref.parameters(), **options)
     rec = GradientRecorder(model, GradLevel.LAYER)
     off = kernels.disabled() if case == "kernels-off" else contextlib.nullcontext()
@@ -178,7 +183,7 @@ def test_what_the_kernel_cannot_take_is_torchs_update_and_still_recorded(case: s
 
 def test_state_dict_moves_between_recording_adam_and_torch_adam() -> None:
     model = _bayes_model()
-    opt = RecordingAdam(model.parameters(), lr=1e-3)
+    opt = RecordingAdam(model.parameters(), one_pass_min=0, lr=1e-3)
     for step in range(3):
         opt.zero_grad()
         _loss(model, step).backward()
@@ -186,7 +191,7 @@ def test_state_dict_moves_between_recording_adam_and_torch_adam() -> None:
     twin = copy.deepcopy(model)
     ref_opt = torch.optim.Adam(twin.parameters(), lr=1e-3)
     ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # (else they share tensors)
-    back = RecordingAdam(model.parameters(), lr=5.0)
+    back = RecordingAdam(model.parameters(), one_pass_min=0, lr=5.0)
     back.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
     assert back.param_groups[0]["lr"] == 1e-3
     for step in range(3, 6):
@@ -201,7 +206,7 @@ def test_state_dict_moves_between_recording_adam_and_torch_adam() -> None:
 
 def test_step_hooks_run_once_per_step_and_closure_loss_is_returned() -> None:
     model = _bayes_model()
-    opt = RecordingAdam(model.parameters(), lr=1e-3)
+    opt = RecordingAdam(model.parameters(), one_pass_min=0, lr=1e-3)
     calls: list[str] = []
     opt.register_step_pre_hook(lambda *a: calls.append("pre"))
     opt.register_step_post_hook(lambda *a: calls.append("post"))
@@ -214,15 +219,24 @@ def test_step_hooks_run_once_per_step_and_closure_loss_is_returned() -> None:
 
     loss = opt.step(closure)
     assert isinstance(loss, float) and math.isfinite(loss)
-    amsgrad = RecordingAdam(_bayes_model().parameters(), amsgrad=True)
+    amsgrad = RecordingAdam(_bayes_model().parameters(), one_pass_min=0, amsgrad=True)
     amsgrad.register_step_pre_hook(lambda *a: calls.append("pre"))
     amsgrad.step()  # no gradients: torch's update, a no-op
     assert calls == ["pre", "post", "pre"]
 
 
 def test_bnn_train_uses_it_on_the_cpu_and_capture_does_not_change_the_run(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(RecordingAdam, "ONE_PASS_MIN", 0)  # the kernel path, small as it is
+    calls = []
+    real = kernels.adam_step
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs.get("accumulators", args[6] if len(args) > 6 else None) is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "adam_step", counted)
     cfg = {
         "dataset": "regression",
         "n_train": 128,
@@ -240,7 +254,31 @@ def test_bnn_train_uses_it_on_the_cpu_and_capture_does_not_change_the_run(
     captured = train({**cfg, "grad_capture": "element"}, sink=RunStore(tmp_path), progress=False)
     plain = train({**cfg, "grad_capture": "none"}, progress=False)
     assert captured.run_id is not None
+    assert any(calls) and not all(calls)  # recorded steps (element level) and plain ones
     for a, b in zip(
         captured.model.state_dict().values(), plain.model.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b)
+
+
+def test_a_small_model_takes_torchs_update() -> None:
+    """Below one_pass_min elements the kernel's set-up costs more than it saves: torch's
+    update, bit for bit, recorded by the recorder's own pass."""
+    model = _bayes_model()
+    ref = copy.deepcopy(model)
+    opt = RecordingAdam(model.parameters(), lr=1e-3, fused=True)
+    size = sum(p.numel() for p in model.parameters())
+    assert opt.one_pass_min == RecordingAdam.ONE_PASS_MIN > size
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3, fused=True)
+    rec = GradientRecorder(model, GradLevel.ELEMENT)
+    for step in range(3):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            _loss(m, step).backward()
+        record_with(opt, rec)
+        opt.step()
+        ref_opt.step()
+    assert opt.fused_steps == 0
+    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert (rec.result() or {})["0"]["step_norm"].shape == (3,)

@@ -213,7 +213,7 @@ def test_a_recording_adam_hook_takes_the_statistics_in_its_pass(tmp_path: Path, 
     grads = {}
     for mode in ("hook", "step"):
         model = small_model()
-        opt = trainer.RecordingAdam(model.parameters(), lr=1e-2)
+        opt = trainer.RecordingAdam(model.parameters(), lr=1e-2, one_pass_min=0)
         hooked = opt if mode == "hook" else None
         with trainer.track(
             model, data_dir=tmp_path / mode, optimizer=hooked, grad_level="element"
