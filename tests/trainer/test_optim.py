@@ -51,6 +51,22 @@ def _loss(model: nn.Module, step: int) -> torch.Tensor:
     return F.cross_entropy(model(x), y) + model_kl(model) / 500
 
 
+def _train_side_by_side(
+    recorded: tuple[nn.Module, torch.optim.Optimizer],
+    other: tuple[nn.Module, torch.optim.Optimizer],
+    recorder: GradientRecorder,
+    steps: int,
+) -> None:
+    """The same steps for two models; the first's recorded as bnn train records them."""
+    for step in range(steps):
+        for model, opt in (recorded, other):
+            opt.zero_grad()
+            _loss(model, step).backward()
+        record_with(recorded[1], recorder)
+        recorded[1].step()
+        other[1].step()
+
+
 def _flat(d: dict, prefix: str = "") -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for k, v in d.items():
@@ -141,13 +157,7 @@ def test_recording_never_changes_the_update() -> None:
     opt_r = RecordingAdam(recorded.parameters(), one_pass_min=0, lr=1e-3, weight_decay=0.01)
     opt_u = RecordingAdam(unrecorded.parameters(), one_pass_min=0, lr=1e-3, weight_decay=0.01)
     rec = GradientRecorder(recorded, GradLevel.ELEMENT)
-    for step in range(5):
-        for model, opt in ((recorded, opt_r), (unrecorded, opt_u)):
-            opt.zero_grad()
-            _loss(model, step).backward()
-        record_with(opt_r, rec)
-        opt_r.step()
-        opt_u.step()
+    _train_side_by_side((recorded, opt_r), (unrecorded, opt_u), rec, 5)
     for a, b in zip(recorded.parameters(), unrecorded.parameters(), strict=True):
         assert torch.equal(a, b)
     assert rec.result() is not None
@@ -271,13 +281,7 @@ def test_a_small_model_takes_torchs_update() -> None:
     assert opt.one_pass_min == RecordingAdam.ONE_PASS_MIN > size
     ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3, fused=True)
     rec = GradientRecorder(model, GradLevel.ELEMENT)
-    for step in range(3):
-        for m, o in ((model, opt), (ref, ref_opt)):
-            o.zero_grad()
-            _loss(m, step).backward()
-        record_with(opt, rec)
-        opt.step()
-        ref_opt.step()
+    _train_side_by_side((model, opt), (ref, ref_opt), rec, 3)
     assert opt.fused_steps == 0
     for a, b in zip(model.parameters(), ref.parameters(), strict=True):
         assert torch.equal(a, b)
