@@ -38,6 +38,22 @@ from trainer.snapshot import GradLevel
 __all__ = ["RecordingAdam", "record_with"]
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _flat_f32(t: Tensor) -> bool:
+    """A plain float32 CPU tensor the kernel may address as one array (what
+    ``kernels.usable`` checks, less the torch.func test: no optimiser step runs inside a
+    transform; kept short, it runs for every parameter and gradient of every step)."""
+    return (
+        type(t) in _PLAIN
+        and t.layout is torch.strided
+        and t.is_cpu
+        and t.dtype is torch.float32
+        and t.is_contiguous()
+    )
+
+
 def _unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
     """``torch.optim.Adam.step`` without the hook wrapper torch puts around an optimiser
     class's ``step`` (RecordingAdam.step has its own: the hooks must run once)."""
@@ -60,7 +76,12 @@ class RecordingAdam(torch.optim.Adam):
         super().__init__(params, *args, **kwargs)
         self.one_pass_min = self.ONE_PASS_MIN if one_pass_min is None else one_pass_min
         self._pending: GradientRecorder | None = None
+        self._states_checked = -1  # how many states had been checked (-1: none yet)
         self.fused_steps = 0  # steps taken by the one-pass kernel (the rest: torch's update)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._states_checked = -1  # new state tensors: check their layout again
 
     def record_next_step(self, recorder: GradientRecorder) -> None:
         """The next :meth:`step` records the gradients it updates with into ``recorder``
@@ -69,7 +90,7 @@ class RecordingAdam(torch.optim.Adam):
 
     def _one_pass(self) -> list[tuple[dict[str, Any], list[Tensor]]] | None:
         """Each group and its parameters with a gradient, when the kernel can take them all."""
-        if torch.compiler.is_compiling() or not kernels.available():
+        if torch.compiler.is_compiling() or not kernels.on():
             return None
         size = sum(p.numel() for group in self.param_groups for p in group["params"])
         if size < self.one_pass_min:
@@ -89,7 +110,7 @@ class RecordingAdam(torch.optim.Adam):
             for p in params:
                 grad = p.grad
                 assert grad is not None
-                if grad.is_sparse or not kernels.usable(p, grad):
+                if not (_flat_f32(p) and _flat_f32(grad) and grad.shape == p.shape):
                     return None
             groups.append((group, params))
         return groups
@@ -109,8 +130,12 @@ class RecordingAdam(torch.optim.Adam):
                 p_, g_, m_, v_, t_ = lists
                 self._init_group(group, p_, g_, m_, v_, [], t_)
             gathered.append((group, lists))
-        if not all(kernels.usable(s) for _, lists in gathered for s in lists[2] + lists[3]):
-            groups = None  # a state loaded in another layout
+        if groups is not None and self._states_checked != len(self.state):
+            # states made by _init_group are zeros_like their parameter; a loaded one may not be
+            if not all(_flat_f32(s) for _, lists in gathered for s in lists[2] + lists[3]):
+                groups = None
+            else:
+                self._states_checked = len(self.state)
         if groups is None:
             if recorder is not None:
                 recorder.record_step()

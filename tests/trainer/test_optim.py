@@ -286,3 +286,28 @@ def test_a_small_model_takes_torchs_update() -> None:
     for a, b in zip(model.parameters(), ref.parameters(), strict=True):
         assert torch.equal(a, b)
     assert (rec.result() or {})["0"]["step_norm"].shape == (3,)
+
+
+def test_a_loaded_state_in_another_layout_takes_torchs_update() -> None:
+    """States come from load_state_dict as they were saved: a non-contiguous one (or any the
+    kernel cannot address as one array) means torch's update, checked again after each load."""
+    model = _bayes_model()
+    opt = RecordingAdam(model.parameters(), one_pass_min=0, lr=1e-3)
+    opt.zero_grad()
+    _loss(model, 0).backward()
+    opt.step()
+    assert opt.fused_steps == 1
+    state = copy.deepcopy(opt.state_dict())
+    weight = state["state"][0]["exp_avg"]  # 0.weight_mu, 300 x 260
+    state["state"][0]["exp_avg"] = weight.t().contiguous().t()  # same values, transposed strides
+    opt.load_state_dict(state)
+    assert not opt.state[model[0].weight_mu]["exp_avg"].is_contiguous()
+    opt.zero_grad()
+    _loss(model, 1).backward()
+    opt.step()
+    assert opt.fused_steps == 1  # torch's update took this step
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()) | {"state": {}})
+    opt.zero_grad()
+    _loss(model, 2).backward()
+    opt.step()
+    assert opt.fused_steps == 2  # fresh states: the kernel again

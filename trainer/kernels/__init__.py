@@ -69,6 +69,7 @@ __all__ = [
     "kl_backward",
     "kl_sums",
     "normal",
+    "on",
     "sample",
     "status",
     "tune_allocator",
@@ -224,6 +225,12 @@ def disabled() -> Iterator[None]:
         yield
     finally:
         _off.depth = depth
+
+
+def on() -> bool:
+    """Whether the kernels may run here and now: available, and not inside
+    :func:`disabled` in this thread (the tensors' checks are the caller's)."""
+    return not getattr(_off, "depth", 0) and available()
 
 
 def usable(*tensors: Tensor) -> bool:
