@@ -103,12 +103,25 @@ class JobRunner:
         """Queue ``run_id`` for training (returns at once)."""
         self._executor.submit(self._submit, run_id, dict(config))
 
-    def cancel(self, run_id: str) -> None:
-        """Drop the run's Dask task if it has not started (a running trainer stops itself)."""
+    def cancel(self, run_id: str, *, started: bool) -> None:
+        """Drop the run's Dask task if it has not ``started`` (its run was still QUEUED).
+
+        A started task is left to finish: Dask cannot stop a running function, and cancelling
+        its future would only forget it while the trainer goes on writing its epoch until it
+        sees the cancellation (after the epoch in progress); the job stays in
+        :meth:`describe`'s ``active_runs`` (and the run cannot be deleted, :meth:`busy`)
+        until it has really ended."""
+        if started:
+            return
         with self._lock:
             future = self._futures.get(run_id)
         if future is not None:
             self._executor.submit(future.cancel)
+
+    def busy(self, run_id: str) -> bool:
+        """Whether the run's training job has not ended yet (queued, running or stopping)."""
+        with self._lock:
+            return run_id in self._futures
 
     def resume_queued(self) -> list[str]:
         """Submit runs left QUEUED by an earlier service process; returns their ids."""

@@ -303,8 +303,9 @@ def cancel_run(run: RunDep, request: Request, store: StoreDep, jobs: JobsDep) ->
             run_id=run.id,
             status=run.status.value,
         )
+    started = run.status is not RunStatus.QUEUED
     cancelled = store.set_status(run.id, RunStatus.CANCELLED)
-    jobs.cancel(run.id)
+    jobs.cancel(run.id, started=started)
     return json_response(run_out(request, cancelled, store.list_epochs(run.id)))
 
 
@@ -312,16 +313,27 @@ def cancel_run(run: RunDep, request: Request, store: StoreDep, jobs: JobsDep) ->
     "/{run_id}",
     status_code=204,
     responses=error_responses(
-        UNKNOWN_RUN, (409, "the run is queued or running: cancel it first"), 503
+        UNKNOWN_RUN,
+        (409, "the run is queued or running (cancel it first), or its job is still stopping"),
+        503,
     ),
     summary="Delete a run: catalog rows and files",
 )
-def delete_run(run: RunDep, store: StoreDep) -> Response:
-    """409 while the run is queued or running (cancel it first)."""
+def delete_run(run: RunDep, store: StoreDep, jobs: JobsDep) -> Response:
+    """409 while the run is queued or running (cancel it first), and while the training job
+    of a cancelled run is still finishing its epoch (retry once it has ended)."""
     if run.status.active:
         raise BnnError(
             ErrorCode.CONFLICT,
             f"run {run.id!r} is {run.status.value}; cancel it before deleting it",
+            run_id=run.id,
+            status=run.status.value,
+        )
+    if jobs.busy(run.id):
+        raise BnnError(
+            ErrorCode.CONFLICT,
+            f"run {run.id!r} is {run.status.value} but its training job is still stopping "
+            "(it ends after the epoch in progress); retry when it has ended",
             run_id=run.id,
             status=run.status.value,
         )

@@ -468,6 +468,7 @@ def cancel_study(
         sweep = _load(store, study_id)
         runs = sweep_status(store, sweep)["runs"]  # (runs deleted meanwhile are left out)
         active = [r["run_id"] for r in runs if RunStatus(r["status"]).active]
+        queued = {r["run_id"] for r in runs if RunStatus(r["status"]) is RunStatus.QUEUED}
         if active or recorded_phase(sweep) == "tuning":
             store.set_sweep_summary(study_id, {"phase": "cancelled"})
         for run_id in active:
@@ -477,6 +478,6 @@ def cancel_study(
                 if exc.code is not ErrorCode.CONFLICT:
                     raise
                 continue
-            jobs.cancel(run_id)
+            jobs.cancel(run_id, started=run_id not in queued)
     sweep = _load(store, study_id)
     return json_response(study_out(request, store, advancer, sweep, tables=False))

@@ -221,7 +221,8 @@ def get_sweep_plot(sweep_id: SweepPath, name: str, store: StoreDep) -> Response:
 def cancel_sweep(sweep_id: SweepPath, store: StoreDep, jobs: JobsDep, request: Request) -> Response:
     sweep = _load(store, sweep_id)
     for _, run_id in sweep.runs:
-        if store.get_run(run_id).status.active:
+        status = store.get_run(run_id).status
+        if status.active:
             store.set_status(run_id, RunStatus.CANCELLED)
-            jobs.cancel(run_id)
+            jobs.cancel(run_id, started=status is not RunStatus.QUEUED)
     return json_response(sweep_out(request, store, _load(store, sweep_id), study=False))

@@ -46,12 +46,18 @@ class FakeJobs:
     def __init__(self) -> None:
         self.submitted: list[str] = []
         self.cancelled: list[str] = []
+        self.stopping: set[str] = set()  # cancelled while started, job not ended yet
 
     def submit(self, run_id: str, config: dict[str, Any]) -> None:
         self.submitted.append(run_id)
 
-    def cancel(self, run_id: str) -> None:
+    def cancel(self, run_id: str, *, started: bool) -> None:
         self.cancelled.append(run_id)
+        if started:  # a started job goes on until its trainer sees the cancellation
+            self.stopping.add(run_id)
+
+    def busy(self, run_id: str) -> bool:
+        return run_id in self.stopping
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "fake"}

@@ -42,8 +42,11 @@ class _RecordingJobs:
     def submit(self, run_id: str, config: dict[str, Any]) -> None:
         self.submitted.append(run_id)
 
-    def cancel(self, run_id: str) -> None:
+    def cancel(self, run_id: str, *, started: bool) -> None:
         pass
+
+    def busy(self, run_id: str) -> bool:
+        return False
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "recording (contract tests)", "submitted": len(self.submitted)}

@@ -217,6 +217,23 @@ def test_cancel_and_delete(client: TestClient) -> None:
     assert client.delete(f"/runs/{queued}").status_code == 404
 
 
+def test_a_cancelled_run_whose_job_is_still_stopping_cannot_be_deleted_yet(
+    client: TestClient,
+) -> None:
+    """A running job is not dropped (Dask cannot stop it; its trainer stops after the epoch):
+    deleting the run meanwhile would race its last write, so it is a 409 until the job ends."""
+    run_id = client.post("/runs", json=TINY).json()["id"]
+    client.patch(f"/runs/{run_id}", json={"status": "running"})
+    assert client.post(f"/runs/{run_id}/cancel").status_code == 200
+    assert client.jobs.stopping == {run_id}  # cancelled as started: left to finish
+    response = client.delete(f"/runs/{run_id}")
+    assert response.status_code == 409
+    assert "still stopping" in response.json()["error"]["message"]
+    assert client.get(f"/runs/{run_id}").json()["status"] == "cancelled"
+    client.jobs.stopping.clear()  # the job has ended
+    assert client.delete(f"/runs/{run_id}").status_code == 204
+
+
 def test_cancel_from_every_terminal_status_is_409(client: TestClient) -> None:
     for status in (RunStatus.COMPLETED, RunStatus.FAILED):
         run_id = external_run(client)
