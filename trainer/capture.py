@@ -287,12 +287,13 @@ class GradientRecorder:
         self._norms: _Rows | None = None
         self._prior: dict[str, dict[str, dict[str, _Series]]] = {}
         self._index: Tensor | None = None
+        self._plan: dict[int, _ParamStats] | None = None
         self.reset()
 
     def reset(self) -> None:
         """Start a new epoch."""
         self._stats, self._by_layer, self._prior = [], {}, {}
-        self._norms, self._index = None, None
+        self._norms, self._index, self._plan = None, None, None
         if self.level is GradLevel.NONE or not self.layers:
             return
         for j, (name, layer) in enumerate(self.layers):
@@ -341,7 +342,9 @@ class GradientRecorder:
         updated as :func:`trainer.kernels.grad_stats_many` updates them."""
         if self.level is GradLevel.NONE or self._norms is None:
             return {}
-        return {id(s.param): s for s in self._stats if s.param.device.type == "cpu"}
+        if self._plan is None:  # once per epoch (reset), not per step
+            self._plan = {id(s.param): s for s in self._stats if s.param.device.type == "cpu"}
+        return self._plan
 
     @torch.no_grad()
     def record_fused_step(self, results: dict[int, kernels.GradStats]) -> None:

@@ -38,22 +38,6 @@ from trainer.snapshot import GradLevel
 __all__ = ["RecordingAdam", "record_with"]
 
 
-_PLAIN = (Tensor, torch.nn.Parameter)
-
-
-def _flat_f32(t: Tensor) -> bool:
-    """A plain float32 CPU tensor the kernel may address as one array (what
-    ``kernels.usable`` checks, less the torch.func test: no optimiser step runs inside a
-    transform; kept short, it runs for every parameter and gradient of every step)."""
-    return (
-        type(t) in _PLAIN
-        and t.layout is torch.strided
-        and t.is_cpu
-        and t.dtype is torch.float32
-        and t.is_contiguous()
-    )
-
-
 def _unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
     """``torch.optim.Adam.step`` without the hook wrapper torch puts around an optimiser
     class's ``step`` (RecordingAdam.step has its own: the hooks must run once)."""
@@ -81,6 +65,10 @@ class RecordingAdam(torch.optim.Adam):
         self._states_checked = -1  # how many states had been checked (-1: none yet)
         self.fused_steps = 0  # steps taken by the one-pass kernel (the rest: torch's update)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._size: int | None = None  # all parameters' elements, counted at the next step
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._states_checked = -1  # new state tensors: check their layout again
@@ -94,8 +82,9 @@ class RecordingAdam(torch.optim.Adam):
         """Each group and its parameters with a gradient, when the kernel can take them all."""
         if torch.compiler.is_compiling() or not kernels.on():
             return None
-        size = sum(p.numel() for group in self.param_groups for p in group["params"])
-        if size < self.one_pass_min:
+        if self._size is None:
+            self._size = sum(p.numel() for group in self.param_groups for p in group["params"])
+        if self._size < self.one_pass_min:
             return None
         groups = []
         for group in self.param_groups:
@@ -112,7 +101,9 @@ class RecordingAdam(torch.optim.Adam):
             for p in params:
                 grad = p.grad
                 assert grad is not None
-                if not (_flat_f32(p) and _flat_f32(grad) and grad.shape == p.shape):
+                if not (
+                    kernels.addressable(p) and kernels.addressable(grad) and grad.shape == p.shape
+                ):
                     return None
             groups.append((group, params))
         return groups
@@ -134,7 +125,9 @@ class RecordingAdam(torch.optim.Adam):
             gathered.append((group, lists))
         if groups is not None and self._states_checked != len(self.state):
             # states made by _init_group are zeros_like their parameter; a loaded one may not be
-            if not all(_flat_f32(s) for _, lists in gathered for s in lists[2] + lists[3]):
+            if not all(
+                kernels.addressable(s) for _, lists in gathered for s in lists[2] + lists[3]
+            ):
                 groups = None
             else:
                 self._states_checked = len(self.state)

@@ -62,6 +62,7 @@ from torch import Tensor
 __all__ = [
     "AdamHyper",
     "adam_step",
+    "addressable",
     "available",
     "count_nonfinite",
     "disabled",
@@ -241,17 +242,21 @@ def usable(*tensors: Tensor) -> bool:
         return False
     first = tensors[0]
     return (
-        all(
-            type(t) in _PLAIN
-            and t.device.type == "cpu"
-            and t.dtype == torch.float32
-            and t.is_contiguous()
-            and t.shape == first.shape
-            and not _wrapped(t)
-            for t in tensors
-        )
+        all(addressable(t) and t.shape == first.shape and not _wrapped(t) for t in tensors)
         and not getattr(_off, "depth", 0)
         and available()
+    )
+
+
+def addressable(t: Tensor) -> bool:
+    """A plain float32 CPU tensor the kernels may address as one array (contiguous, strided);
+    :func:`usable` adds the shape, ``torch.func`` and availability checks."""
+    return (
+        type(t) in _PLAIN
+        and t.layout is torch.strided
+        and t.is_cpu
+        and t.dtype is torch.float32
+        and t.is_contiguous()
     )
 
 
@@ -400,6 +405,28 @@ def count_nonfinite(x: Tensor) -> int:
 GradStats = tuple[float, float, float, int]
 
 
+def _pointers(tensors: Sequence[Tensor | None]) -> Any:
+    """A C array of the tensors' data pointers (NULL for None)."""
+    return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+
+
+def _block_partials(sizes: Sequence[int], recorded: Sequence[bool]) -> tuple[Any, Tensor]:
+    """Where each recorded tensor's block partials start (a C array) and the zeroed float64
+    buffer of 4 partials per block that ``fused.c``'s statistics write into."""
+    first, total = [], 0
+    for n, r in zip(sizes, recorded, strict=True):
+        first.append(total)
+        total += max(1, -(-n // BLOCK)) if r else 0
+    return (ctypes.c_int64 * len(sizes))(*first), torch.zeros(
+        max(1, 4 * total), dtype=torch.float64
+    )
+
+
+def _totals(out: Any, t: int) -> GradStats:
+    """Tensor t's statistics from the kernels' output array."""
+    return (out[4 * t], out[4 * t + 1], out[4 * t + 2], int(out[4 * t + 3]))
+
+
 def grad_stats_many(
     grads: Sequence[Tensor],
     accumulators: Sequence[tuple[Tensor, Tensor, Tensor]] | None = None,
@@ -414,34 +441,26 @@ def grad_stats_many(
     if k == 0:
         return []
     sizes = [g.numel() for g in grads]
-    first, total = [], 0
-    for n in sizes:
-        first.append(total)
-        total += max(1, -(-n // BLOCK))
-    partials = torch.zeros(4 * total, dtype=torch.float64)
-
-    def array(ctype: Any, values: Sequence[Any]) -> Any:
-        return (ctype * k)(*values)
-
+    first, partials = _block_partials(sizes, [True] * k)
     acc: list[Any] = [None, None, None]
     if accumulators is not None:
         for (s, m, c), g in zip(accumulators, grads, strict=True):
             assert s.dtype == m.dtype == torch.float32 and c.dtype == torch.int32
             assert s.shape == m.shape == c.shape == g.shape
             assert s.is_contiguous() and m.is_contiguous() and c.is_contiguous()
-        acc = [array(ctypes.c_void_p, [a[i].data_ptr() for a in accumulators]) for i in range(3)]
+        acc = [_pointers([a[i] for a in accumulators]) for i in range(3)]
     out = (ctypes.c_double * (4 * k))()
     _lib().bnn_grad_stats(
         k,
-        array(ctypes.c_void_p, [g.data_ptr() for g in grads]),
+        _pointers(grads),
         *acc,
-        array(ctypes.c_int64, sizes),
-        array(ctypes.c_int64, first),
+        (ctypes.c_int64 * k)(*sizes),
+        first,
         partials.data_ptr(),
         _threads(),
         out,
     )
-    return [(out[4 * t], out[4 * t + 1], out[4 * t + 2], int(out[4 * t + 3])) for t in range(k)]
+    return [_totals(out, t) for t in range(k)]
 
 
 class AdamHyper(ctypes.Structure):
@@ -475,36 +494,24 @@ def adam_step(
         return []
     record = list(record) if record is not None else [0] * k
     sizes = [p.numel() for p in params]
-    first, total = [], 0
-    for n, r in zip(sizes, record, strict=True):
-        first.append(total)
-        total += max(1, -(-n // BLOCK)) if r else 0
-    partials = torch.zeros(max(1, 4 * total), dtype=torch.float64)
-
-    def pointers(tensors: Sequence[Tensor | None]) -> Any:
-        return (ctypes.c_void_p * k)(*[None if t is None else t.data_ptr() for t in tensors])
-
+    first, partials = _block_partials(sizes, [bool(r) for r in record])
     acc: list[Any] = [None, None, None]
     if accumulators is not None:
-        for i in range(3):
-            acc[i] = pointers([None if a is None else a[i] for a in accumulators])
+        acc = [_pointers([None if a is None else a[i] for a in accumulators]) for i in range(3)]
     out = (ctypes.c_double * (4 * k))()
     _lib().bnn_adam(
         k,
-        pointers(params),
-        pointers(grads),
-        pointers(exp_avgs),
-        pointers(exp_avg_sqs),
+        _pointers(params),
+        _pointers(grads),
+        _pointers(exp_avgs),
+        _pointers(exp_avg_sqs),
         (AdamHyper * k)(*hypers),
         (ctypes.c_int32 * k)(*record),
         *acc,
         (ctypes.c_int64 * k)(*sizes),
-        (ctypes.c_int64 * k)(*first),
+        first,
         partials.data_ptr(),
         _threads(),
         out,
     )
-    return [
-        (out[4 * t], out[4 * t + 1], out[4 * t + 2], int(out[4 * t + 3])) if record[t] else None
-        for t in range(k)
-    ]
+    return [_totals(out, t) if record[t] else None for t in range(k)]
