@@ -49,11 +49,11 @@ class RecordingAdam(torch.optim.Adam):
     pass over each parameter on the CPU (see the module's documentation)."""
 
     #: Below this many elements (all the optimiser's parameters together) the step is
-    #: torch's update: the one-pass kernel's Python set-up (~0.04 ms more than torch's)
-    #: costs more than it saves (a 1-32-32-1 MLP's optimiser step: 98 against 59 us); from
-    #: about 2^18 elements its faster update (0.13 ns per element less on 2 threads) pays
-    #: for it, and a captured step saves the statistics' own pass on top. Fixed per model:
-    #: a run never switches between the two.
+    #: torch's update, as before this optimiser existed: there the kernel's Python set-up
+    #: costs more than its pass on an uncaptured step (1-32-32-1 MLP: 0.38 against 0.33 ms,
+    #: benchmarks/optimizer_step.py); on large models the update is as fast as torch's and
+    #: a captured step saves the recorder's read of every gradient. Fixed per model: a run
+    #: never switches between the two.
     ONE_PASS_MIN = 1 << 18
 
     def __init__(
