@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import statistics
 import tempfile
@@ -266,6 +267,12 @@ def main() -> None:
         help="tuned (default): glibc malloc keeps freed memory (trainer.kernels.tune_allocator, "
         "what bnn train does on the CPU), for every variant of the run alike; default: as is",
     )
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated substrings: run only the variants whose name holds one (torchbnn "
+        "and the learnable prior without capture always run, as the references)",
+    )
     args = ap.parse_args()
     tuned = args.malloc == "tuned" and kernels.tune_allocator()
     device = DEVICE = torch.device(args.device)
@@ -282,7 +289,6 @@ def main() -> None:
             deterministic(),
             *peers(),
             ours("ours fixed prior, no capture", PriorKind.FIXED, None, None),
-            ours("ours learnable prior, no capture", PriorKind.LEARNABLE, None, None),
             ours(
                 "ours learnable, torch ops, no capture",
                 PriorKind.LEARNABLE,
@@ -304,6 +310,9 @@ def main() -> None:
                 None,
                 local_reparam=True,
             ),
+            # the reference right before the capture variants: their overheads are paired
+            # per round with it (adjacent chunks, the least drift between them)
+            ours("ours learnable prior, no capture", PriorKind.LEARNABLE, None, None),
             ours("ours learnable, per-layer capture", PriorKind.LEARNABLE, GradLevel.LAYER, store),
             ours(
                 "ours learnable, per-element capture",
@@ -312,6 +321,10 @@ def main() -> None:
                 store,
             ),
         ]
+        if args.only:
+            keep = [w.strip() for w in args.only.split(",") if w.strip()]
+            references = ("torchbnn", "ours learnable prior, no capture")
+            variants = [v for v in variants if any(w in v.name for w in (*keep, *references))]
         for v in variants:
             v.model.to(device)
         opts = [make_optimizer(v.model, v.optimizer or args.optimizer) for v in variants]
@@ -350,10 +363,43 @@ def main() -> None:
     for k, v in full.items():
         w = f"{write_s[k]:.2f} s" if k in write_s else "-"
         print(f"{k:<46} {v:>10.0f} {w:>12} {v / ref:>17.2f}x")
-    base = full["ours learnable prior, no capture"]
+    base_name = "ours learnable prior, no capture"
     for level in ("per-layer", "per-element"):
-        cap = full[f"ours learnable, {level} capture"]
-        print(f"capture overhead {level}: {100 * (base / cap - 1):.1f}% of the epoch time")
+        name = f"ours learnable, {level} capture"
+        if name not in full:
+            continue
+        # per round: the epoch time of the capture variant (its chunk's step rate plus that
+        # round's epoch charge) over the reference's in the chunk just before it
+        paired = [
+            (epoch_samples / cap + charge) / (epoch_samples / ref_rate) - 1
+            for cap, charge, ref_rate in zip(
+                rates[name], writes[name], rates[base_name], strict=True
+            )
+        ]
+        low, high = median_ci(paired)
+        print(
+            f"capture overhead {level}: {100 * (full[base_name] / full[name] - 1):.1f}% of the "
+            f"epoch time (ratio of medians); paired per round: median "
+            f"{100 * statistics.median(paired):.1f}%, 95% CI {100 * low:.1f} to {100 * high:.1f}%"
+        )
+
+
+def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median: the order statistics whose
+    ranks the binomial(n, 1/2) distribution puts around it (the sign test's interval)."""
+    xs = sorted(values)
+    n = len(xs)
+    if n < 6:  # too few rounds for a 95% interval: the range
+        return xs[0], xs[-1]
+    cdf, k = 0.0, 0
+    while True:  # the largest k with P(B <= k) <= (1 - level) / 2, B ~ binomial(n, 1/2)
+        p = math.comb(n, k) / 2**n
+        if cdf + p > (1 - level) / 2:
+            break
+        cdf += p
+        k += 1
+    k = max(k, 1)
+    return xs[k - 1], xs[n - k]
 
 
 if __name__ == "__main__":

@@ -139,6 +139,21 @@ def epoch_snapshot(
     return snap, copies.ready()
 
 
+def _bf16_codes(a: Tensor) -> Tensor:
+    """The bfloat16 codes (int16) of a float32 tensor of finite values >= 0, as
+    :func:`trainer.store.encode_bf16` codes them (``fused.c``'s ``bf16_code``): rounded to
+    nearest, ties away from zero, a tiny non-zero value to the smallest code, one that
+    would round to Inf to the largest finite one. Monotonic: ``max`` commutes with it."""
+    u = a.contiguous().view(torch.int32)
+    codes = ((u + 0x8000) >> 16).clamp_(max=0x7F7F)
+    return torch.maximum(codes, (u != 0).to(torch.int32)).to(torch.int16)
+
+
+def _bf16_values(codes: Tensor) -> Tensor:
+    """The float32 values of bfloat16 ``codes`` (int16, as :func:`_bf16_codes` makes them)."""
+    return (codes.to(torch.int32) << 16).view(torch.float32)
+
+
 class _ParamStats:
     """Running |g| statistics of one posterior parameter tensor.
 
@@ -146,14 +161,24 @@ class _ParamStats:
     gradient there was finite, and the count of non-finite values. On the CPU a non-finite
     gradient is detected from the tensor's norm (computed anyway), so the common case costs
     three passes; on a GPU the masked path always runs, so no step waits for the device.
+
+    The per-element max is kept at bfloat16 precision, the precision an epoch file stores it
+    at (:mod:`trainer.store.hdf5`): on the CPU as int16 bfloat16 codes (``codes``; half the
+    memory traffic of a float32 max, which every captured step reads and writes), elsewhere
+    in float32, rounded when the epoch's result is taken. Rounding is monotonic, so both
+    give the stored value exactly: the rounded largest |g|.
     """
 
     def __init__(self, param: nn.Parameter, level: GradLevel) -> None:
         self.param = param
         self.level = level
-        shape = param.shape if level is GradLevel.ELEMENT else ()
+        element = level is GradLevel.ELEMENT
+        shape = param.shape if element else ()
+        self.codes = element and param.device.type == "cpu"
         self.sum_abs = torch.zeros(shape, device=param.device, dtype=torch.float32)
-        self.max_abs = torch.zeros(shape, device=param.device, dtype=torch.float32)
+        self.max_abs = torch.zeros(
+            shape, device=param.device, dtype=torch.int16 if self.codes else torch.float32
+        )
         self.nonfinite = torch.zeros(shape, device=param.device, dtype=torch.int32)
         self.steps = 0
         self.elements = param.numel()
@@ -172,7 +197,7 @@ class _ParamStats:
                 self.nonfinite += ~ok
                 a = a.masked_fill_(~ok, 0.0)
             self.sum_abs += a
-            torch.maximum(self.max_abs, a, out=self.max_abs)
+            torch.maximum(self.max_abs, _bf16_codes(a) if self.codes else a, out=self.max_abs)
             return
         if finite is True:  # |g| into a reused buffer, then two plain reductions
             if self._buf is None:  # (vector_norm with ord=1 / inf is 4-12x slower on the CPU)
@@ -206,9 +231,12 @@ class _ParamStats:
         to_host = copies or HostCopies(self.sum_abs.device, asynchronous=False)
         per = 1 if self.level is GradLevel.ELEMENT else self.elements
         finite_count = (self.steps * per - self.nonfinite).clamp_min(1).to(torch.float32)
+        max_abs = self.max_abs
+        if self.level is GradLevel.ELEMENT:
+            max_abs = _bf16_values(max_abs if self.codes else _bf16_codes(max_abs))
         return {
             "mean_abs": to_host(self.sum_abs / finite_count),
-            "max_abs": to_host(self.max_abs),
+            "max_abs": to_host(max_abs),
             "nonfinite": to_host(self.nonfinite, torch.int32),
         }
 
@@ -338,8 +366,9 @@ class GradientRecorder:
         anyway may take in its own pass (:class:`trainer.optim.RecordingAdam`), then handed
         to :meth:`record_fused_step`: every recorded CPU parameter; ``{}`` at level none.
         Their ``level`` says what to compute: the totals (``layer``) or, at ``element``, the
-        totals and the per-element ``sum_abs``, ``max_abs`` and ``nonfinite`` accumulators
-        updated as :func:`trainer.kernels.grad_stats_many` updates them."""
+        totals and the per-element ``sum_abs``, ``max_abs`` (bfloat16 codes) and
+        ``nonfinite`` accumulators updated as :func:`trainer.kernels.grad_stats_many`
+        updates them."""
         if self.level is GradLevel.NONE or self._norms is None:
             return {}
         if self._plan is None:  # once per epoch (reset), not per step
@@ -378,7 +407,8 @@ class GradientRecorder:
         fused, grads = [], []
         for s in present:
             g = s.param.grad
-            if g is not None and kernels.usable(*((g, s.sum_abs, s.max_abs) if element else (g,))):
+            if g is not None and kernels.usable(*((g, s.sum_abs) if element else (g,))):
+                assert not element or s.codes  # a CPU parameter's max: codes
                 fused.append(s)
                 grads.append(g)
         results: dict[int, kernels.GradStats] = {}
@@ -422,16 +452,22 @@ class GradientRecorder:
         for x, b in zip(a, bad, strict=True):
             x.masked_fill_(b, 0.0)
         sums = [s.sum_abs for s in present]
-        maxs = [s.max_abs for s in present]
         nonfinite = [s.nonfinite for s in present]
         if self.level is GradLevel.ELEMENT:
             torch._foreach_add_(nonfinite, [b.to(torch.int32) for b in bad])
             torch._foreach_add_(sums, [x.float() for x in a])
-            torch._foreach_maximum_(maxs, [x.float() for x in a])
+            floats = [
+                (s.max_abs, x.float()) for s, x in zip(present, a, strict=True) if not s.codes
+            ]
+            if floats:
+                torch._foreach_maximum_([m for m, _ in floats], [x for _, x in floats])
+            for s, x in zip(present, a, strict=True):
+                if s.codes:  # a CPU parameter of a model partly elsewhere
+                    torch.maximum(s.max_abs, _bf16_codes(x.float()), out=s.max_abs)
         else:
             torch._foreach_add_(nonfinite, [b.sum(dtype=torch.int32) for b in bad])
             torch._foreach_add_(sums, [x.sum(dtype=torch.float32) for x in a])
-            torch._foreach_maximum_(maxs, [x.max().float() for x in a])
+            torch._foreach_maximum_([s.max_abs for s in present], [x.max().float() for x in a])
         device = self._norms.buf.device
         key = tuple(s.layer for s in present)
         index = _layer_index(key, len(self.layers), device)

@@ -14,6 +14,7 @@ from trainer.capture import GradientRecorder
 from trainer.layers import BayesLinear, model_kl
 from trainer.priors import PriorKind, PriorSpec, sum64
 from trainer.snapshot import GradLevel
+from trainer.store._codec import decode_bf16, encode_bf16
 
 
 def _take(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -31,6 +32,18 @@ def _force_foreach(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         capture.GradientRecorder, "_record_cpu", capture.GradientRecorder._record_foreach
     )
+
+
+def _float_max(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the per-element max in float32 (as on a GPU) on CPU tensors too."""
+    init = capture._ParamStats.__init__
+
+    def float_init(self: capture._ParamStats, param: nn.Parameter, level: GradLevel) -> None:
+        init(self, param, level)
+        self.codes = False
+        self.max_abs = torch.zeros_like(self.sum_abs)
+
+    monkeypatch.setattr(capture._ParamStats, "__init__", float_init)
 
 
 def _model() -> nn.Module:
@@ -96,9 +109,13 @@ def test_element_statistics_match_the_float64_reference(
                 ref = _reference(steps, f"{layer}.{kind}_{p}")
                 stats = got[layer][kind][p]
                 np.testing.assert_allclose(stats["mean_abs"], ref["mean_abs"], rtol=1e-6)
-                np.testing.assert_array_equal(stats["max_abs"], ref["max_abs"].astype(np.float32))
+                # the max is kept at the bfloat16 precision a file stores: exactly the
+                # stored value of the largest |g|
+                want_max = decode_bf16(encode_bf16(ref["max_abs"].astype(np.float32)))
+                np.testing.assert_array_equal(stats["max_abs"], want_max)
                 np.testing.assert_array_equal(stats["nonfinite"], ref["nonfinite"])
-    assert got["0"]["weight"]["rho"]["max_abs"].reshape(-1)[5] >= 1e-30
+    tiny = decode_bf16(encode_bf16(np.float32([1e-30])))[0]  # bfloat16 keeps float32's range
+    assert got["0"]["weight"]["rho"]["max_abs"].reshape(-1)[5] >= tiny > 0
     norms = got["0"]["step_norm"]
     assert norms.shape == (4,)
     assert math.isfinite(norms[0]) and norms[0] > 0
@@ -110,6 +127,47 @@ def test_element_statistics_match_the_float64_reference(
         )
     )
     assert norms[0] == pytest.approx(want, rel=1e-5)  # float32 norms of ~270k elements
+
+
+# |g| values where bfloat16 rounding needs care: zero, denormals, float32's smallest normal,
+# ties (rounded away from zero), one just below a tie, the largest bfloat16 and values that
+# would round to Inf (kept at the largest finite code)
+EDGES = [
+    0.0, 1e-45, 1e-40, 2.0**-126, 1.0, 1.0 + 2.0**-8, 1.0 + 2.0**-8 - 2.0**-23, 1.0 + 3 * 2.0**-8,
+    3.3895313892515355e38, 3.3961e38, 3.4028234663852886e38, 0.1, 7.0e-3,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ["cpu", "cpu-torch", "foreach", "foreach-float"])
+def test_the_element_max_is_the_stored_bfloat16_of_the_largest_gradient(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever the path, the per-element max equals what a version-2 file stores of the
+    largest |g|: encode_bf16's code, rounding and range handling included."""
+    _take("foreach" if path == "foreach-float" else path, monkeypatch)
+    if path == "foreach-float":
+        _float_max(monkeypatch)
+    model = _model()
+    named = dict(model.named_parameters())
+    n = len(EDGES)
+    steps = []
+    for step in range(3):
+        grads = {k: torch.zeros_like(p) for k, p in named.items()}
+        g = grads["0.weight_rho"].view(-1)
+        g.copy_(torch.randn(g.numel()) * 0.01)
+        edges = torch.tensor(EDGES, dtype=torch.float32)
+        # the edge values arrive at different steps, with either sign, next to smaller ones
+        g[:n] = torch.roll(edges, step) * (-1) ** step
+        g[n : 2 * n] = edges * 0.5 if step else edges
+        g[2 * n] = math.nan if step == 1 else 2.0
+        steps.append(grads)
+    got = _record(model, GradLevel.ELEMENT, steps)["0"]["weight"]["rho"]["max_abs"].reshape(-1)
+    a = torch.stack([s["0.weight_rho"].view(-1) for s in steps]).abs()
+    a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+    want = decode_bf16(encode_bf16(a.amax(0).numpy()))
+    np.testing.assert_array_equal(got, want)
+    assert got[n + 1] > 0 and got[n + 10] == np.float32(3.3895313892515355e38)
+    assert got[2 * n] == 2.0 and np.isfinite(got).all()
 
 
 @pytest.mark.parametrize("path", ["cpu", "cpu-torch", "foreach"])

@@ -81,7 +81,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fused.c")
 BLOCK = 512  # fused.c's BLOCK: a thread's share starts at a multiple of it
-VERSION = 9  # fused.c's bnn_kernels_version()
+VERSION = 10  # fused.c's bnn_kernels_version()
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd")
 
 _P, _I64, _U64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64
@@ -434,9 +434,12 @@ def grad_stats_many(
     """One step's statistics of each gradient, one pass over each and one call for all:
     ``(sum of g^2, sum |g|, max |g|, non-finite count)``, the sums in float64, ``|g|`` over
     the finite values only, the sum of squares NaN or Inf as a norm would be. With
-    ``accumulators`` (each gradient's float32 ``sum_abs``, float32 ``max_abs`` and int32
-    ``nonfinite``, of its shape), also, per element, ``sum_abs += |g|`` and ``max_abs =
-    max(max_abs, |g|)`` where g is finite and ``nonfinite += 1`` where it is not."""
+    ``accumulators`` (each gradient's float32 ``sum_abs``, int16 ``max_code`` and int32
+    ``nonfinite``, of its shape, contiguous), also, per element, ``sum_abs += |g|`` and
+    ``max_code = max(max_code, bf16_code(|g|))`` where g is finite and ``nonfinite += 1``
+    where it is not. ``bf16_code`` is :func:`trainer.store.encode_bf16`'s code (0 to
+    0x7F7F, so int16 holds it); it is monotonic, so the largest code is the code of the
+    largest |g|, what a version-2 epoch file stores."""
     k = len(grads)
     if k == 0:
         return []
@@ -445,7 +448,7 @@ def grad_stats_many(
     acc: list[Any] = [None, None, None]
     if accumulators is not None:
         for (s, m, c), g in zip(accumulators, grads, strict=True):
-            assert s.dtype == m.dtype == torch.float32 and c.dtype == torch.int32
+            assert s.dtype == torch.float32 and m.dtype == torch.int16 and c.dtype == torch.int32
             assert s.shape == m.shape == c.shape == g.shape
             assert s.is_contiguous() and m.is_contiguous() and c.is_contiguous()
         acc = [_pointers([a[i] for a in accumulators]) for i in range(3)]

@@ -41,7 +41,7 @@ extern float cosf(float) __attribute__((__simd__("notinbranch")));
 #define SOFTPLUS_THRESHOLD 20.0f /* F.softplus: x itself above it */
 #define PARALLEL_MIN (1 << 16) /* fewer elements: one thread (a team costs ~10 us) */
 
-int bnn_kernels_version(void) { return 9; }
+int bnn_kernels_version(void) { return 10; }
 
 /* Whether this build runs OpenMP teams (compiled with -fopenmp). */
 int bnn_kernels_openmp(void) {
@@ -224,13 +224,25 @@ static void kl_backward_range(const float *mu, const float *sigma, float mp, flo
     }
 }
 
+/* The bfloat16 code (upper 16 bits, rounded to nearest, ties away from zero) of a finite
+   non-negative float32 given by its bits u, as trainer.store's encode_bf16 stores it: 0 for
+   0, the smallest code (1) for a tiny non-zero value, the largest finite code (0x7f7f) for
+   one that would round to Inf. Monotonic in u, so the largest code of a set of values is
+   the code of their largest value: a per-element max kept as codes is exactly the max that
+   a version-2 epoch file stores, at half the memory traffic of a float32 max. */
+static inline uint32_t bf16_code(uint32_t u) {
+    uint32_t c = (u + 0x8000u) >> 16;
+    c = c < 0x7f7fu ? c : 0x7f7fu;
+    return c | (uint32_t)(c == 0u && u != 0u);
+}
+
 /* One step's gradient statistics (trainer.capture.GradientRecorder) in one pass over g.
    Per block, partials[4 * block ...] = {sum of g^2 (float64; NaN and Inf propagate, as in
    a norm), sum of |g| over the finite g, max of |g| over the finite g, count of non-finite
-   g}. With sum_abs/max_abs/nonfinite (per-element level; else NULL), also per element:
-   sum_abs += |g| and max_abs = max(max_abs, |g|) where g is finite, nonfinite += 1 where
-   it is not. */
-static void grad_stats_range(const float *g, float *sum_abs, float *max_abs,
+   g}. With sum_abs/max_code/nonfinite (per-element level; else NULL), also per element:
+   sum_abs += |g| and max_code = max(max_code, bf16_code(|g|)) where g is finite,
+   nonfinite += 1 where it is not. */
+static void grad_stats_range(const float *g, float *sum_abs, uint16_t *max_code,
                              int32_t *nonfinite, int64_t start, int64_t end,
                              double *partials) {
     for (int64_t b = start; b < end; b += BLOCK) {
@@ -262,14 +274,19 @@ static void grad_stats_range(const float *g, float *sum_abs, float *max_abs,
             }
         }
         if (sum_abs) {
-            float *s = sum_abs + b, *mx = max_abs + b;
+            float *s = sum_abs + b;
+            uint16_t *mx = max_code + b;
 #pragma omp simd
             for (int64_t j = 0; j < m; j++) {
                 uint32_t bits;
                 memcpy(&bits, &x[j], 4);
-                const float a = (bits & 0x7f800000u) != 0x7f800000u ? fabsf(x[j]) : 0.0f;
+                const uint32_t mag = bits & 0x7fffffffu;
+                const uint32_t u = mag < 0x7f800000u ? mag : 0u; /* |g|, 0 where not finite */
+                float a;
+                memcpy(&a, &u, 4);
                 s[j] += a;
-                mx[j] = a > mx[j] ? a : mx[j];
+                const uint32_t c = bf16_code(u);
+                mx[j] = c > mx[j] ? (uint16_t)c : mx[j];
             }
             if (bad) {
                 for (int64_t j = 0; j < m; j++) {
@@ -323,7 +340,7 @@ typedef struct {
    the same pass (each block's statistics while its gradients are in the L1 cache): the
    separate pass over every gradient that capture costs otherwise. */
 static void adam_range(float *p, const float *g, float *m, float *v, const adam_hyper *h,
-                       float *sum_abs, float *max_abs, int32_t *nonfinite, int64_t start,
+                       float *sum_abs, uint16_t *max_code, int32_t *nonfinite, int64_t start,
                        int64_t end, double *partials) {
     const float b2 = h->beta2, c1 = 1.0f - h->beta1, c2 = 1.0f - h->beta2;
     const float eps = h->eps, wd = h->weight_decay, decay = h->decay;
@@ -331,7 +348,7 @@ static void adam_range(float *p, const float *g, float *m, float *v, const adam_
     for (int64_t b = start; b < end; b += BLOCK) {
         const int64_t n = end - b < BLOCK ? end - b : BLOCK;
         if (partials)
-            grad_stats_range(g, sum_abs, max_abs, nonfinite, b, b + n, partials);
+            grad_stats_range(g, sum_abs, max_code, nonfinite, b, b + n, partials);
         float *pb = p + b, *mb = m + b, *vb = v + b;
         const float *gb = g + b;
 #pragma omp simd
@@ -443,17 +460,17 @@ static inline int tensor_share(int64_t n, int64_t *s, int64_t *e) {
 /* grad_stats_range over k gradients (each thread its share of each; a gradient below
    PARALLEL_MIN elements wholly on the first thread), then each gradient's totals into
    out[4 * t ...] = {sum g^2, sum |g|, max |g|, non-finite count}. Gradient t's block
-   partials start at partials + 4 * first_block[t]; sum_abs/max_abs/nonfinite: NULL, or
+   partials start at partials + 4 * first_block[t]; sum_abs/max_code/nonfinite: NULL, or
    one accumulator per gradient. */
 void bnn_grad_stats(int64_t k, const float *const *g, float *const *sum_abs,
-                    float *const *max_abs, int32_t *const *nonfinite, const int64_t *sizes,
+                    uint16_t *const *max_code, int32_t *const *nonfinite, const int64_t *sizes,
                     const int64_t *first_block, double *partials, int threads, double *out) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         for (int64_t t = 0; t < k; t++) {
             int64_t s, e;
             if (tensor_share(sizes[t], &s, &e))
-                grad_stats_range(g[t], sum_abs ? sum_abs[t] : 0, max_abs ? max_abs[t] : 0,
+                grad_stats_range(g[t], sum_abs ? sum_abs[t] : 0, max_code ? max_code[t] : 0,
                                  nonfinite ? nonfinite[t] : 0, s, e,
                                  partials + 4 * first_block[t]);
         }
@@ -465,10 +482,10 @@ void bnn_grad_stats(int64_t k, const float *const *g, float *const *sum_abs,
 /* One Adam step of k tensors (adam_range; each thread its share of each, a tensor below
    PARALLEL_MIN elements wholly on the first thread). record[t]: 0 no statistics of tensor t,
    1 its totals into out[4 * t ...] (as bnn_grad_stats), 2 the totals and its per-element
-   accumulators sum_abs[t], max_abs[t], nonfinite[t]. */
+   accumulators sum_abs[t], max_code[t], nonfinite[t]. */
 void bnn_adam(int64_t k, float *const *p, const float *const *g, float *const *m,
               float *const *v, const adam_hyper *hyper, const int32_t *record,
-              float *const *sum_abs, float *const *max_abs, int32_t *const *nonfinite,
+              float *const *sum_abs, uint16_t *const *max_code, int32_t *const *nonfinite,
               const int64_t *sizes, const int64_t *first_block, double *partials,
               int threads, double *out) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -479,7 +496,7 @@ void bnn_adam(int64_t k, float *const *p, const float *const *g, float *const *m
                 continue;
             const int element = record[t] == 2;
             adam_range(p[t], g[t], m[t], v[t], hyper + t, element ? sum_abs[t] : 0,
-                       element ? max_abs[t] : 0, element ? nonfinite[t] : 0, s, e,
+                       element ? max_code[t] : 0, element ? nonfinite[t] : 0, s, e,
                        record[t] ? partials + 4 * first_block[t] : 0);
         }
     }
