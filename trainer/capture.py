@@ -181,6 +181,9 @@ class _ParamStats:
         )
         self.nonfinite = torch.zeros(shape, device=param.device, dtype=torch.int32)
         self.steps = 0
+        # per layer, the kernels' totals of the steps since the last result(), in Python
+        # (float64; no torch operation per parameter and step), folded in by result()
+        self._fused_sum, self._fused_max, self._fused_bad = 0.0, 0.0, 0
         self.elements = param.numel()
         self.layer = 0  # the recorder's index of the layer this parameter belongs to
         self._buf: Tensor | None = None
@@ -220,14 +223,18 @@ class _ParamStats:
         self.steps += 1
         sq, sum_abs, max_abs, bad = result
         if self.level is not GradLevel.ELEMENT:
-            self.sum_abs += sum_abs
-            if max_abs > float(self.max_abs):
-                self.max_abs.fill_(max_abs)
-            if bad:
-                self.nonfinite += bad
+            self._fused_sum += sum_abs
+            if max_abs > self._fused_max:
+                self._fused_max = max_abs
+            self._fused_bad += bad
         return sq
 
     def result(self, copies: HostCopies | None = None) -> dict[str, np.ndarray]:
+        if self._fused_sum or self._fused_max or self._fused_bad:  # CPU tensors: no sync
+            self.sum_abs += self._fused_sum
+            self.max_abs.clamp_(min=self._fused_max)
+            self.nonfinite += self._fused_bad
+            self._fused_sum, self._fused_max, self._fused_bad = 0.0, 0.0, 0
         to_host = copies or HostCopies(self.sum_abs.device, asynchronous=False)
         per = 1 if self.level is GradLevel.ELEMENT else self.elements
         finite_count = (self.steps * per - self.nonfinite).clamp_min(1).to(torch.float32)
@@ -252,10 +259,17 @@ class _Rows:
     def __init__(self, columns: int, device: torch.device, capacity: int = 512) -> None:
         self.buf = torch.zeros((capacity, columns), dtype=torch.float64, device=device)
         self.n = 0
+        self._host: np.ndarray | None = None  # the CPU buffer's numpy view, for Python floats
 
     def _grow(self) -> None:
         if self.n == self.buf.shape[0]:
             self.buf = torch.cat([self.buf, torch.zeros_like(self.buf)])
+            self._host = None
+
+    def _view(self) -> np.ndarray:
+        if self._host is None:
+            self._host = self.buf.numpy()
+        return self._host
 
     def append(self, row: Tensor) -> None:
         """Add one row (a device tensor of ``columns`` values)."""
@@ -266,7 +280,7 @@ class _Rows:
     def append_values(self, row: list[float]) -> None:
         """Add one row of Python floats (CPU buffers)."""
         self._grow()
-        self.buf[self.n] = torch.tensor(row, dtype=torch.float64)
+        self._view()[self.n] = row
         self.n += 1
 
     def column(self, j: int, copies: HostCopies | None = None) -> np.ndarray:
@@ -284,6 +298,8 @@ class _Series(_Rows):
         self._grow()
         if value is None:
             self.buf[self.n, 0] = 0.0
+        elif self.buf.is_cpu:  # a Python float into the numpy view: no torch operations
+            self._view()[self.n, 0] = value.item()
         else:
             self.buf[self.n, 0].copy_(value.reshape(()))
         self.n += 1
@@ -316,11 +332,12 @@ class GradientRecorder:
         self._prior: dict[str, dict[str, dict[str, _Series]]] = {}
         self._index: Tensor | None = None
         self._plan: dict[int, _ParamStats] | None = None
+        self._prior_params: list[tuple[nn.Parameter, _Series]] = []
         self.reset()
 
     def reset(self) -> None:
         """Start a new epoch."""
-        self._stats, self._by_layer, self._prior = [], {}, {}
+        self._stats, self._by_layer, self._prior, self._prior_params = [], {}, {}, []
         self._norms, self._index, self._plan = None, None, None
         if self.level is GradLevel.NONE or not self.layers:
             return
@@ -342,9 +359,11 @@ class GradientRecorder:
             for kind in _KINDS:
                 prior = getattr(layer, f"{kind}_prior", None)
                 if prior is not None and any(p.requires_grad for p in prior.parameters()):
-                    prior_grads[kind] = {
-                        n: _Series(device) for n, p in prior.named_parameters() if p.requires_grad
-                    }
+                    prior_grads[kind] = {}
+                    for n, p in prior.named_parameters():
+                        if p.requires_grad:
+                            prior_grads[kind][n] = _Series(device)
+                            self._prior_params.append((p, prior_grads[kind][n]))
             self._prior[name] = prior_grads
         device = self.layers[0][1].weight_mu.device
         self._norms = _Rows(len(self.layers), device)
@@ -392,12 +411,9 @@ class GradientRecorder:
         self._record_priors()
 
     def _record_priors(self) -> None:
-        for name, layer in self.layers:
-            for kind, grads in self._prior[name].items():
-                prior = getattr(layer, f"{kind}_prior")
-                for pname, series in grads.items():
-                    g = getattr(prior, pname).grad  # None: no gradient flowed this step
-                    series.add(None if g is None else g.detach().reshape(-1)[0])
+        for param, series in self._prior_params:
+            g = param.grad  # None: no gradient flowed this step
+            series.add(None if g is None else g.detach().reshape(-1)[0])
 
     def _record_cpu(self, present: list[_ParamStats]) -> None:
         """CPU: per gradient, through the kernels, its sum of squares and the statistics in one
