@@ -59,9 +59,15 @@ class HostCopies:
         self.device = torch.device(device)
         self.asynchronous = asynchronous and self.device.type == "cuda"
 
-    def __call__(self, t: Tensor, dtype: torch.dtype = torch.float32) -> np.ndarray:
+    def __call__(
+        self, t: Tensor, dtype: torch.dtype = torch.float32, *, fresh: bool = False
+    ) -> np.ndarray:
+        """``t`` on the host as ``dtype``; ``fresh``: ``t`` is a temporary nothing else
+        holds, so a CPU tensor of that dtype is handed over as it is, not copied."""
         t = t.detach()
         if not self.asynchronous or t.device.type != "cuda":
+            if fresh and t.is_cpu and t.dtype == dtype and t.is_contiguous():
+                return t.numpy()
             return t.to("cpu", dtype).numpy().copy()
         host = torch.empty(t.shape, dtype=dtype, pin_memory=True)
         host.copy_(t, non_blocking=True)
@@ -151,7 +157,7 @@ def _bf16_codes(a: Tensor) -> Tensor:
 
 def _bf16_values(codes: Tensor) -> Tensor:
     """The float32 values of bfloat16 ``codes`` (int16, as :func:`_bf16_codes` makes them)."""
-    return (codes.to(torch.int32) << 16).view(torch.float32)
+    return codes.to(torch.int32).bitwise_left_shift_(16).view(torch.float32)
 
 
 class _ParamStats:
@@ -184,6 +190,7 @@ class _ParamStats:
         # per layer, the kernels' totals of the steps since the last result(), in Python
         # (float64; no torch operation per parameter and step), folded in by result()
         self._fused_sum, self._fused_max, self._fused_bad = 0.0, 0.0, 0
+        self.clean = True  # no non-finite gradient can have been counted (known on the CPU)
         self.elements = param.numel()
         self.layer = 0  # the recorder's index of the layer this parameter belongs to
         self._buf: Tensor | None = None
@@ -196,6 +203,7 @@ class _ParamStats:
                 self._buf = torch.empty_like(grad, dtype=torch.float32)
             a = torch.abs(grad, out=self._buf)
             if finite is not True:
+                self.clean = False
                 ok = torch.isfinite(grad)
                 self.nonfinite += ~ok
                 a = a.masked_fill_(~ok, 0.0)
@@ -209,6 +217,7 @@ class _ParamStats:
             self.sum_abs += a.sum()
             torch.maximum(self.max_abs, a.max(), out=self.max_abs)
             return
+        self.clean = False
         ok = torch.isfinite(grad)
         self.nonfinite += (~ok).sum(dtype=torch.int32)
         a = grad.abs().masked_fill_(~ok, 0.0)
@@ -222,6 +231,8 @@ class _ParamStats:
         parameter's accumulators); returns the step's sum of squares."""
         self.steps += 1
         sq, sum_abs, max_abs, bad = result
+        if bad:
+            self.clean = False
         if self.level is not GradLevel.ELEMENT:
             self._fused_sum += sum_abs
             if max_abs > self._fused_max:
@@ -236,14 +247,25 @@ class _ParamStats:
             self.nonfinite += self._fused_bad
             self._fused_sum, self._fused_max, self._fused_bad = 0.0, 0.0, 0
         to_host = copies or HostCopies(self.sum_abs.device, asynchronous=False)
-        per = 1 if self.level is GradLevel.ELEMENT else self.elements
-        finite_count = (self.steps * per - self.nonfinite).clamp_min(1).to(torch.float32)
-        max_abs = self.max_abs
-        if self.level is GradLevel.ELEMENT:
-            max_abs = _bf16_values(max_abs if self.codes else _bf16_codes(max_abs))
+        if self.level is not GradLevel.ELEMENT:
+            finite = (self.steps * self.elements - self.nonfinite).clamp_min(1).to(torch.float32)
+            return {
+                "mean_abs": to_host(self.sum_abs / finite),
+                "max_abs": to_host(self.max_abs),
+                "nonfinite": to_host(self.nonfinite, torch.int32),
+            }
+        max_abs = _bf16_values(self.max_abs if self.codes else _bf16_codes(self.max_abs))
+        if self.clean and self.sum_abs.is_cpu:  # every count is the step count: one pass
+            # (x / n equals x / a tensor of n's, bit for bit: both are IEEE divisions)
+            return {
+                "mean_abs": to_host(self.sum_abs / float(max(self.steps, 1)), fresh=True),
+                "max_abs": to_host(max_abs, fresh=True),
+                "nonfinite": np.zeros(tuple(self.nonfinite.shape), np.int32),
+            }
+        finite = (self.steps - self.nonfinite).clamp_min(1).to(torch.float32)
         return {
-            "mean_abs": to_host(self.sum_abs / finite_count),
-            "max_abs": to_host(max_abs),
+            "mean_abs": to_host(self.sum_abs / finite, fresh=True),
+            "max_abs": to_host(max_abs, fresh=True),
             "nonfinite": to_host(self.nonfinite, torch.int32),
         }
 
@@ -461,6 +483,7 @@ class GradientRecorder:
             return
         for stats in present:
             stats.steps += 1
+            stats.clean = False  # not known without a sync
         grads = [s.param.grad for s in present]
         norms = torch._foreach_norm(grads)  # type: ignore[arg-type]
         a = torch._foreach_abs(grads)  # type: ignore[arg-type]
