@@ -194,3 +194,28 @@ def test_sum64_is_as_precise_as_a_float64_sum(n: int) -> None:
         ref = float(x.double().sum())
         assert float(sum64(x, center=True)) == pytest.approx(ref, rel=1e-11, abs=1e-9)
         assert float(sum64(x)) == pytest.approx(ref, rel=1e-6, abs=1e-9)  # float32 blocks
+
+
+def test_empty_gradients_have_zero_totals_from_unzeroed_partials() -> None:
+    """The kernels' block-partials buffer is not zeroed: an empty tensor's totals must read
+    none of it, and every block of the others must be written before it is read."""
+    assert kernels.available(), kernels.status()
+    empty, full = torch.zeros(0), torch.randn(70_000)
+    want_sq = float(full.double().square().sum())
+    for _ in range(3):  # the buffer comes from a heap that earlier calls filled
+        garbage = torch.full((1 << 16,), 7.0, dtype=torch.float64)
+        del garbage
+        got = kernels.grad_stats_many([empty, full, empty])
+        assert got[0] == got[2] == (0.0, 0.0, 0.0, 0)
+        assert got[1][0] == pytest.approx(want_sq, rel=1e-6)
+        assert got[1][2] == float(full.abs().max())
+        params = [torch.zeros(0), torch.zeros(70_000)]
+        hyper = kernels.AdamHyper(
+            beta1=0.9, beta2=0.999, eps=1e-8, decay=1.0, step_size=1e-3, bias2_sqrt=0.03
+        )
+        stats = kernels.adam_step(
+            params, [empty, full], [torch.zeros(0), torch.zeros(70_000)],
+            [torch.zeros(0), torch.zeros(70_000)], [hyper, hyper], [1, 1],
+        )  # fmt: skip
+        assert stats[0] == (0.0, 0.0, 0.0, 0)
+        assert stats[1] is not None and stats[1][0] == pytest.approx(want_sq, rel=1e-6)

@@ -411,13 +411,15 @@ def _pointers(tensors: Sequence[Tensor | None]) -> Any:
 
 
 def _block_partials(sizes: Sequence[int], recorded: Sequence[bool]) -> tuple[Any, Tensor]:
-    """Where each recorded tensor's block partials start (a C array) and the zeroed float64
-    buffer of 4 partials per block that ``fused.c``'s statistics write into."""
+    """Where each recorded tensor's block partials start (a C array) and the float64 buffer
+    of 4 partials per block that ``fused.c``'s statistics write into (uninitialised: every
+    block of a recorded tensor is written before its totals read it, and an empty tensor's
+    totals read none)."""
     first, total = [], 0
     for n, r in zip(sizes, recorded, strict=True):
         first.append(total)
         total += max(1, -(-n // BLOCK)) if r else 0
-    return (ctypes.c_int64 * len(sizes))(*first), torch.zeros(
+    return (ctypes.c_int64 * len(sizes))(*first), torch.empty(
         max(1, 4 * total), dtype=torch.float64
     )
 
