@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DATA   ?= bnn-data
 PEERS  := bayesian-torch==0.5.0 torchbnn==1.2 blitz-bayesian-pytorch==0.2.8
 
-.PHONY: run test lint bench crashloop venv clean
+.PHONY: run test lint bench crashloop venv clean gpu-wheels
 
 # Create the environment when missing or when the requirements changed. torch and
 # torchvision are pinned in constraints.txt (they install from local disk here);
@@ -51,5 +51,11 @@ FUZZ_PG ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 fuzz: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/contract_fuzz.py --examples $(FUZZ_EXAMPLES) --pg '$(FUZZ_PG)'
 
+# The wheels a lent GPU machine lacks, into .whl/, for one device call of
+# benchmarks/gpu_check.sh (carry [".whl"]); see BENCHMARKS.md, "GPU".
+gpu-wheels: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps $(PEERS)
+	$(PY) benchmarks/gpu_wheels.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .whl

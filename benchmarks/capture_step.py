@@ -20,7 +20,10 @@ steps for the cores), and divided by a 391-step MNIST epoch of unrecorded steps.
 capture overhead of a level is the two added.
 
     OMP_NUM_THREADS=2 python benchmarks/capture_step.py [--pairs 100] [--block 4] [--threads 2]
-        [--writes 5]
+        [--writes 5] [--device cpu|cuda]
+
+On CUDA every step ends with a device synchronisation (so a step's time is its own) and the
+epoch's copies to the host are asynchronous, as in the trainer.
 
 Compared with ``train_throughput.py`` (chunks of 20 steps per variant, separate models),
 this pairs short blocks of steps of one model: it measures only capture's cost, with a much
@@ -61,7 +64,11 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=4, help="steps per block (>= 2)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--writes", type=int, default=5, help="epoch writes per level")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
     if args.block < 2:
         ap.error(f"--block must be >= 2 (its first step is not timed), got {args.block}")
     torch.set_num_threads(args.threads)
@@ -69,14 +76,18 @@ def main() -> None:
     torch.manual_seed(0)
     ds = load_dataset("mnist", n_train=64 * BATCH, n_test=1)
     data = [
-        (ds.x_train[i : i + BATCH], ds.y_train[i : i + BATCH]) for i in range(0, 64 * BATCH, BATCH)
+        (ds.x_train[i : i + BATCH].to(device), ds.y_train[i : i + BATCH].to(device))
+        for i in range(0, 64 * BATCH, BATCH)
     ]
     model = mlp(784, [1200, 1200], 10, PriorSpec(kind=PriorKind.LEARNABLE, sigma0=0.1))
+    model.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     opt = _adam(torch.optim.Adam, list(model.parameters()), 1e-3)
     recorders = {level: GradientRecorder(model, level) for level in LEVELS}
 
     def step(i: int, level: GradLevel | None) -> float:
         x, y = data[i % len(data)]
+        sync()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y) + (model_kl(model) + prior_penalty(model)) / N_TRAIN
@@ -84,6 +95,7 @@ def main() -> None:
         if level is not None:
             record_with(opt, recorders[level])
         opt.step()
+        sync()
         return time.perf_counter() - t0
 
     cycle = [None, GradLevel.LAYER, None, GradLevel.ELEMENT]
@@ -128,7 +140,7 @@ def main() -> None:
                     step(i, level)
                     i += 1
                 t0 = time.perf_counter()
-                copies = HostCopies("cpu")
+                copies = HostCopies(device)
                 params = get_all_distribution_params(model, epoch, force=True, copies=copies)
                 assert params is not None
                 result = recorders[level].result(copies)
@@ -145,12 +157,13 @@ def main() -> None:
 
     base_step = statistics.median(b for level in LEVELS for b, _ in pairs[level])
     epoch_s = EPOCH_STEPS * base_step
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{args.threads} threads"
     print(
-        f"\n784-1200-1200-10 learnable prior, batch {BATCH}, {args.threads} threads, "
+        f"\n784-1200-1200-10 learnable prior, batch {BATCH}, {where}, "
         f"{args.pairs} pairs of {args.block}-step blocks per level, {args.writes} epoch writes "
         f"per level, load average "
         f"{min(load):.2f}-{max(load):.2f}, malloc {'tuned' if tuned else 'default'}, "
-        f"kernels: {kernels.status()}"
+        f"kernels: {kernels.status() if device.type == 'cpu' else 'CPU only'}"
     )
     print(
         f"unrecorded step: {1e3 * base_step:.2f} ms (median); {EPOCH_STEPS} of them {epoch_s:.2f} s"
