@@ -16,11 +16,12 @@ set -u -o pipefail
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
+WHEELS=${BNN_GPU_WHEELS:-.whl}
 SITE=/tmp/bnn-gpu-site
-if [ -d .whl ]; then
+if [ -d "$WHEELS" ]; then
     # --target, not a venv: the image's python3 is itself a venv, whose packages
     # (torch among them) a venv made from it would not see
-    "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" .whl/*.whl \
+    "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" "$WHEELS"/*.whl \
         > "$OUT/install.txt" 2>&1 || { echo "wheel install failed: see install.txt"; exit 1; }
 fi
 export PYTHONPATH="$PWD:$SITE"

@@ -1,0 +1,69 @@
+"""The benchmark scripts that no other test runs still run: tiny settings, real code paths.
+
+Their figures are not checked (machines differ); that they finish and print their tables is.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
+    return env
+
+
+def test_capture_step_prints_both_levels() -> None:
+    cmd = [
+        sys.executable, "benchmarks/capture_step.py",
+        "--pairs", "2", "--block", "2", "--writes", "1", "--threads", "1",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines() if line.strip()}
+    assert {"layer", "element", "unrecorded"} <= set(rows), proc.stdout
+    bad = subprocess.run(
+        [sys.executable, "benchmarks/capture_step.py", "--block", "1"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--block must be >= 2" in bad.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the check does real work")
+def test_the_gpu_check_runs_every_step_and_keeps_their_output_without_a_gpu(
+    tmp_path: Path,
+) -> None:
+    """Without a GPU each step fails or skips at once, and every step's output file, with
+    its exit line, is still written: one hang or failure never takes the others' output."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh"],
+        cwd=REPO,
+        env=_env(OUT=str(out), PYTHON=sys.executable, BNN_GPU_WHEELS=str(tmp_path / "none")),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = {p.name: p.read_text() for p in out.iterdir()}
+    assert set(files) == {
+        "env.txt", "cuda_tests.txt", "train_throughput_cuda.txt", "capture_step_cuda.txt",
+    }  # fmt: skip
+    assert "no CUDA device" in files["env.txt"]
+    assert (
+        "skipped" in files["cuda_tests.txt"] and "== cuda_tests: exit 0" in files["cuda_tests.txt"]
+    )
+    assert "== train_throughput_cuda: exit 1" in files["train_throughput_cuda.txt"]
+    assert "no CUDA device here" in files["capture_step_cuda.txt"]
+    assert "== capture_step_cuda: exit 2" in files["capture_step_cuda.txt"]
