@@ -40,18 +40,18 @@ import time
 
 import torch
 import torch.nn.functional as F
-from train_throughput import BATCH, EPOCH_STEPS, N_TRAIN, median_ci
+from train_throughput import BATCH, EPOCH_STEPS, N_TRAIN, EpochCharge, median_ci
 
 from trainer import kernels
-from trainer.capture import GradientRecorder, HostCopies, get_all_distribution_params
+from trainer.capture import GradientRecorder
 from trainer.data import load_dataset
 from trainer.layers import model_kl, prior_penalty
 from trainer.models import mlp
 from trainer.optim import record_with
 from trainer.priors import PriorKind, PriorSpec
-from trainer.snapshot import EpochSnapshot, GradLevel
+from trainer.snapshot import GradLevel
 from trainer.store import RunStore
-from trainer.train import _adam, _EpochWriter
+from trainer.train import _adam
 
 LEVELS = (GradLevel.LAYER, GradLevel.ELEMENT)
 
@@ -123,35 +123,16 @@ def main() -> None:
     charges: dict[GradLevel, list[float]] = {level: [] for level in LEVELS}
     with tempfile.TemporaryDirectory() as tmp:
         store = RunStore(tmp)
-        run_id = store.create_run("capture_step", {"benchmark": True}).id
-        cpu: list[float] = []
-
-        def write(snap: EpochSnapshot) -> bool:
-            t0 = time.thread_time()
-            store.write_epoch(run_id, snap)
-            cpu.append(time.thread_time() - t0)
-            return True
-
-        writer = _EpochWriter(write, lambda epoch: None)
+        charge = EpochCharge(store, "capture_step", device)
         epoch = 0
         for _ in range(args.writes):
             for level in LEVELS:
                 for _ in range(3):  # a few steps into the recorder's new epoch
                     step(i, level)
                     i += 1
-                t0 = time.perf_counter()
-                copies = HostCopies(device)
-                params = get_all_distribution_params(model, epoch, force=True, copies=copies)
-                assert params is not None
-                result = recorders[level].result(copies)
-                snap = EpochSnapshot(epoch, params, {"loss": 0.0}, result, level)
-                recorders[level].reset()
-                writer.submit(snap, copies.ready())
-                blocked = time.perf_counter() - t0
-                writer.wait()  # untimed: its CPU time is charged instead
-                charges[level].append(blocked + cpu.pop())
+                charges[level].append(charge(model, recorders[level], epoch))
                 epoch += 1
-        writer.wait()
+        charge.writer.wait()
         store.close()
     load.append(os.getloadavg()[0])
 
