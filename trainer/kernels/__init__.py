@@ -243,8 +243,7 @@ def usable(*tensors: Tensor) -> bool:
     first = tensors[0]
     return (
         all(addressable(t) and t.shape == first.shape and not _wrapped(t) for t in tensors)
-        and not getattr(_off, "depth", 0)
-        and available()
+        and on()
     )
 
 
