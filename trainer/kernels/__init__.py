@@ -242,8 +242,7 @@ def usable(*tensors: Tensor) -> bool:
         return False
     first = tensors[0]
     return (
-        all(addressable(t) and t.shape == first.shape and not _wrapped(t) for t in tensors)
-        and on()
+        all(addressable(t) and t.shape == first.shape and not _wrapped(t) for t in tensors) and on()
     )
 
 
