@@ -42,14 +42,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import logging
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from functools import cache
@@ -58,6 +54,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from trainer import _cbuild
 
 __all__ = [
     "AdamHyper",
@@ -82,28 +80,11 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("fused.c")
 BLOCK = 512  # fused.c's BLOCK: a thread's share starts at a multiple of it
 VERSION = 10  # fused.c's bnn_kernels_version()
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd")
+FLAGS = _cbuild.FLAGS
 
 _P, _I64, _U64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64
 _status = "not loaded yet"
 _lock = threading.Lock()
-
-
-def _cache_dir() -> Path:
-    given = os.environ.get("BNN_KERNEL_CACHE")
-    if given:
-        return Path(given)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "bnn-infosharing" / "kernels"
-
-
-def _machine() -> str:
-    """What -march=native compiles for: the CPU's model and flags (Linux), else the arch."""
-    with contextlib.suppress(OSError):
-        text = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
-        return "\n".join(sorted(set(lines)))
-    return platform.machine()
 
 
 def _torch_libgomp() -> str | None:
@@ -123,50 +104,16 @@ def _flags() -> tuple[str, ...]:
     return (*FLAGS, "-fopenmp") if _torch_libgomp() else FLAGS
 
 
-def _compile(cc: str, flags: Sequence[str], out: Path) -> None:
-    """Compile fused.c into ``out`` atomically (a temp file in the same directory, renamed)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        cmd = [cc, *flags, "-fPIC", "-shared", str(SOURCE), "-o", tmp, "-lmvec", "-lm"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-        if proc.returncode != 0:
-            raise OSError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
-        os.replace(tmp, out)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 @cache
 def _library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (with the reason in :func:`status`)."""
     global _status
-    if os.environ.get("BNN_FUSED_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
-        _status = "off (BNN_FUSED_KERNELS=0)"
-        return None
-    if not sys.platform.startswith("linux"):
-        _status = f"not built on {sys.platform} (glibc's vector math is needed)"
-        return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        _status = "no C compiler ($CC, cc or gcc) found"
-        return None
-    source, flags = SOURCE.read_bytes(), _flags()
-    key = hashlib.sha256(
-        b"\0".join([source, " ".join(flags).encode(), cc.encode(), _machine().encode()])
-    ).hexdigest()[:20]
-    path = _cache_dir() / f"fused-{key}.so"
-    try:
-        if not path.exists():
-            _compile(cc, flags, path)
-        lib = ctypes.CDLL(str(path))
-        if lib.bnn_kernels_version() != VERSION:
-            raise OSError(f"{path}: kernel version {lib.bnn_kernels_version()} != {VERSION}")
-    except (OSError, subprocess.SubprocessError) as exc:
-        _status = f"build failed, torch operations used instead: {exc}"
-        log.warning("bnn fused CPU kernels unavailable: %s", exc)
+    lib, _status = _cbuild.load(
+        SOURCE, _flags(), ("-lmvec", "-lm"), ("bnn_kernels_version", VERSION), "torch operations"
+    )
+    if lib is None:
+        if _status.startswith("build failed"):
+            log.warning("bnn fused CPU kernels unavailable: %s", _status)
         return None
     i32 = ctypes.c_int
     lib.bnn_normal.argtypes = [_P, _I64, _U64, i32]
@@ -190,7 +137,7 @@ def _library() -> ctypes.CDLL | None:
     ):
         fn.restype = None
     openmp = "OpenMP, torch's threads" if lib.bnn_kernels_openmp() else "one thread"
-    _status = f"loaded from {path} ({openmp})"
+    _status = f"{_status} ({openmp})"
     return lib
 
 

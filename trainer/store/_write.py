@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +15,18 @@ import numpy as np
 from trainer.errors import BnnError, ErrorCode
 from trainer.snapshot import EpochSnapshot, GradLevel
 
+from . import _native
 from ._codec import (
     BFLOAT16,
     ENCODING_ATTR,
     blosc_options,
     chunk_shape,
-    decode_bf16,
     encode_bf16,
     load_filters,
 )
 from ._paths import fsync_file
 from ._schema import GRAD_PARAMS, PARAMS, validate_snapshot
-from .summaries import EpochSummaries, add_layer, write_summaries
+from .summaries import Encoded, EpochSummaries, add_gradients, add_params, write_summaries
 
 __all__ = [
     "COMPRESSIONS",
@@ -99,17 +100,19 @@ class _Writer:
         *,
         encode: bool = False,
         compress: bool = True,
-    ) -> np.ndarray:
+    ) -> np.ndarray | Encoded:
         """One array as a dataset, fully written (never left as unwritten chunks read as
         their fill value, which older versions did for all-zero counts: see
         ``EpochFile.validate``). ``encode``: a per-element statistic, stored as bfloat16
-        from schema version 2 on. Returns the values a reader reads back."""
+        from schema version 2 on. Returns the values a reader reads back (as
+        :class:`~trainer.store.summaries.Encoded` where encoded)."""
         arr = np.asarray(arr)
         if encode and self.version >= 2 and arr.ndim >= 1:
-            codes = encode_bf16(arr)
-            ds = group.create_dataset(name, data=codes, **self.options(codes, encoded=True))
+            found = _native.bf16_encode(arr)  # the codes and their histogram, in one pass
+            out = Encoded(*found) if found else Encoded(encode_bf16(arr), None)
+            ds = group.create_dataset(name, data=out.codes, **self.options(out.codes, encoded=True))
             ds.attrs[ENCODING_ATTR] = BFLOAT16
-            return decode_bf16(codes)
+            return out
         group.create_dataset(name, data=arr, **self.options(arr, compress))
         return arr
 
@@ -124,7 +127,8 @@ class _Writer:
         """``/gradients``: the statistics of ``weight``/``bias`` per ``mu``/``rho`` (the
         ``mean_abs`` and ``max_abs`` arrays encoded), step norms and prior gradients.
         Returns ``{layer: {param: {grad_param: {stat: values}}}}``: the statistics as a
-        reader reads them (bfloat16-rounded where encoded), for the summaries."""
+        reader reads them (:class:`~trainer.store.summaries.Encoded` where encoded), for the
+        summaries."""
         stored: dict[str, Any] = {}
         for layer, g in grads.items():
             lg = group.create_group(layer)
@@ -144,6 +148,40 @@ class _Writer:
                             encode = gp in GRAD_PARAMS and stat in ENCODED_STATS
                             got[stat] = self.put(sg, stat, arr, encode=encode)
         return stored
+
+
+def _param_summaries(snap: EpochSnapshot) -> EpochSummaries:
+    out = EpochSummaries()
+    for layer, log in snap.params.items():
+        add_params(out, layer, log)
+    return out
+
+
+class _Background:
+    """``fn(*args)`` on a thread of its own (a fresh one per call: a pool's threads would
+    not survive a fork); :meth:`result` waits for it and returns it or raises its error."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._out: Any = None
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self._out = fn(*args)
+            except BaseException as exc:  # handed to result()
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="bnn-epoch-summaries", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._out
 
 
 def write_epoch_file(
@@ -178,6 +216,9 @@ def write_epoch_file(
     writer = _Writer(schema_version)
     path = Path(path)
     load_filters()
+    # The posteriors' summaries (most of the summaries' work) on a thread of their own while
+    # the datasets are written: the C kernels and numpy's large passes release the GIL.
+    params = _Background(_param_summaries, snap) if summaries and schema_version >= 2 else None
     try:
         with h5py.File(path, "w", locking=False) as f:
             f.attrs["schema_version"] = schema_version
@@ -185,18 +226,18 @@ def write_epoch_file(
             f.attrs["epoch"] = snap.epoch
             f.attrs["grad_level"] = GradLevel(snap.grad_level).value
             f.attrs["layers"] = json.dumps(list(snap.params))
-            params = f.create_group("params")
+            group = f.create_group("params")
             for layer, log in snap.params.items():
-                group = params.create_group(layer)
-                group.attrs["type"] = snap.layer_types.get(layer, "")
-                writer.tree(group, log, compress=schema_version < 2 or compress_posteriors)
+                lg = group.create_group(layer)
+                lg.attrs["type"] = snap.layer_types.get(layer, "")
+                writer.tree(lg, log, compress=schema_version < 2 or compress_posteriors)
             stored = None
             if snap.gradients is not None:
                 stored = writer.gradients(f.create_group("gradients"), snap.gradients)
-            if summaries and schema_version >= 2:
-                found = EpochSummaries()
-                for layer, log in snap.params.items():
-                    add_layer(found, layer, log, (stored or {}).get(layer))
+            if params is not None:
+                found = params.result()
+                for layer in snap.params:
+                    add_gradients(found, layer, (stored or {}).get(layer))
                 write_summaries(f, found, list(snap.params))
             if snap.evaluation:
                 writer.tree(f.create_group("evaluation"), snap.evaluation)
@@ -208,3 +249,6 @@ def write_epoch_file(
         raise BnnError(
             ErrorCode.STORAGE, f"cannot write epoch file {str(path)!r}: {exc}", path=str(path)
         ) from exc
+    finally:
+        if params is not None:
+            params.join()

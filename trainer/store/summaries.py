@@ -32,6 +32,11 @@ the :data:`~trainer.store.numeric.TB_PERCENTILES` of mu and of sigma (``mu_p0`` 
 Every number is computed by the functions the analysis uses on the arrays (one
 implementation, :mod:`trainer.store.numeric`) from exactly the values stored, and kept as
 float64, so a summary read back equals the one computed from the arrays bit for bit.
+Where a C compiler is at hand those functions run one-pass C kernels
+(:mod:`trainer.store._native`; the gradient statistics straight from the bfloat16 codes'
+histogram, the posteriors' on a thread of their own while the writer writes the datasets):
+counts, percentiles and medians are then identical to numpy's, the float sums equal up to
+their last bits (which is what :data:`SUM_RTOL` allows a file from elsewhere).
 A version other than :data:`SUMMARY_VERSION` is ignored by readers (they compute from the
 arrays). Files from elsewhere (uploads) cannot plant summaries: the receiving store
 recomputes them from the file's arrays and refuses the file unless they agree
@@ -52,13 +57,17 @@ from h5py import h5s
 
 from trainer.errors import BnnError
 
+from . import _native
+from ._codec import decode_bf16
 from .numeric import (
     TB_PERCENTILES,
     GaussianSums,
     Moments,
     finite_max,
-    gaussian_sums,
+    gaussian_summary,
+    interpolate,
     percentiles,
+    rank_pairs,
     scalar,
     valid_values,
 )
@@ -68,10 +77,13 @@ __all__ = [
     "GRAD_STATS",
     "PARAM_COLUMNS",
     "SUMMARY_VERSION",
+    "Encoded",
     "EpochSummaries",
     "GradStats",
     "ParamStats",
+    "add_gradients",
     "add_layer",
+    "add_params",
     "difference",
     "grad_stats",
     "param_stats",
@@ -175,19 +187,53 @@ def param_stats(
     """The summary of one tensor's ``mu`` and ``sigma`` (same shape)."""
     shape = tuple(int(d) for d in np.shape(mu))
     mu_ok, sigma_ok, nonfinite = valid_values(np.asarray(mu), np.asarray(sigma))
-    return ParamStats(
-        shape,
-        nonfinite,
-        prior_mu,
-        prior_sigma,
-        gaussian_sums(mu_ok, sigma_ok),
-        percentiles(mu_ok, TB_PERCENTILES),
-        percentiles(sigma_ok, TB_PERCENTILES),
-    )
+    sums, mu_pct, sigma_pct = gaussian_summary(mu_ok, sigma_ok, TB_PERCENTILES)
+    assert mu_pct is not None and sigma_pct is not None
+    return ParamStats(shape, nonfinite, prior_mu, prior_sigma, sums, mu_pct, sigma_pct)
 
 
-def grad_stats(stat: np.ndarray, nonfinite: np.ndarray) -> GradStats:
-    """The summary of one gradient statistic (read as float32) and its non-finite counts."""
+@dataclass(frozen=True)
+class Encoded:
+    """A per-element statistic as the writer stores it: its bfloat16 ``codes`` and their
+    histogram (``hist[code]``, from the same pass), which give its :class:`GradStats`
+    without decoding the codes (:func:`grad_stats` takes it in place of the values)."""
+
+    codes: np.ndarray
+    hist: np.ndarray | None  # None: computed from the decoded values
+
+    def values(self) -> np.ndarray:
+        return decode_bf16(self.codes)
+
+
+def _median_ranks(n: int) -> np.ndarray:
+    return rank_pairs(n, (50.0,))[0]
+
+
+def _from_codes(stat: Encoded, nonfinite: np.ndarray) -> GradStats | None:
+    """:class:`GradStats` of an encoded statistic whose non-finite step counts are all 0
+    (the usual case), from its codes' histogram; None otherwise (or without the kernels)."""
+    nf = np.asarray(nonfinite)
+    if stat.hist is None or nf.ndim == 0 or np.count_nonzero(nf):
+        return None
+    got = _native.bf16_stats(stat.hist, lambda finite: _median_ranks(finite) if finite else [])
+    if got is None:
+        return None
+    bad, zeros, finite, top, values = got
+    median = float("nan")
+    if finite:
+        ranks, r0, r1, t = rank_pairs(finite, (50.0,))
+        median = float(interpolate(values.astype(np.float32), ranks, r0, r1, t)[0])
+    return GradStats(True, int(stat.codes.size), bad, 0, zeros, median, top, top)
+
+
+def grad_stats(stat: np.ndarray | Encoded, nonfinite: np.ndarray) -> GradStats:
+    """The summary of one gradient statistic (read as float32, or as the writer encoded it)
+    and its non-finite counts."""
+    if isinstance(stat, Encoded):
+        found = _from_codes(stat, nonfinite)
+        if found is not None:
+            return found
+        stat = stat.values()
     g = np.asarray(stat).astype(np.float32, copy=False).ravel()  # statistics of |g|: >= 0
     nf = np.asarray(nonfinite)
     nf_elements = int(np.count_nonzero(nf))  # nearly always 0: then one pass each
@@ -212,12 +258,9 @@ def grad_stats(stat: np.ndarray, nonfinite: np.ndarray) -> GradStats:
     )
 
 
-def add_layer(
-    out: EpochSummaries, layer: str, log: Mapping[str, Any], grads: Mapping[str, Any] | None
-) -> None:
-    """Add one layer's summaries to ``out``: ``log`` in the ``distribution_log`` layout,
-    ``grads`` its gradient statistics in the snapshot layout (as a reader reads them:
-    bfloat16-rounded where the file stores bfloat16), or None."""
+def add_params(out: EpochSummaries, layer: str, log: Mapping[str, Any]) -> None:
+    """Add one layer's parameter summaries to ``out`` (``log`` in the ``distribution_log``
+    layout)."""
     for param in log["posterior"]:
         prior = log["prior"][param]
         prior_mu, prior_sigma = scalar(prior["mu"]), scalar(prior["sigma"])
@@ -226,6 +269,12 @@ def add_layer(
             out.params[(layer, dist, param)] = param_stats(
                 arrays["mu"], arrays["sigma"], prior_mu, prior_sigma
             )
+
+
+def add_gradients(out: EpochSummaries, layer: str, grads: Mapping[str, Any] | None) -> None:
+    """Add one layer's gradient summaries to ``out``: ``grads`` its gradient statistics in
+    the snapshot layout (as a reader reads them: bfloat16-rounded where the file stores
+    bfloat16, or :class:`Encoded`), or None."""
     for param in PARAMS:
         for gp, stats in (grads or {}).get(param, {}).items():
             if "nonfinite" not in stats:
@@ -235,6 +284,14 @@ def add_layer(
                     out.gradients[(layer, param, gp, stat)] = grad_stats(
                         stats[stat], stats["nonfinite"]
                     )
+
+
+def add_layer(
+    out: EpochSummaries, layer: str, log: Mapping[str, Any], grads: Mapping[str, Any] | None
+) -> None:
+    """Add one layer's summaries to ``out``: :func:`add_params` and :func:`add_gradients`."""
+    add_params(out, layer, log)
+    add_gradients(out, layer, grads)
 
 
 # ----------------------------------------------------------------------------- writing
