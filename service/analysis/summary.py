@@ -30,6 +30,7 @@ from ._numeric import (
     TB_PERCENTILES,
     GaussianSums,
     Moments,
+    gaussian_summary,
     gaussian_sums,
     percentiles,
     scalar,
@@ -172,10 +173,13 @@ def _compute_from(
     shape = tuple(int(d) for d in mu.shape)
     mu, sigma, nonfinite = valid_values(mu, sigma)
     sums = base.sums if base is not None else None
-    if sums is None and SUMS in parts:
-        sums = gaussian_sums(mu, sigma)
     mu_pct = base.mu_percentiles if base is not None else None
     sigma_pct = base.sigma_percentiles if base is not None else None
+    if sums is None and SUMS in parts and mu_pct is None and PERCENTILES in parts:
+        # both from the arrays: one pass for the sums and the percentiles' histograms
+        sums, mu_pct, sigma_pct = gaussian_summary(mu, sigma, TB_PERCENTILES)
+    if sums is None and SUMS in parts:
+        sums = gaussian_sums(mu, sigma)
     if mu_pct is None and PERCENTILES in parts:
         mu_pct, sigma_pct = percentiles(mu, TB_PERCENTILES), percentiles(sigma, TB_PERCENTILES)
     return ParamSummary(

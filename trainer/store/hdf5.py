@@ -59,7 +59,7 @@ parameter tensor the moments, pairwise-KL and KL-to-prior sums and the exact per
 of mu and sigma; per gradient statistic the counts, median and maxima -- computed by
 :func:`write_epoch_file` from the values it writes (the functions of
 :mod:`trainer.store.numeric`, which the analysis uses on arrays too, so the stored numbers
-are bit for bit the ones the arrays give), a few KB. Readers use them when their
+are bit for bit the ones the arrays give on the same machine), a few KB. Readers use them when their
 ``version`` is :data:`~trainer.store.summaries.SUMMARY_VERSION` and compute from the
 arrays otherwise (version 1 files, version 2 files written before, another summary
 version): the first plot of a run then reads a few hundred numbers per epoch instead of
@@ -71,9 +71,9 @@ objects"): a service older than its trainer client refuses the client's uploads.
 
 A 784-1200-1200-10 epoch with per-element statistics, trained values: 57.7 MB in version
 1, 32.2 MB (56%) in version 2 (the statistics 38.3 MB -> 12.7 MB; 27.8 MB with compressed
-posteriors), written no slower (``benchmarks/epoch_file_size.py``, ``BENCHMARKS.md``)
-but for computing the summaries: about 120 ms more per epoch of that model, in the
-trainer's background writer (the ``/summary`` tables themselves take about 8 KB).
+posteriors), written no slower, summaries included (``benchmarks/epoch_file_size.py``,
+``BENCHMARKS.md``: their C kernels take about 25 ms of CPU per epoch of that model, on a
+thread beside the dataset writes; the ``/summary`` tables themselves take about 8 KB).
 
 **Schema version 1** (older files): every float array float32 (or as given),
 uncompressed unless ``BNN_HDF5_COMPRESSION`` was ``gzip`` or ``lzf``. These files are still
