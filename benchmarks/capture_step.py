@@ -15,9 +15,9 @@ mean step time of the block's timed steps), with the sign test's distribution-fr
 of that median. Then, ``--writes`` times per level, a whole epoch's capture as the trainer makes it
 (the snapshot's copies, the recorder's result, the background writer's write to a real run
 store: HDF5, fsync, SQLite catalogue, the stored summaries) is charged as the training
-thread's blocked time plus the write's CPU time (the process's, while the training thread
-waits for it: the writer thread's and the summaries' thread's; in training it competes with
-the steps for the cores), and divided by a 391-step MNIST epoch of unrecorded steps. The
+thread's blocked time plus the write's CPU time (the writer thread's and that of the thread
+beside it that computes the posteriors' summaries; in training it competes with the steps
+for the cores), and divided by a 391-step MNIST epoch of unrecorded steps. The
 capture overhead of a level is the two added.
 
     OMP_NUM_THREADS=2 python benchmarks/capture_step.py [--pairs 100] [--block 4] [--threads 2]

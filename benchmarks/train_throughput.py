@@ -48,6 +48,7 @@ from trainer.optim import record_with
 from trainer.priors import PriorKind, PriorSpec
 from trainer.snapshot import EpochSnapshot, GradLevel
 from trainer.store import RunStore
+from trainer.store._write import background_cpu
 from trainer.train import _adam, _EpochWriter
 
 WIDTHS = [1200, 1200]
@@ -71,7 +72,8 @@ class Variant:
 class EpochCharge:
     """What capturing an epoch costs training, as the trainer captures it: the training
     thread's blocked time (the snapshot's copies, the recorder's result) plus the CPU time of
-    the write in the background writer (HDF5, fsync, catalogue, the stored summaries),
+    the write in the background writer thread and the thread beside it that computes the
+    posteriors' summaries (HDF5, fsync, catalogue, the stored summaries),
     which in training competes with the steps for the cores. The write is waited for here,
     untimed, so that it does not run into the next measurement and slow that one instead."""
 
@@ -82,13 +84,11 @@ class EpochCharge:
         self.writer = _EpochWriter(self._write, lambda epoch: None)
 
     def _write(self, snap: EpochSnapshot) -> bool:
-        # The process's CPU time, not this thread's: the write computes the posteriors'
-        # summaries on a thread of its own. The training thread is waiting meanwhile (see
-        # __call__), so little else runs (torch's idle OpenMP threads may spin a little,
-        # which this charges to capture too).
-        t0 = time.process_time()
+        # this thread's CPU time and that of the thread the write computes the posteriors'
+        # summaries on
+        t0, b0 = time.thread_time(), background_cpu()
         self.store.write_epoch(self.run_id, snap)
-        self._cpu.append(time.process_time() - t0)
+        self._cpu.append(time.thread_time() - t0 + background_cpu() - b0)
         return True
 
     def __call__(self, model: nn.Module, recorder: GradientRecorder, epoch: int) -> float:

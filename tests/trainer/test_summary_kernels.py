@@ -295,3 +295,17 @@ def test_the_writer_keeps_the_codes_histogram_for_the_summaries(tmp_path: Path) 
         assert out.codes.tobytes() == f["mean_abs"][()].tobytes() == encode_bf16(values).tobytes()
         plain = _Writer(1).put(f, "v1", values, encode=True)  # version 1: float32 as given
         assert plain is values
+
+
+def test_the_summaries_thread_cpu_time_is_counted(
+    tmp_path: Path, make_snapshot: SnapshotFactory
+) -> None:
+    from trainer.store._write import background_cpu
+
+    snap = _grad_snapshot(make_snapshot, (600, 400))
+    before = background_cpu()
+    write_epoch_file(tmp_path / "e.h5", snap, run_id="r")
+    assert background_cpu() > before
+    after = background_cpu()
+    write_epoch_file(tmp_path / "bare.h5", snap, run_id="r", summaries=False)  # no thread
+    assert background_cpu() == after

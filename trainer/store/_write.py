@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,17 @@ def _param_summaries(snap: EpochSnapshot) -> EpochSummaries:
     return out
 
 
+_cpu_lock = threading.Lock()
+_background_cpu = 0.0
+
+
+def background_cpu() -> float:
+    """CPU seconds spent so far by the threads :func:`write_epoch_file` starts beside itself
+    (the posteriors' summaries), for benchmarks that charge a write's CPU time: add this
+    difference to the writing thread's ``time.thread_time()`` difference."""
+    return _background_cpu
+
+
 class _Background:
     """``fn(*args)`` on a thread of its own (a fresh one per call: a pool's threads would
     not survive a fork); :meth:`result` waits for it and returns it or raises its error."""
@@ -166,10 +178,15 @@ class _Background:
         self._error: BaseException | None = None
 
         def run() -> None:
+            global _background_cpu
+            start = time.thread_time()
             try:
                 self._out = fn(*args)
             except BaseException as exc:  # handed to result()
                 self._error = exc
+            finally:
+                with _cpu_lock:
+                    _background_cpu += time.thread_time() - start
 
         self._thread = threading.Thread(target=run, name="bnn-epoch-summaries", daemon=True)
         self._thread.start()
