@@ -309,3 +309,36 @@ def test_the_summaries_thread_cpu_time_is_counted(
     after = background_cpu()
     write_epoch_file(tmp_path / "bare.h5", snap, run_id="r", summaries=False)  # no thread
     assert background_cpu() == after
+
+
+def _child_answers(call: Any, lock: Any) -> bool:
+    """Whether a child forked while ``lock`` is held (as by a thread building a kernel)
+    gets through ``call()`` within 30 s."""
+    import time
+
+    with lock:
+        pid = os.fork()
+        if pid == 0:  # the child: a deadlock here never exits
+            try:
+                call()
+            finally:
+                os._exit(0)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return True
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return False
+
+
+def test_a_fork_while_a_kernel_is_being_built_does_not_deadlock_the_child(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from trainer import kernels
+
+    monkeypatch.setattr(_native, "_loaded", False)  # the child takes the lock again
+    assert _child_answers(_native.available, _native._lock)
+    assert _child_answers(kernels.available, kernels._lock)

@@ -87,6 +87,14 @@ _status = "not loaded yet"
 _lock = threading.Lock()
 
 
+def _new_lock() -> None:  # a fork while another thread held it (building) must not deadlock
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock)
+
+
 def _torch_libgomp() -> str | None:
     """The libgomp that torch loaded (its OpenMP runtime), from this process's mappings."""
     with contextlib.suppress(OSError):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from functools import cache
@@ -54,6 +55,15 @@ _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _status = "not loaded yet"
 _lock = threading.Lock()
 _off = 0  # disabled() depth (process-wide: the epoch writer runs on its own thread)
+_loaded = False  # _library() has run (its result is cached): no lock needed any more
+
+
+def _new_lock() -> None:  # a fork while another thread held it (building) must not deadlock
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock)
 
 
 @cache
@@ -81,10 +91,15 @@ def _library() -> ctypes.CDLL | None:
 
 
 def _lib() -> ctypes.CDLL | None:
+    global _loaded
     if _off:
         return None
-    with _lock:
+    if _loaded:
         return _library()
+    with _lock:
+        lib = _library()
+        _loaded = True
+        return lib
 
 
 def available() -> bool:
