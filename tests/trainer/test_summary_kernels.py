@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.trainer.conftest import SnapshotFactory
 from trainer.snapshot import GradLevel
@@ -342,3 +344,35 @@ def test_a_fork_while_a_kernel_is_being_built_does_not_deadlock_the_child(
     monkeypatch.setattr(_native, "_loaded", False)  # the child takes the lock again
     assert _child_answers(_native.available, _native._lock)
     assert _child_answers(kernels.available, kernels._lock)
+
+
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    size=st.integers(_native.MIN_SIZE, 30_000),
+    scale=st.sampled_from([1e-40, 1e-6, 1.0, 1e30]),
+    distinct=st.sampled_from([1, 3, 50, 0]),  # 0: continuous values
+    zeros=st.booleans(),
+)
+@settings(max_examples=60, deadline=None)
+def test_order_statistics_of_any_array_are_numpys(
+    seed: int, size: int, scale: float, distinct: int, zeros: bool
+) -> None:
+    rng = np.random.default_rng(seed)
+    if distinct:
+        pool = (rng.standard_cauchy(distinct) * scale).astype(np.float32)
+        x = rng.choice(pool, size)
+    else:
+        x = (rng.standard_cauchy(size) * scale).astype(np.float32)
+    x[~np.isfinite(x)] = 0.0
+    if zeros:
+        x[rng.integers(0, size, size // 10)] = rng.choice(np.array([0.0, -0.0], np.float32))
+    qs = tuple(rng.uniform(0, 100, 7)) + numeric.TB_PERCENTILES
+    assert np.array_equal(numeric.percentiles(x, qs), np.percentile(x, qs))
+    found = _native.bf16_encode(np.abs(x))
+    assert found is not None
+    codes, hist = found
+    nonfinite = np.zeros(x.shape, np.int32)
+    got = summaries.grad_stats(Encoded(codes, hist), nonfinite)
+    with _native.disabled():
+        want = summaries.grad_stats(decode_bf16(codes), nonfinite)
+    assert repr(got) == repr(want)
