@@ -9,8 +9,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# a C compiler for trainer.kernels, the fused CPU kernels of the Bayesian layers, built on
-# first use for the CPU the container runs on (without one, training falls back to torch ops)
+# a C compiler for trainer.kernels, the fused CPU kernels of the Bayesian layers, and for the
+# epoch summaries' kernels (trainer/store/summaries.c), built on first use for the CPU the
+# container runs on (without one, training falls back to torch ops and the summaries to numpy)
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
