@@ -268,6 +268,12 @@ def test_switched_off_or_without_a_compiler_layers_use_torch(tmp_path: Path) -> 
     off = _run(_STATUS, BNN_FUSED_KERNELS="0")
     assert off.returncode == 0, off.stderr
     assert "False off (BNN_FUSED_KERNELS=0)" in off.stdout and "trained" in off.stdout
+    assert "unavailable" not in off.stderr  # the user's choice: no warning
+    nocc = _run(_STATUS, CC="", PATH=str(tmp_path))  # no compiler anywhere
+    assert nocc.returncode == 0, nocc.stderr
+    assert "False no C compiler" in nocc.stdout and "trained" in nocc.stdout
+    assert "fused CPU kernels unavailable (no C compiler" in nocc.stderr  # said, not silent
+    assert "install a C compiler" in nocc.stderr
     broken = _run(_STATUS, CC="/bin/false", BNN_KERNEL_CACHE=str(tmp_path / "cache"))
     assert broken.returncode == 0, broken.stderr
     assert "False build failed" in broken.stdout and "trained" in broken.stdout

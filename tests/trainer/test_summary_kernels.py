@@ -263,11 +263,13 @@ print("torch" in sys.modules)
     [
         ({"BNN_FUSED_KERNELS": "0"}, "False off (BNN_FUSED_KERNELS=0)"),
         ({"CC": "/bin/false"}, "False build failed"),
+        ({"CC": "", "PATH": "{tmp}"}, "False no C compiler"),
     ],
 )
 def test_without_the_kernels_files_are_written_with_numpy(
     tmp_path: Path, env: dict[str, str], said: str
 ) -> None:
+    env = {k: v.format(tmp=tmp_path) for k, v in env.items()}
     cache = tmp_path / "cache"
     proc = subprocess.run(
         [sys.executable, "-c", _WRITE, str(tmp_path / "e.h5")],
@@ -283,6 +285,8 @@ def test_without_the_kernels_files_are_written_with_numpy(
     assert lines[0].startswith(said), lines
     assert lines[1:] == ["True", "False"]  # exact percentiles, and no torch imported
     assert not any(cache.glob("*.tmp"))
+    warned = "summary kernels unavailable" in proc.stderr
+    assert warned == ("BNN_FUSED_KERNELS" not in env), proc.stderr  # said unless chosen
 
 
 def test_the_writer_keeps_the_codes_histogram_for_the_summaries(tmp_path: Path) -> None:

@@ -120,8 +120,13 @@ def _library() -> ctypes.CDLL | None:
         SOURCE, _flags(), ("-lmvec", "-lm"), ("bnn_kernels_version", VERSION), "torch operations"
     )
     if lib is None:
-        if _status.startswith("build failed"):
-            log.warning("bnn fused CPU kernels unavailable: %s", _status)
+        if not _cbuild.switched_off():  # chosen by the user: nothing to say
+            log.warning(
+                "bnn fused CPU kernels unavailable (%s): CPU training uses torch operations, "
+                "about 1.5x slower (install a C compiler such as gcc, or set "
+                "BNN_FUSED_KERNELS=0 to choose torch operations)",
+                _status,
+            )
         return None
     i32 = ctypes.c_int
     lib.bnn_normal.argtypes = [_P, _I64, _U64, i32]

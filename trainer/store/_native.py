@@ -73,8 +73,13 @@ def _library() -> ctypes.CDLL | None:
         SOURCE, FLAGS, ("-lmvec", "-lm"), ("bnn_summaries_version", VERSION), "numpy"
     )
     if lib is None:
-        if _status.startswith("build failed"):
-            log.warning("bnn summary kernels unavailable: %s", _status)
+        if not _cbuild.switched_off():  # chosen by the user: nothing to say
+            log.warning(
+                "bnn summary kernels unavailable (%s): epoch summaries are computed with "
+                "numpy, about 3x slower (install a C compiler such as gcc, or set "
+                "BNN_FUSED_KERNELS=0 to choose numpy)",
+                _status,
+            )
         return None
     d = ctypes.c_double
     lib.bnn_key_hist.argtypes = [_P, _I64, _P]
