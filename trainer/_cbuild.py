@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -101,23 +102,39 @@ def build(source: Path, flags: Sequence[str], libs: Sequence[str] = ("-lm",)) ->
 
 
 def load(
-    source: Path, flags: Sequence[str], libs: Sequence[str], version: tuple[str, int], instead: str
+    source: Path,
+    flags: Sequence[str],
+    libs: Sequence[str],
+    version: tuple[str, int],
+    *,
+    name: str,
+    fallback: str,
+    log: logging.Logger,
 ) -> tuple[ctypes.CDLL | None, str]:
     """``(library, status)``: ``source`` built (:func:`build`) and loaded, its ``version``
-    function (name, value) checked; or None and why not (``instead``: what the caller uses
-    then, for the status line)."""
+    function (name, value) checked; or None and why not. Unless the user turned the kernels
+    off, a missing library is logged once as a warning on ``log``: ``name`` (e.g. "bnn fused
+    CPU kernels") is unavailable, ``fallback`` (what the caller uses instead, and what that
+    costs) is used, and how to fix or silence it."""
     if switched_off():
         return None, "off (BNN_FUSED_KERNELS=0)"
     why = unsupported()
-    if why:
-        return None, why
-    name, want = version
-    try:
-        path = build(source, flags, libs)
-        lib = ctypes.CDLL(str(path))
-        got = getattr(lib, name)()
-        if got != want:
-            raise OSError(f"{path}: {name}() is {got}, not {want}")
-    except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"build failed, {instead} used instead: {exc}"
-    return lib, f"loaded from {path}"
+    if why is None:
+        fn, want = version
+        try:
+            path = build(source, flags, libs)
+            lib = ctypes.CDLL(str(path))
+            got = getattr(lib, fn)()
+            if got != want:
+                raise OSError(f"{path}: {fn}() is {got}, not {want}")
+            return lib, f"loaded from {path}"
+        except (OSError, subprocess.SubprocessError) as exc:
+            why = f"build failed: {exc}"
+    log.warning(
+        "%s unavailable (%s): %s (install a C compiler such as gcc, or set "
+        "BNN_FUSED_KERNELS=0 to choose that)",
+        name,
+        why,
+        fallback,
+    )
+    return None, why

@@ -117,16 +117,15 @@ def _library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (with the reason in :func:`status`)."""
     global _status
     lib, _status = _cbuild.load(
-        SOURCE, _flags(), ("-lmvec", "-lm"), ("bnn_kernels_version", VERSION), "torch operations"
+        SOURCE,
+        _flags(),
+        ("-lmvec", "-lm"),
+        ("bnn_kernels_version", VERSION),
+        name="bnn fused CPU kernels",
+        fallback="CPU training uses torch operations, about 1.5x slower",
+        log=log,
     )
     if lib is None:
-        if not _cbuild.switched_off():  # chosen by the user: nothing to say
-            log.warning(
-                "bnn fused CPU kernels unavailable (%s): CPU training uses torch operations, "
-                "about 1.5x slower (install a C compiler such as gcc, or set "
-                "BNN_FUSED_KERNELS=0 to choose torch operations)",
-                _status,
-            )
         return None
     i32 = ctypes.c_int
     lib.bnn_normal.argtypes = [_P, _I64, _U64, i32]

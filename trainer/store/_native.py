@@ -19,10 +19,9 @@ import ctypes
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -31,8 +30,9 @@ from trainer import _cbuild
 __all__ = [
     "BINS",
     "available",
+    "bf16_counts",
     "bf16_encode",
-    "bf16_stats",
+    "bf16_values",
     "disabled",
     "gauss_sums",
     "key_hist",
@@ -70,16 +70,15 @@ os.register_at_fork(after_in_child=_new_lock)
 def _library() -> ctypes.CDLL | None:
     global _status
     lib, _status = _cbuild.load(
-        SOURCE, FLAGS, ("-lmvec", "-lm"), ("bnn_summaries_version", VERSION), "numpy"
+        SOURCE,
+        FLAGS,
+        ("-lmvec", "-lm"),
+        ("bnn_summaries_version", VERSION),
+        name="bnn summary kernels",
+        fallback="epoch summaries are computed with numpy, about 3x slower",
+        log=log,
     )
     if lib is None:
-        if not _cbuild.switched_off():  # chosen by the user: nothing to say
-            log.warning(
-                "bnn summary kernels unavailable (%s): epoch summaries are computed with "
-                "numpy, about 3x slower (install a C compiler such as gcc, or set "
-                "BNN_FUSED_KERNELS=0 to choose numpy)",
-                _status,
-            )
         return None
     d = ctypes.c_double
     lib.bnn_key_hist.argtypes = [_P, _I64, _P]
@@ -207,23 +206,28 @@ def bf16_encode(x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return codes, hist
 
 
-def bf16_stats(
-    hist: np.ndarray, rank_of: Callable[[int], Any]
-) -> tuple[int, int, int, float, np.ndarray] | None:
-    """From a histogram of bfloat16 codes: ``(non-finite, zeros, finite, largest finite value
-    (NaN when none), values)``, the values those of the ranks ``rank_of(finite)`` returns
-    (sorted int64, 0-based) among the finite codes; None without the kernels."""
+def bf16_counts(hist: np.ndarray) -> tuple[int, int, int, float] | None:
+    """From a histogram of bfloat16 codes: ``(non-finite, zeros, finite, largest finite
+    value)`` (NaN when none is finite); None without the kernels."""
     lib = _lib()
     if lib is None:
         return None
     counts = np.empty(3, np.int64)
     top = np.empty(1, np.float32)
     lib.bnn_bf16_stats(_ptr(hist), None, 0, _ptr(counts), _ptr(top), None)
-    finite = int(counts[2])
-    ranks = np.ascontiguousarray(rank_of(finite), np.int64)
-    out = np.empty(ranks.size, np.float32)
-    if ranks.size and lib.bnn_bf16_stats(
-        _ptr(hist), _ptr(ranks), ranks.size, _ptr(counts), _ptr(top), _ptr(out)
-    ):
-        raise ValueError(f"ranks {ranks.tolist()} outside the {finite} finite codes")
-    return int(counts[0]), int(counts[1]), finite, float(top[0]), out.astype(np.float64)
+    return int(counts[0]), int(counts[1]), int(counts[2]), float(top[0])
+
+
+def bf16_values(hist: np.ndarray, ranks: np.ndarray) -> np.ndarray | None:
+    """The values of ``ranks`` (sorted, 0-based, below the count of finite codes) among the
+    finite codes of a histogram of bfloat16 codes, as float64; None without the kernels."""
+    lib = _lib()
+    if lib is None:
+        return None
+    want = np.ascontiguousarray(ranks, np.int64)
+    counts = np.empty(3, np.int64)
+    top = np.empty(1, np.float32)
+    out = np.empty(want.size, np.float32)
+    if lib.bnn_bf16_stats(_ptr(hist), _ptr(want), want.size, _ptr(counts), _ptr(top), _ptr(out)):
+        raise ValueError(f"ranks {want.tolist()} outside the {int(counts[2])} finite codes")
+    return out.astype(np.float64)

@@ -205,23 +205,22 @@ class Encoded:
         return decode_bf16(self.codes)
 
 
-def _median_ranks(n: int) -> np.ndarray:
-    return rank_pairs(n, (50.0,))[0]
-
-
 def _from_codes(stat: Encoded, nonfinite: np.ndarray) -> GradStats | None:
     """:class:`GradStats` of an encoded statistic whose non-finite step counts are all 0
     (the usual case), from its codes' histogram; None otherwise (or without the kernels)."""
     nf = np.asarray(nonfinite)
     if stat.hist is None or nf.ndim == 0 or np.count_nonzero(nf):
         return None
-    got = _native.bf16_stats(stat.hist, lambda finite: _median_ranks(finite) if finite else [])
-    if got is None:
+    counts = _native.bf16_counts(stat.hist)
+    if counts is None:
         return None
-    bad, zeros, finite, top, values = got
+    bad, zeros, finite, top = counts
     median = float("nan")
     if finite:
         ranks, r0, r1, t = rank_pairs(finite, (50.0,))
+        values = _native.bf16_values(stat.hist, ranks)
+        if values is None:
+            return None
         median = float(interpolate(values.astype(np.float32), ranks, r0, r1, t)[0])
     return GradStats(True, int(stat.codes.size), bad, 0, zeros, median, top, top)
 
