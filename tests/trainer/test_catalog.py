@@ -234,3 +234,42 @@ def test_unreachable_database_is_a_storage_error(tmp_path: Path):
         RunStore(tmp_path, "postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2")
     assert err.value.code is ErrorCode.STORAGE
     assert "127.0.0.1:1" in str(err.value)
+
+
+def test_a_new_sqlite_catalog_locked_for_a_moment_is_opened_after_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process's first open can make SQLite answer "database is locked" at once
+    (without waiting its busy timeout): the open tries again instead of failing."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from trainer.store import migrations
+
+    real = migrations._upgrade_to_head
+    calls = []
+
+    def locked_twice(engine: Any) -> None:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise OperationalError(
+                "PRAGMA journal_mode=WAL", {}, sqlite3.OperationalError("database is locked")
+            )
+        real(engine)
+
+    monkeypatch.setattr(migrations, "_upgrade_to_head", locked_twice)
+    with RunStore(tmp_path) as store:
+        store.create_run("r", {})
+    assert len(calls) == 3
+
+    def broken(engine: Any) -> None:  # any other error is not waited out
+        calls.append(1)
+        raise OperationalError("SELECT", {}, sqlite3.OperationalError("disk I/O error"))
+
+    monkeypatch.setattr(migrations, "_upgrade_to_head", broken)
+    calls.clear()
+    with pytest.raises(BnnError) as err:
+        RunStore(tmp_path / "other")
+    assert err.value.code is ErrorCode.STORAGE and "disk I/O error" in str(err.value)
+    assert len(calls) == 1

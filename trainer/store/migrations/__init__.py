@@ -11,6 +11,8 @@ so the second process waits and then finds the schema at head.
 from __future__ import annotations
 
 import json
+import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from trainer.errors import BnnError, ErrorCode
@@ -93,7 +95,26 @@ def alembic_config() -> Config:
 
 
 def upgrade_to_head(engine: Engine) -> None:
-    """Bring the catalog schema to the newest revision (a no-op when it is already there)."""
+    """Bring the catalog schema to the newest revision (a no-op when it is already there).
+
+    Several processes may open a new SQLite catalog at once (Dask workers, parallel
+    ``bnn train``). SQLite's busy timeout covers most of their contention, but a few steps
+    of the first open (switching a new file to WAL, a reader meeting another process's
+    migration) answer "database is locked" at once; those are tried again, with jittered
+    pauses, for up to the busy timeout (``SQLITE_BUSY_TIMEOUT_MS``)."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            _upgrade_to_head(engine)
+            return
+        except OperationalError as exc:
+            locked = engine.dialect.name == "sqlite" and "database is locked" in str(exc)
+            if not locked or time.monotonic() >= deadline:
+                raise
+            time.sleep(random.uniform(0.01, 0.1))
+
+
+def _upgrade_to_head(engine: Engine) -> None:
     if current_revision(engine) == HEAD_REVISION:
         return
     from alembic import command
