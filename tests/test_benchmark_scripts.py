@@ -39,6 +39,16 @@ def test_capture_step_prints_both_levels() -> None:
     assert bad.returncode == 2 and "--block must be >= 2" in bad.stderr
 
 
+def test_summary_kernels_prints_both_rows() -> None:
+    cmd = [sys.executable, "benchmarks/summary_kernels.py", "--size", "20000", "--reps", "2"]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "posterior summary" in proc.stdout and "encode + summary" in proc.stdout
+    assert "numpy / C" in proc.stdout
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the check does real work")
 def test_the_gpu_check_runs_every_step_and_keeps_their_output_without_a_gpu(
     tmp_path: Path,
