@@ -49,6 +49,29 @@ def test_summary_kernels_prints_both_rows() -> None:
     assert "numpy / C" in proc.stdout
 
 
+def test_epoch_file_floor_prints_every_coder_and_the_floor() -> None:
+    cmd = [
+        sys.executable, "benchmarks/epoch_file_floor.py",
+        "--steps", "4", "--every", "2", "--hidden", "32", "--preset", "0",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("array"))
+    for coder in ("raw", "as v2", "blosc zstd 9", "zfp rev", "xz", "entropy", "delta", "2-d"):
+        assert coder in header, header
+    rows = [line for line in lines if line.startswith(("posterior", "statistics"))]
+    assert len(rows) == 6, proc.stdout
+    assert "smallest lossless file" in proc.stdout and "bits each" in proc.stdout
+    bad = subprocess.run(
+        [sys.executable, "benchmarks/epoch_file_floor.py", "--steps", "4", "--every", "9"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--every must be in 1..--steps" in bad.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the check does real work")
 def test_the_gpu_check_runs_every_step_and_keeps_their_output_without_a_gpu(
     tmp_path: Path,
