@@ -205,11 +205,11 @@ class Encoded:
         return decode_bf16(self.codes)
 
 
-def _from_codes(stat: Encoded, nonfinite: np.ndarray) -> GradStats | None:
+def _from_codes(stat: Encoded, nonfinite: np.ndarray, nf_elements: int) -> GradStats | None:
     """:class:`GradStats` of an encoded statistic whose non-finite step counts are all 0
-    (the usual case), from its codes' histogram; None otherwise (or without the kernels)."""
-    nf = np.asarray(nonfinite)
-    if stat.hist is None or nf.ndim == 0 or np.count_nonzero(nf):
+    (the usual case: ``nf_elements``, the count of elements with some, is 0), from its
+    codes' histogram; None otherwise (or without the kernels)."""
+    if stat.hist is None or np.ndim(nonfinite) == 0 or nf_elements:
         return None
     counts = _native.bf16_counts(stat.hist)
     if counts is None:
@@ -225,17 +225,21 @@ def _from_codes(stat: Encoded, nonfinite: np.ndarray) -> GradStats | None:
     return GradStats(True, int(stat.codes.size), bad, 0, zeros, median, top, top)
 
 
-def grad_stats(stat: np.ndarray | Encoded, nonfinite: np.ndarray) -> GradStats:
+def grad_stats(
+    stat: np.ndarray | Encoded, nonfinite: np.ndarray, nf_elements: int | None = None
+) -> GradStats:
     """The summary of one gradient statistic (read as float32, or as the writer encoded it)
-    and its non-finite counts."""
+    and its non-finite counts; ``nf_elements``: ``np.count_nonzero(nonfinite)`` where the
+    caller has it (the statistics of one gradient share their counts)."""
+    nf = np.asarray(nonfinite)
+    if nf_elements is None:
+        nf_elements = int(np.count_nonzero(nf))  # nearly always 0: then one pass each
     if isinstance(stat, Encoded):
-        found = _from_codes(stat, nonfinite)
+        found = _from_codes(stat, nf, nf_elements)
         if found is not None:
             return found
         stat = stat.values()
     g = np.asarray(stat).astype(np.float32, copy=False).ravel()  # statistics of |g|: >= 0
-    nf = np.asarray(nonfinite)
-    nf_elements = int(np.count_nonzero(nf))  # nearly always 0: then one pass each
     if nf_elements == 0 and (not g.size or np.isfinite(g.max())):
         n_bad, finite_g = 0, g
     else:
@@ -278,10 +282,12 @@ def add_gradients(out: EpochSummaries, layer: str, grads: Mapping[str, Any] | No
         for gp, stats in (grads or {}).get(param, {}).items():
             if "nonfinite" not in stats:
                 continue  # no row: a reader computes (and reports) from the arrays
+            nf = np.asarray(stats["nonfinite"])
+            nf_elements = int(np.count_nonzero(nf))  # once for the gradient's statistics
             for stat in GRAD_STATS:
                 if stat in stats:
                     out.gradients[(layer, param, gp, stat)] = grad_stats(
-                        stats[stat], stats["nonfinite"]
+                        stats[stat], nf, nf_elements
                     )
 
 
