@@ -24,6 +24,12 @@ are timed cold (every epoch file of the run dropped from the page cache with
 
     OMP_NUM_THREADS=1 python benchmarks/epoch_file_size.py [--steps 300] [--every 30]
         [--repeats 3] [--read-repeats 7] [--variants v1,v2,v2-packed] [--dir /tmp]
+        [--malloc tuned|default]
+
+``--malloc tuned`` (the default) makes glibc's malloc keep freed memory, as the trainer does
+for CPU training (``trainer.kernels.tune_allocator``), so a write's new arrays (the bfloat16
+codes) reuse memory instead of faulting in fresh pages; ``default`` leaves malloc alone, as
+a GPU trainer or another program writing epoch files does.
 
 Prints medians (and minima: on a shared machine the least disturbed run) and the ratio of
 each variant to v1, the load average before and after, and the bytes of each kind of
@@ -49,6 +55,7 @@ import torch.nn.functional as F
 
 from service import analysis as an
 from service.analysis.kl import kl_tables
+from trainer import kernels
 from trainer.capture import GradientRecorder, get_all_distribution_params
 from trainer.data import load_dataset
 from trainer.layers import model_kl, prior_penalty
@@ -141,12 +148,19 @@ def main() -> None:
     ap.add_argument("--read-repeats", type=int, default=7, help="cold and warm reads per variant")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--dir", default=None, help="where the stores go (default: system temp)")
+    ap.add_argument(
+        "--malloc",
+        default="tuned",
+        choices=["tuned", "default"],
+        help="tuned (as the trainer on the CPU: trainer.kernels.tune_allocator) or glibc's default",
+    )
     args = ap.parse_args()
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown or "v1" not in names:
         ap.error(f"--variants must include v1 and come from {list(VARIANTS)}, got {names}")
     torch.set_num_threads(1)
+    tuned = args.malloc == "tuned" and kernels.tune_allocator()
     load = [os.getloadavg()[0]]
     snaps = train(args.steps, args.every)
     writes: dict[str, list[float]] = {n: [] for n in names}
@@ -212,7 +226,8 @@ def main() -> None:
     print(
         f"\n784-1200-1200-10, {len(sizes['v1'])} captured epochs of {args.every} steps, "
         f"{args.repeats} writes of each and {args.read_repeats} reads per variant, load "
-        f"average {load[0]:.2f} before, {load[1]:.2f} after"
+        f"average {load[0]:.2f} before, {load[1]:.2f} after, malloc "
+        f"{'tuned' if tuned else 'default'}"
     )
     head = (
         f"{'':<40}"
