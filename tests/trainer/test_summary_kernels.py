@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -237,6 +238,80 @@ def test_an_error_in_the_background_summaries_fails_the_write(
     write_epoch_file(tmp_path / "bare.h5", snap, run_id="r", summaries=False)  # unaffected
 
 
+def test_an_error_in_the_background_encoding_fails_the_write(
+    tmp_path: Path, make_snapshot: SnapshotFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trainer.store import _write
+
+    snap = _grad_snapshot(make_snapshot, (200, 100))
+
+    def broken(arr: Any) -> None:
+        raise MemoryError("no room for the codes")
+
+    monkeypatch.setattr(_write, "_encode", broken)
+    before = threading.active_count()
+    with pytest.raises(MemoryError, match="no room for the codes"):
+        write_epoch_file(tmp_path / "e.h5", snap, run_id="r")
+    assert threading.active_count() == before  # both threads were joined
+    write_epoch_file(tmp_path / "v1.h5", snap, run_id="r", schema_version=1)  # encodes nothing
+
+
+def test_statistics_encoded_beside_the_posteriors_are_those_encoded_in_place(
+    tmp_path: Path, make_snapshot: SnapshotFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The codes the encoding thread makes are the ones :meth:`_Writer.put` would make
+    itself: a file written with the thread's codes holds the same datasets, attributes and
+    summaries as one written with none handed over."""
+    from trainer.store import _write
+
+    snap = _grad_snapshot(make_snapshot, (300, 200))
+    encode, threads = _write._encode, []
+
+    def watched(arr: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return encode(arr)
+
+    monkeypatch.setattr(_write, "_encode", watched)
+    write_epoch_file(tmp_path / "beside.h5", snap, run_id="r")
+    assert threads and set(threads) == {"bnn-epoch-encode"}  # none left to the writer
+    monkeypatch.setattr(_write, "_encode", encode)
+    real = _write._encode_stats
+    calls: list[int] = []
+
+    def nothing(grads: Any) -> dict[Any, Any]:
+        calls.append(len(real(grads)))
+        return {}  # the writer encodes every statistic itself
+
+    monkeypatch.setattr(_write, "_encode_stats", nothing)
+    write_epoch_file(tmp_path / "in_place.h5", snap, run_id="r")
+    expected = sum(
+        np.ndim(stats[stat]) >= 1
+        for g in snap.gradients.values()
+        for param in ("weight", "bias")
+        for stats in g.get(param, {}).values()
+        for stat in ("mean_abs", "max_abs")
+    )
+    assert calls == [expected] and expected >= 8
+
+    def datasets(path: Path) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        with h5py.File(path, "r") as f:
+            f.visititems(
+                lambda name, obj: (
+                    out.__setitem__(name, (obj[()], dict(obj.attrs)))
+                    if isinstance(obj, h5py.Dataset)
+                    else None
+                )
+            )
+        return out
+
+    a, b = datasets(tmp_path / "beside.h5"), datasets(tmp_path / "in_place.h5")
+    assert a.keys() == b.keys() and any(name.endswith("mean_abs") for name in a)
+    for name in a:
+        np.testing.assert_array_equal(a[name][0], b[name][0], err_msg=name)
+        assert a[name][1] == b[name][1], name
+
+
 _WRITE = """
 import sys
 import numpy as np
@@ -303,7 +378,7 @@ def test_the_writer_keeps_the_codes_histogram_for_the_summaries(tmp_path: Path) 
         assert plain is values
 
 
-def test_the_summaries_thread_cpu_time_is_counted(
+def test_the_background_threads_cpu_time_is_counted(
     tmp_path: Path, make_snapshot: SnapshotFactory
 ) -> None:
     from trainer.store._write import background_cpu
@@ -313,8 +388,10 @@ def test_the_summaries_thread_cpu_time_is_counted(
     write_epoch_file(tmp_path / "e.h5", snap, run_id="r")
     assert background_cpu() > before
     after = background_cpu()
-    write_epoch_file(tmp_path / "bare.h5", snap, run_id="r", summaries=False)  # no thread
+    write_epoch_file(tmp_path / "v1.h5", snap, run_id="r", schema_version=1)  # no thread
     assert background_cpu() == after
+    write_epoch_file(tmp_path / "bare.h5", snap, run_id="r", summaries=False)  # encoding's
+    assert background_cpu() > after
 
 
 def _child_answers(call: Any, lock: Any) -> bool:

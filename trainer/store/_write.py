@@ -101,16 +101,17 @@ class _Writer:
         *,
         encode: bool = False,
         compress: bool = True,
+        encoded: Encoded | None = None,
     ) -> np.ndarray | Encoded:
         """One array as a dataset, fully written (never left as unwritten chunks read as
         their fill value, which older versions did for all-zero counts: see
         ``EpochFile.validate``). ``encode``: a per-element statistic, stored as bfloat16
-        from schema version 2 on. Returns the values a reader reads back (as
-        :class:`~trainer.store.summaries.Encoded` where encoded)."""
+        from schema version 2 on (``encoded``: its codes, where already computed). Returns
+        the values a reader reads back (as :class:`~trainer.store.summaries.Encoded` where
+        encoded)."""
         arr = np.asarray(arr)
         if encode and self.version >= 2 and arr.ndim >= 1:
-            found = _native.bf16_encode(arr)  # the codes and their histogram, in one pass
-            out = Encoded(*found) if found else Encoded(encode_bf16(arr), None)
+            out = encoded if encoded is not None else _encode(arr)
             ds = group.create_dataset(name, data=out.codes, **self.options(out.codes, encoded=True))
             ds.attrs[ENCODING_ATTR] = BFLOAT16
             return out
@@ -124,12 +125,19 @@ class _Writer:
             else:
                 self.put(group, key, value, compress=compress)
 
-    def gradients(self, group: h5py.Group, grads: Mapping[str, Any]) -> dict[str, Any]:
+    def gradients(
+        self,
+        group: h5py.Group,
+        grads: Mapping[str, Any],
+        encoded: Mapping[tuple[str, str, str, str], Encoded] | None = None,
+    ) -> dict[str, Any]:
         """``/gradients``: the statistics of ``weight``/``bias`` per ``mu``/``rho`` (the
-        ``mean_abs`` and ``max_abs`` arrays encoded), step norms and prior gradients.
-        Returns ``{layer: {param: {grad_param: {stat: values}}}}``: the statistics as a
-        reader reads them (:class:`~trainer.store.summaries.Encoded` where encoded), for the
-        summaries."""
+        ``mean_abs`` and ``max_abs`` arrays encoded; ``encoded``: their codes by
+        ``(layer, param, grad_param, stat)`` where already computed, see
+        :func:`_encode_stats`), step norms and prior gradients. Returns
+        ``{layer: {param: {grad_param: {stat: values}}}}``: the statistics as a reader reads
+        them (:class:`~trainer.store.summaries.Encoded` where encoded), for the summaries."""
+        encoded = encoded or {}
         stored: dict[str, Any] = {}
         for layer, g in grads.items():
             lg = group.create_group(layer)
@@ -147,8 +155,33 @@ class _Writer:
                         got = stored[layer][key][gp] = {}
                         for stat, arr in stats.items():
                             encode = gp in GRAD_PARAMS and stat in ENCODED_STATS
-                            got[stat] = self.put(sg, stat, arr, encode=encode)
+                            codes = encoded.get((layer, key, gp, stat))
+                            got[stat] = self.put(sg, stat, arr, encode=encode, encoded=codes)
         return stored
+
+
+def _encode(arr: np.ndarray) -> Encoded:
+    """bfloat16 codes of a per-element statistic, with their histogram from the same pass
+    where the kernels take it."""
+    found = _native.bf16_encode(arr)
+    return Encoded(*found) if found else Encoded(encode_bf16(arr), None)
+
+
+def _encode_stats(grads: Mapping[str, Any]) -> dict[tuple[str, str, str, str], Encoded]:
+    """Every per-element statistic of ``grads`` (the snapshot's ``gradients``) that a
+    version 2 file stores as bfloat16, encoded (as :meth:`_Writer.put` would), by
+    ``(layer, param, grad_param, stat)``."""
+    out: dict[tuple[str, str, str, str], Encoded] = {}
+    for layer, g in grads.items():
+        for param in PARAMS:
+            for gp, stats in g.get(param, {}).items():
+                if gp not in GRAD_PARAMS:
+                    continue
+                for stat in ENCODED_STATS:
+                    arr = stats.get(stat)
+                    if arr is not None and np.ndim(arr) >= 1:
+                        out[(layer, param, gp, stat)] = _encode(np.asarray(arr))
+    return out
 
 
 def _param_summaries(snap: EpochSnapshot) -> EpochSummaries:
@@ -164,8 +197,8 @@ _background_cpu = 0.0
 
 def background_cpu() -> float:
     """CPU seconds spent so far by the threads :func:`write_epoch_file` starts beside itself
-    (the posteriors' summaries), for benchmarks that charge a write's CPU time: add this
-    difference to the writing thread's ``time.thread_time()`` difference."""
+    (the statistics' encoding, the posteriors' summaries), for benchmarks that charge a write's
+    CPU time: add this difference to the writing thread's ``time.thread_time()`` difference."""
     return _background_cpu
 
 
@@ -173,7 +206,7 @@ class _Background:
     """``fn(*args)`` on a thread of its own (a fresh one per call: a pool's threads would
     not survive a fork); :meth:`result` waits for it and returns it or raises its error."""
 
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+    def __init__(self, fn: Callable[..., Any], *args: Any, name: str = "bnn-epoch-write") -> None:
         self._out: Any = None
         self._error: BaseException | None = None
 
@@ -188,7 +221,7 @@ class _Background:
                 with _cpu_lock:
                     _background_cpu += time.thread_time() - start
 
-        self._thread = threading.Thread(target=run, name="bnn-epoch-summaries", daemon=True)
+        self._thread = threading.Thread(target=run, name=name, daemon=True)
         self._thread.start()
 
     def join(self) -> None:
@@ -233,9 +266,19 @@ def write_epoch_file(
     writer = _Writer(schema_version)
     path = Path(path)
     load_filters()
-    # The posteriors' summaries (most of the summaries' work) on a thread of their own while
-    # the datasets are written: the C kernels and numpy's large passes release the GIL.
-    params = _Background(_param_summaries, snap) if summaries and schema_version >= 2 else None
+    # Beside the dataset writes, on threads of their own (the C kernels and numpy's large
+    # passes release the GIL): the statistics' bfloat16 encoding, needed once the
+    # posteriors are written, and the posteriors' summaries (most of the summaries' work).
+    codes = (
+        _Background(_encode_stats, snap.gradients, name="bnn-epoch-encode")
+        if snap.gradients is not None and schema_version >= 2
+        else None
+    )
+    params = (
+        _Background(_param_summaries, snap, name="bnn-epoch-summaries")
+        if summaries and schema_version >= 2
+        else None
+    )
     try:
         with h5py.File(path, "w", locking=False) as f:
             f.attrs["schema_version"] = schema_version
@@ -250,7 +293,8 @@ def write_epoch_file(
                 writer.tree(lg, log, compress=schema_version < 2 or compress_posteriors)
             stored = None
             if snap.gradients is not None:
-                stored = writer.gradients(f.create_group("gradients"), snap.gradients)
+                encoded = codes.result() if codes is not None else None
+                stored = writer.gradients(f.create_group("gradients"), snap.gradients, encoded)
             if params is not None:
                 found = params.result()
                 for layer in snap.params:
@@ -267,5 +311,6 @@ def write_epoch_file(
             ErrorCode.STORAGE, f"cannot write epoch file {str(path)!r}: {exc}", path=str(path)
         ) from exc
     finally:
-        if params is not None:
-            params.join()
+        for job in (codes, params):
+            if job is not None:
+                job.join()

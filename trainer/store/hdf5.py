@@ -71,9 +71,11 @@ objects"): a service older than its trainer client refuses the client's uploads.
 
 A 784-1200-1200-10 epoch with per-element statistics, trained values: 57.7 MB in version
 1, 32.2 MB (56%) in version 2 (the statistics 38.3 MB -> 12.7 MB; 27.8 MB with compressed
-posteriors), written no slower, summaries included (``benchmarks/epoch_file_size.py``,
-``BENCHMARKS.md``: their C kernels take about 25 ms of CPU per epoch of that model, on a
-thread beside the dataset writes; the ``/summary`` tables themselves take about 8 KB).
+posteriors), written in about the time version 1 takes, summaries included (0.90-1.05x by
+median on the 2-core VMs measured: ``benchmarks/epoch_file_size.py``, ``BENCHMARKS.md``; the
+statistics' bfloat16 encoding and the summaries' C kernels, about 30 ms of CPU per epoch of
+that model, run on threads beside the dataset writes; the ``/summary`` tables themselves take
+about 8 KB).
 
 **Schema version 1** (older files): every float array float32 (or as given),
 uncompressed unless ``BNN_HDF5_COMPRESSION`` was ``gzip`` or ``lzf``. These files are still
