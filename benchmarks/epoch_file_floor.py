@@ -30,9 +30,12 @@ tried here, on the whole model:
 Then it adds the best coder of each kind of array to the file's other bytes and prints that
 smallest lossless file as a share of version 1, and what 40% would leave the statistics once
 the posteriors take their smallest size: as bits per statistic, against the bits each carries.
+Last, a what-if that no format implements: the statistics rounded to fewer of bfloat16's 7
+mantissa bits (``--mantissa-bits``), coded as version 2 codes them and at their order-0
+entropy, and the file each would make.
 
     OMP_NUM_THREADS=2 python benchmarks/epoch_file_floor.py [--steps 300] [--every 30]
-        [--preset 9] [--hidden 1200] [--dir /tmp]
+        [--preset 9] [--hidden 1200] [--dir /tmp] [--mantissa-bits 7,6,5,4,3,2]
 
 The figures are coders tried, not a proof: no coder here gets below the printed floor, and a
 model of these numbers that beats an order-0 coder by the margin 40% needs would have to
@@ -210,6 +213,24 @@ def med_residuals(codes: np.ndarray) -> np.ndarray:
     return np.where(r >= 0, 2 * r, -2 * r - 1)
 
 
+def coarser(codes: np.ndarray, bits: int) -> np.ndarray:
+    """bfloat16 ``codes`` rounded to ``bits`` (0-7) of their 7 mantissa bits, to nearest
+    (a what-if: no format stores these). Inf and NaN stay; a non-zero code stays non-zero
+    and a finite one finite (the encoding's guarantees, kept as :func:`encode_bf16` keeps
+    them)."""
+    drop = 7 - bits
+    if drop <= 0:
+        return codes
+    c = codes.astype(np.int64)
+    sign, mag = c & 0x8000, c & 0x7FFF
+    special = mag >= 0x7F80
+    rounded = ((mag + (1 << (drop - 1))) >> drop) << drop
+    top = (0x7F7F >> drop) << drop  # the largest finite code with `bits` mantissa bits
+    rounded = np.where(rounded >= 0x7F80, top, rounded)
+    rounded = np.where((mag != 0) & (rounded == 0), 1 << drop, rounded)
+    return (sign | np.where(special, mag, rounded)).astype(np.uint16)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -219,9 +240,20 @@ def main() -> None:
     ap.add_argument("--preset", type=int, default=9, choices=range(10), metavar="0-9")
     ap.add_argument("--hidden", type=int, default=1200, help="width of both hidden layers")
     ap.add_argument("--dir", default=None, help="where the temporary files go")
+    ap.add_argument(
+        "--mantissa-bits",
+        default="7,6,5,4,3,2",
+        help="the what-if: statistics rounded to these mantissa bits (7: bfloat16 as stored)",
+    )
     args = ap.parse_args()
     if not 0 < args.every <= args.steps:
         ap.error(f"--every must be in 1..--steps ({args.steps}), got {args.every}")
+    try:
+        bits = [int(b) for b in args.mantissa_bits.split(",") if b.strip()]
+    except ValueError:
+        bits = [-1]
+    if not bits or any(not 0 <= b <= 7 for b in bits):
+        ap.error(f"--mantissa-bits must be integers in 0..7, got {args.mantissa_bits!r}")
     load_filters()
     snap = train(args.steps, args.every, args.hidden)
     found = gather(snap)
@@ -255,6 +287,11 @@ def main() -> None:
         for kind, value in deltas.items():
             table[kind]["delta"] = value
             table[kind]["2-d"] = sum(entropy_bytes(med_residuals(a)) for a in found[kind])
+        stat_kinds = [k for k in found if k.startswith("statistics")]
+        what_if: dict[int, tuple[float, float]] = {}
+        for b in bits:
+            arrs = [coarser(a, b) for k in stat_kinds for a in found[k]]
+            what_if[b] = (hdf5_bytes(arrs, blosc("lz4", 5), where), entropy(arrs))
         print(f"coded in {time.perf_counter() - t0:.0f} s\n")
 
     mb = 1e6
@@ -299,6 +336,27 @@ def main() -> None:
         f"40% of v1 ({0.4 * v1 / mb:.1f} MB) leaves the {n_stats:,} statistics "
         f"{max(budget, 0.0) / mb:.1f} MB: {8 * max(budget, 0.0) / n_stats:.1f} bits each; "
         f"the best coder here needs {8 * stats_best / n_stats:.1f} bits (bfloat16 codes: 16)"
+    )
+    post_v2 = sum(table[k]["raw"] for k in posteriors)
+    post_packed = sum(table[k]["as v2"] for k in posteriors)
+    print(
+        "\nwhat if the statistics were coarser (lossy; not a format): the statistics' bytes "
+        "and the file as a share of v1"
+    )
+    print(
+        f"{'mantissa bits':>13} {'rel. error':>10} {'as v2, MB':>10} {'entropy, MB':>12} "
+        f"{'file':>6} {'packed':>7} {'packed, entropy':>16}"
+    )
+    for b, (as_v2, ent) in what_if.items():
+        print(
+            f"{b:>13} {2.0 ** -(b + 1):>10.2%} {as_v2 / mb:>10.2f} {ent / mb:>12.2f} "
+            f"{(post_v2 + as_v2 + others_v2) / v1:>6.1%} "
+            f"{(post_packed + as_v2 + others_v2) / v1:>7.1%} "
+            f"{(post_best + ent + others_v2) / v1:>16.1%}"
+        )
+    print(
+        "(file: posteriors plain as v2 writes them; packed: posteriors with v2's Blosc; "
+        "packed, entropy: both at the best coder found above)"
     )
     print(f"load average {os.getloadavg()[0]:.2f}")
 
