@@ -2,9 +2,9 @@
 version 2 file holds, against issue 11's target (per-element epoch file <= 40% of version 1).
 
 Trains the 784-1200-1200-10 MLP (learnable prior, sigma0 0.1, Adam 1e-3, batch 128) on MNIST
-for ``--steps`` steps with per-element gradient capture and takes the statistics of the last
-``--every`` steps and the posterior at the end (trained values, as in
-``epoch_file_size.py``). That snapshot is written as version 1 and as version 2 (as written,
+for ``--steps`` steps with per-element gradient capture, capturing every ``--every`` steps
+(``epoch_file_size.py``'s run), and takes the last capture: trained values, its statistics
+over the last ``--every`` steps. That snapshot is written as version 1 and as version 2 (as written,
 and with its posteriors compressed); then the arrays a version 2 file must hold without loss,
 the posteriors' float32 ``mu`` and ``sigma`` and the statistics' bfloat16 codes (``mean_abs``
 and ``max_abs`` of ``mu``'s and ``rho``'s gradients), are each coded with every lossless coder
@@ -57,50 +57,13 @@ from typing import Any, Literal
 import h5py
 import hdf5plugin
 import numpy as np
-import torch
-import torch.nn.functional as F
+from epoch_file_size import train
 
-from trainer.capture import GradientRecorder, get_all_distribution_params
-from trainer.data import load_dataset
-from trainer.layers import model_kl, prior_penalty
-from trainer.models import mlp
-from trainer.priors import PriorKind, PriorSpec
-from trainer.snapshot import EpochSnapshot, GradLevel
+from trainer.snapshot import EpochSnapshot
 from trainer.store import write_epoch_file
 from trainer.store._codec import chunk_shape, encode_bf16, load_filters
-
-BATCH = 128
-N_TRAIN = 50_000
-STATS = ("mean_abs", "max_abs")
-GRAD_PARAMS = ("mu", "rho")
-
-
-def train(steps: int, every: int, hidden: int) -> EpochSnapshot:
-    """The last of the snapshots a real run takes every ``every`` steps."""
-    torch.manual_seed(0)
-    data = load_dataset("mnist", n_train=steps * BATCH, n_test=1)
-    model = mlp(784, [hidden, hidden], 10, PriorSpec(kind=PriorKind.LEARNABLE, sigma0=0.1))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    recorder = GradientRecorder(model, GradLevel.ELEMENT)
-    t0 = time.perf_counter()
-    for step in range(steps):
-        x = data.x_train[step * BATCH : (step + 1) * BATCH]
-        y = data.y_train[step * BATCH : (step + 1) * BATCH]
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y) + (model_kl(model) + prior_penalty(model)) / N_TRAIN
-        loss.backward()
-        recorder.record_step()
-        opt.step()
-        if (step + 1) % every == 0 and step + 1 < steps:
-            recorder.reset()  # the last snapshot covers the last `every` steps
-    params = get_all_distribution_params(model, steps // every, force=True)
-    assert params is not None
-    snap = EpochSnapshot(
-        steps // every, params, {"loss": float(loss.detach())}, recorder.result(),
-        GradLevel.ELEMENT,
-    )  # fmt: skip
-    print(f"trained {steps} steps in {time.perf_counter() - t0:.0f} s")
-    return snap
+from trainer.store._schema import GRAD_PARAMS
+from trainer.store._write import ENCODED_STATS as STATS
 
 
 def gather(snap: EpochSnapshot) -> dict[str, list[np.ndarray]]:
@@ -255,7 +218,7 @@ def main() -> None:
     if not bits or any(not 0 <= b <= 7 for b in bits):
         ap.error(f"--mantissa-bits must be integers in 0..7, got {args.mantissa_bits!r}")
     load_filters()
-    snap = train(args.steps, args.every, args.hidden)
+    snap = train(args.steps, args.every, args.hidden)[-1]  # the last capture: trained values
     found = gather(snap)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         where = Path(tmp)

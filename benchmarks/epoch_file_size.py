@@ -75,11 +75,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def train(steps: int, every: int) -> list[EpochSnapshot]:
-    """Snapshots of a real training run, one per ``every`` steps."""
+def train(steps: int, every: int, hidden: int = 1200) -> list[EpochSnapshot]:
+    """Snapshots of a real training run, one per ``every`` steps (``hidden``: the width of
+    both hidden layers)."""
     torch.manual_seed(0)
     data = load_dataset("mnist", n_train=steps * BATCH, n_test=1)
-    model = mlp(784, [1200, 1200], 10, PriorSpec(kind=PriorKind.LEARNABLE, sigma0=0.1))
+    model = mlp(784, [hidden, hidden], 10, PriorSpec(kind=PriorKind.LEARNABLE, sigma0=0.1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     recorder = GradientRecorder(model, GradLevel.ELEMENT)
     snaps: list[EpochSnapshot] = []

@@ -154,10 +154,16 @@ class _Writer:
                         sg = pg.create_group(gp)
                         got = stored[layer][key][gp] = {}
                         for stat, arr in stats.items():
-                            encode = gp in GRAD_PARAMS and stat in ENCODED_STATS
                             codes = encoded.get((layer, key, gp, stat))
-                            got[stat] = self.put(sg, stat, arr, encode=encode, encoded=codes)
+                            got[stat] = self.put(
+                                sg, stat, arr, encode=_encodes(gp, stat), encoded=codes
+                            )
         return stored
+
+
+def _encodes(grad_param: str, stat: str) -> bool:
+    """Whether a version 2 file stores this gradient statistic as bfloat16 (per element)."""
+    return grad_param in GRAD_PARAMS and stat in ENCODED_STATS
 
 
 def _encode(arr: np.ndarray) -> Encoded:
@@ -175,11 +181,8 @@ def _encode_stats(grads: Mapping[str, Any]) -> dict[tuple[str, str, str, str], E
     for layer, g in grads.items():
         for param in PARAMS:
             for gp, stats in g.get(param, {}).items():
-                if gp not in GRAD_PARAMS:
-                    continue
-                for stat in ENCODED_STATS:
-                    arr = stats.get(stat)
-                    if arr is not None and np.ndim(arr) >= 1:
+                for stat, arr in stats.items():
+                    if _encodes(gp, stat) and np.ndim(arr) >= 1:
                         out[(layer, param, gp, stat)] = _encode(np.asarray(arr))
     return out
 
