@@ -30,9 +30,10 @@ tried here, on the whole model:
 Then it adds the best coder of each kind of array to the file's other bytes and prints that
 smallest lossless file as a share of version 1, and what 40% would leave the statistics once
 the posteriors take their smallest size: as bits per statistic, against the bits each carries.
-Last, a what-if that no format implements: the statistics rounded to fewer of bfloat16's 7
-mantissa bits (``--mantissa-bits``), coded as version 2 codes them and at their order-0
-entropy, and the file each would make.
+Last, the lossy option: the statistics rounded to fewer of bfloat16's 7 mantissa bits
+(``--mantissa-bits``; ``trainer.store._codec.round_bf16``, what ``bnn runs compact
+--stat-bits N`` stores), coded as version 2 codes them and at their order-0 entropy, and the
+file each would make.
 
     OMP_NUM_THREADS=2 python benchmarks/epoch_file_floor.py [--steps 300] [--every 30]
         [--preset 9] [--hidden 1200] [--dir /tmp] [--mantissa-bits 7,6,5,4,3,2]
@@ -61,7 +62,7 @@ from epoch_file_size import train
 
 from trainer.snapshot import EpochSnapshot
 from trainer.store import write_epoch_file
-from trainer.store._codec import chunk_shape, encode_bf16, load_filters
+from trainer.store._codec import chunk_shape, encode_bf16, load_filters, round_bf16
 from trainer.store._schema import GRAD_PARAMS
 from trainer.store._write import ENCODED_STATS as STATS
 
@@ -176,24 +177,6 @@ def med_residuals(codes: np.ndarray) -> np.ndarray:
     return np.where(r >= 0, 2 * r, -2 * r - 1)
 
 
-def coarser(codes: np.ndarray, bits: int) -> np.ndarray:
-    """bfloat16 ``codes`` rounded to ``bits`` (0-7) of their 7 mantissa bits, to nearest
-    (a what-if: no format stores these). Inf and NaN stay; a non-zero code stays non-zero
-    and a finite one finite (the encoding's guarantees, kept as :func:`encode_bf16` keeps
-    them)."""
-    drop = 7 - bits
-    if drop <= 0:
-        return codes
-    c = codes.astype(np.int64)
-    sign, mag = c & 0x8000, c & 0x7FFF
-    special = mag >= 0x7F80
-    rounded = ((mag + (1 << (drop - 1))) >> drop) << drop
-    top = (0x7F7F >> drop) << drop  # the largest finite code with `bits` mantissa bits
-    rounded = np.where(rounded >= 0x7F80, top, rounded)
-    rounded = np.where((mag != 0) & (rounded == 0), 1 << drop, rounded)
-    return (sign | np.where(special, mag, rounded)).astype(np.uint16)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -253,7 +236,7 @@ def main() -> None:
         stat_kinds = [k for k in found if k.startswith("statistics")]
         what_if: dict[int, tuple[float, float]] = {}
         for b in bits:
-            arrs = [coarser(a, b) for k in stat_kinds for a in found[k]]
+            arrs = [round_bf16(a, b) for k in stat_kinds for a in found[k]]
             what_if[b] = (hdf5_bytes(arrs, blosc("lz4", 5), where), entropy(arrs))
         print(f"coded in {time.perf_counter() - t0:.0f} s\n")
 
@@ -303,8 +286,8 @@ def main() -> None:
     post_v2 = sum(table[k]["raw"] for k in posteriors)
     post_packed = sum(table[k]["as v2"] for k in posteriors)
     print(
-        "\nwhat if the statistics were coarser (lossy; not a format): the statistics' bytes "
-        "and the file as a share of v1"
+        "\nthe statistics at fewer mantissa bits (lossy: `bnn runs compact --stat-bits`): "
+        "their bytes and the file as a share of v1"
     )
     print(
         f"{'mantissa bits':>13} {'rel. error':>10} {'as v2, MB':>10} {'entropy, MB':>12} "

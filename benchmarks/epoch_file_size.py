@@ -11,7 +11,9 @@ per repetition, ``--repeats`` times), with fsync, as the trainer writes it:
   the epoch's summaries (``/summary``, computed by the writer: ``trainer.store.summaries``);
 * ``v2-bare``: version 2 without the summaries (as written before they were added: what
   computing and storing them costs the writer);
-* ``v2-packed``: version 2 with ``compress_posteriors=True`` (posteriors Blosc too).
+* ``v2-packed``: version 2 with ``compress_posteriors=True`` (posteriors Blosc too);
+* ``v2-archive``: ``v2-packed`` with the statistics at 3 mantissa bits (``stat_bits=3``,
+  lossy: what ``bnn runs compact --compress-posteriors --stat-bits 3`` writes).
 
 Each variant's files then form one run of its own store, and the reads the analysis does
 are timed cold (every epoch file of the run dropped from the page cache with
@@ -23,7 +25,7 @@ are timed cold (every epoch file of the run dropped from the page cache with
   the 940,800-weight layer over all captured epochs.
 
     OMP_NUM_THREADS=1 python benchmarks/epoch_file_size.py [--steps 300] [--every 30]
-        [--repeats 3] [--read-repeats 7] [--variants v1,v2,v2-packed] [--dir /tmp]
+        [--repeats 3] [--read-repeats 7] [--variants v1,v2,v2-packed,v2-archive] [--dir /tmp]
         [--malloc tuned|default]
 
 ``--malloc tuned`` (the default) makes glibc's malloc keep freed memory, as the trainer does
@@ -72,6 +74,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "v2": {"schema_version": 2},
     "v2-bare": {"schema_version": 2, "summaries": False},
     "v2-packed": {"schema_version": 2, "compress_posteriors": True},
+    "v2-archive": {"schema_version": 2, "compress_posteriors": True, "stat_bits": 3},
 }
 
 
@@ -237,12 +240,13 @@ def main() -> None:
     )
     print(head)
 
-    def row(label: str, values: dict[str, float], fmt: str) -> None:
+    def row(label: str, values: dict[str, float], fmt: str, ratio: str = ".2f") -> None:
         cells = "".join(f"{values[n]:>12{fmt}}" for n in names)
-        ratios = "".join(f"{values[n] / values['v1']:>16.2f}" for n in names[1:])
+        ratios = "".join(f"{values[n] / values['v1']:>16{ratio}}" for n in names[1:])
         print(f"{label:<40}{cells}{ratios}")
 
-    row("epoch file (MB, median)", {n: med(sizes[n]) / 1e6 for n in names}, ".2f")
+    row("epoch file (MB, median)", {n: med(sizes[n]) / 1e6 for n in names}, ".2f", ".3f")
+    row("epoch file (MB, largest)", {n: max(sizes[n]) / 1e6 for n in names}, ".2f", ".3f")
     row("write incl. fsync (ms, median)", {n: 1e3 * med(writes[n]) for n in names}, ".1f")
     row("write incl. fsync (ms, min)", {n: 1e3 * min(writes[n]) for n in names}, ".1f")
     row("  CPU time of the write (ms, median)", {n: 1e3 * med(cpu[n]) for n in names}, ".1f")

@@ -65,40 +65,12 @@ def test_epoch_file_floor_prints_every_coder_and_the_floor() -> None:
     rows = [line for line in lines if line.startswith(("posterior", "statistics"))]
     assert len(rows) == 6, proc.stdout
     assert "smallest lossless file" in proc.stdout and "bits each" in proc.stdout
-    what_if = lines[lines.index(next(x for x in lines if x.startswith("what if"))) + 2 :]
+    fewer = next(x for x in lines if x.startswith("the statistics at fewer mantissa bits"))
+    what_if = lines[lines.index(fewer) + 2 :]
     assert [row.split()[0] for row in what_if[:6]] == ["7", "6", "5", "4", "3", "2"], what_if
 
 
-def test_epoch_file_floor_rounds_codes_as_the_encoding_does() -> None:
-    """The what-if's coarser codes keep the bfloat16 encoding's guarantees."""
-    check = """
-import sys
-import numpy as np
-sys.path.insert(0, "benchmarks")
-from epoch_file_floor import coarser
-from trainer.store._codec import decode_bf16, encode_bf16
-x = np.array([0.0, -0.0, 1e-41, 1.0, 1.0078125, 1.01, -3.3e38, 3.39e38, np.inf, -np.inf, np.nan],
-             np.float32)
-codes = encode_bf16(x)
-assert (coarser(codes, 7) == codes).all()
-for bits in range(7):
-    got = decode_bf16(coarser(codes, bits))
-    assert got[0] == 0 and got[1] == 0 and np.signbit(got[1])
-    assert got[2] > 0  # non-zero stays non-zero
-    assert np.isfinite(got[3:8]).all()  # finite stays finite
-    assert np.isinf(got[8]) and np.isinf(got[9]) and np.isnan(got[10])
-    assert abs(got[5] / 1.01 - 1) <= 2.0 ** -(bits + 1) + 2.0 ** -8
-rng = np.random.default_rng(0)
-v = np.sort(np.abs(rng.standard_normal(10_000)).astype(np.float32))
-for bits in range(7):
-    assert (np.diff(decode_bf16(coarser(encode_bf16(v), bits))) >= 0).all()  # monotonic
-print("ok")
-"""
-    proc = subprocess.run(
-        [sys.executable, "-c", check], cwd=REPO, env=_env(), capture_output=True, text=True,
-        timeout=120, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+def test_epoch_file_floor_refuses_an_interval_longer_than_the_run() -> None:
     bad = subprocess.run(
         [sys.executable, "benchmarks/epoch_file_floor.py", "--steps", "4", "--every", "9"],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120, check=False,

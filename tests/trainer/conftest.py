@@ -98,17 +98,18 @@ def assert_tree_equal(a: Any, b: Any, where: str = "") -> None:
     np.testing.assert_array_equal(a, b, err_msg=where)
 
 
-def as_stored(grads: Any) -> Any:
+def as_stored(grads: Any, bits: int = 7) -> Any:
     """Gradient statistics as schema version 2 stores them: the per-element ``mean_abs``
-    and ``max_abs`` arrays rounded to bfloat16 (read back as float32), the rest as given."""
-    from trainer.store._codec import decode_bf16, encode_bf16
+    and ``max_abs`` arrays rounded to bfloat16 (read back as float32; to ``bits`` mantissa
+    bits, as ``stat_bits`` stores them), the rest as given."""
+    from trainer.store._codec import decode_bf16, encode_bf16, round_bf16
 
     def walk(node: Any, key: str = "") -> Any:
         if isinstance(node, dict):
             return {k: walk(v, k) for k, v in node.items()}
         arr = np.asarray(node)
         if key in ("mean_abs", "max_abs") and arr.ndim >= 1:
-            return decode_bf16(encode_bf16(arr))
+            return decode_bf16(round_bf16(encode_bf16(arr), bits))
         return arr
 
     return None if grads is None else walk(grads)

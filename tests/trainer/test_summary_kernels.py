@@ -245,7 +245,7 @@ def test_an_error_in_the_background_encoding_fails_the_write(
 
     snap = _grad_snapshot(make_snapshot, (200, 100))
 
-    def broken(arr: Any) -> None:
+    def broken(arr: Any, bits: int = 7) -> None:
         raise MemoryError("no room for the codes")
 
     monkeypatch.setattr(_write, "_encode", broken)
@@ -267,9 +267,9 @@ def test_statistics_encoded_beside_the_posteriors_are_those_encoded_in_place(
     snap = _grad_snapshot(make_snapshot, (300, 200))
     encode, threads = _write._encode, []
 
-    def watched(arr: Any) -> Any:
+    def watched(arr: Any, bits: int = 7) -> Any:
         threads.append(threading.current_thread().name)
-        return encode(arr)
+        return encode(arr, bits)
 
     monkeypatch.setattr(_write, "_encode", watched)
     write_epoch_file(tmp_path / "beside.h5", snap, run_id="r")
@@ -278,8 +278,8 @@ def test_statistics_encoded_beside_the_posteriors_are_those_encoded_in_place(
     real = _write._encode_stats
     calls: list[int] = []
 
-    def nothing(grads: Any) -> dict[Any, Any]:
-        calls.append(len(real(grads)))
+    def nothing(grads: Any, bits: int = 7) -> dict[Any, Any]:
+        calls.append(len(real(grads, bits)))
         return {}  # the writer encodes every statistic itself
 
     monkeypatch.setattr(_write, "_encode_stats", nothing)

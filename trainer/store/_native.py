@@ -43,7 +43,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("summaries.c")
-VERSION = 1  # summaries.c's bnn_summaries_version()
+VERSION = 2  # summaries.c's bnn_summaries_version()
 FLAGS = (*_cbuild.FLAGS, "-ffp-contract=off")  # products rounded as numpy rounds them
 BINS = 1 << 16
 SELECT_MAX = 1024  # summaries.c's SELECT_MAX
@@ -87,7 +87,7 @@ def _library() -> ctypes.CDLL | None:
     lib.bnn_gauss_sums.restype = None
     lib.bnn_select.argtypes = [_P, _I64, _P, _P, ctypes.c_int, _P]
     lib.bnn_select.restype = ctypes.c_int
-    lib.bnn_bf16_encode.argtypes = [_P, _I64, _P, _P]
+    lib.bnn_bf16_encode.argtypes = [_P, _I64, ctypes.c_int, _P, _P]
     lib.bnn_bf16_encode.restype = None
     lib.bnn_bf16_stats.argtypes = [_P, _P, ctypes.c_int, _P, _P, _P]
     lib.bnn_bf16_stats.restype = ctypes.c_int
@@ -194,15 +194,16 @@ def gauss_sums(
     return out.tolist(), h_mu, h_sigma
 
 
-def bf16_encode(x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def bf16_encode(x: np.ndarray, bits: int = 7) -> tuple[np.ndarray, np.ndarray] | None:
     """``(codes, histogram of the codes)`` of float32 ``x`` (codes of ``x``'s shape, exactly
-    ``encode_bf16``'s); None where the kernels cannot take it."""
+    ``encode_bf16``'s, or with ``bits`` < 7 ``round_bf16(encode_bf16(x), bits)``'s); None
+    where the kernels cannot take it."""
     lib, flat = _lib(), _flat32(x)
     if lib is None or flat is None:
         return None
     codes = np.empty(x.shape, np.uint16)
     hist = np.empty(BINS, np.uint32)
-    lib.bnn_bf16_encode(_ptr(flat), flat.size, _ptr(codes), _ptr(hist))
+    lib.bnn_bf16_encode(_ptr(flat), flat.size, int(bits), _ptr(codes), _ptr(hist))
     return codes, hist
 
 

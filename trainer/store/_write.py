@@ -18,12 +18,16 @@ from trainer.snapshot import EpochSnapshot, GradLevel
 
 from . import _native
 from ._codec import (
+    BF16_MANTISSA,
     BFLOAT16,
     ENCODING_ATTR,
+    MANTISSA_ATTR,
     blosc_options,
     chunk_shape,
     encode_bf16,
     load_filters,
+    round_bf16,
+    validate_stat_bits,
 )
 from ._paths import fsync_file
 from ._schema import GRAD_PARAMS, PARAMS, validate_snapshot
@@ -67,8 +71,9 @@ ZEROS = {"chunks": True, "compression": "gzip", "compression_opts": 1}
 class _Writer:
     """Writes the datasets of one file in one schema version and compression."""
 
-    def __init__(self, version: int) -> None:
+    def __init__(self, version: int, stat_bits: int = BF16_MANTISSA) -> None:
         self.version = version
+        self.stat_bits = stat_bits
         self.compression = _compression(version)
         blosc = self.compression == "blosc"
         self._blosc = [blosc_options(bitshuffle=b) for b in (False, True)] if blosc else None
@@ -111,9 +116,11 @@ class _Writer:
         encoded)."""
         arr = np.asarray(arr)
         if encode and self.version >= 2 and arr.ndim >= 1:
-            out = encoded if encoded is not None else _encode(arr)
+            out = encoded if encoded is not None else _encode(arr, self.stat_bits)
             ds = group.create_dataset(name, data=out.codes, **self.options(out.codes, encoded=True))
             ds.attrs[ENCODING_ATTR] = BFLOAT16
+            if self.stat_bits < BF16_MANTISSA:
+                ds.attrs[MANTISSA_ATTR] = np.int8(self.stat_bits)
             return out
         group.create_dataset(name, data=arr, **self.options(arr, compress))
         return arr
@@ -166,24 +173,29 @@ def _encodes(grad_param: str, stat: str) -> bool:
     return grad_param in GRAD_PARAMS and stat in ENCODED_STATS
 
 
-def _encode(arr: np.ndarray) -> Encoded:
+def _encode(arr: np.ndarray, stat_bits: int = BF16_MANTISSA) -> Encoded:
     """bfloat16 codes of a per-element statistic, with their histogram from the same pass
-    where the kernels take it."""
-    found = _native.bf16_encode(arr)
-    return Encoded(*found) if found else Encoded(encode_bf16(arr), None)
+    where the kernels take it; with ``stat_bits`` < 7, rounded to that many mantissa bits
+    (:func:`~trainer.store._codec.round_bf16`, in the same pass)."""
+    found = _native.bf16_encode(arr, stat_bits)
+    if found:
+        return Encoded(*found)
+    return Encoded(round_bf16(encode_bf16(arr), stat_bits), None)
 
 
-def _encode_stats(grads: Mapping[str, Any]) -> dict[tuple[str, str, str, str], Encoded]:
+def _encode_stats(
+    grads: Mapping[str, Any], stat_bits: int = BF16_MANTISSA
+) -> dict[tuple[str, str, str, str], Encoded]:
     """Every per-element statistic of ``grads`` (the snapshot's ``gradients``) that a
-    version 2 file stores as bfloat16, encoded (as :meth:`_Writer.put` would), by
-    ``(layer, param, grad_param, stat)``."""
+    version 2 file stores as bfloat16, encoded (as :meth:`_Writer.put` would, ``stat_bits``
+    mantissa bits), by ``(layer, param, grad_param, stat)``."""
     out: dict[tuple[str, str, str, str], Encoded] = {}
     for layer, g in grads.items():
         for param in PARAMS:
             for gp, stats in g.get(param, {}).items():
                 for stat, arr in stats.items():
                     if _encodes(gp, stat) and np.ndim(arr) >= 1:
-                        out[(layer, param, gp, stat)] = _encode(np.asarray(arr))
+                        out[(layer, param, gp, stat)] = _encode(np.asarray(arr), stat_bits)
     return out
 
 
@@ -245,6 +257,7 @@ def write_epoch_file(
     schema_version: int = SCHEMA_VERSION,
     compress_posteriors: bool = False,
     summaries: bool = True,
+    stat_bits: int = BF16_MANTISSA,
 ) -> None:
     """Write ``snap`` as a complete epoch file at ``path`` (overwriting it) and fsync it.
 
@@ -256,7 +269,12 @@ def write_epoch_file(
     ``BENCHMARKS.md``). Version 2 also stores the epoch's summaries (``/summary``,
     :mod:`trainer.store.summaries`: what the analysis's tables and plots need, computed
     here once from the values written), unless ``summaries=False`` (files as older
-    versions wrote them). ``schema_version=1`` writes the previous format (float32
+    versions wrote them). ``stat_bits`` (version 2, lossy, opt-in): keep only that many
+    (0-7) of the bfloat16 statistics' 7 mantissa bits, rounded to nearest, ties to even
+    (:func:`~trainer.store._codec.round_bf16`; the datasets say so in ``mantissa_bits``):
+    at 3 bits, with ``compress_posteriors``, a 784-1200-1200-10 per-element file is under
+    40% of version 1's size, each statistic within 6.25% of its bfloat16 value
+    (``BENCHMARKS.md``). ``schema_version=1`` writes the previous format (float32
     statistics, uncompressed unless ``BNN_HDF5_COMPRESSION`` says gzip or lzf, no
     summaries), which older versions of this library read. Raises INVALID_ARGUMENT for a
     bad snapshot or version and STORAGE when the file cannot be written.
@@ -265,15 +283,20 @@ def write_epoch_file(
         raise BnnError.invalid(
             f"schema_version must be one of {list(SCHEMA_VERSIONS)}, got {schema_version!r}"
         )
+    stat_bits = validate_stat_bits(stat_bits)
+    if stat_bits < BF16_MANTISSA and schema_version < 2:
+        raise BnnError.invalid(
+            f"stat_bits={stat_bits} needs schema version 2 (version 1 stores float32 statistics)"
+        )
     snap = validate_snapshot(snap)
-    writer = _Writer(schema_version)
+    writer = _Writer(schema_version, stat_bits)
     path = Path(path)
     load_filters()
     # Beside the dataset writes, on threads of their own (the C kernels and numpy's large
     # passes release the GIL): the statistics' bfloat16 encoding, needed once the
     # posteriors are written, and the posteriors' summaries (most of the summaries' work).
     codes = (
-        _Background(_encode_stats, snap.gradients, name="bnn-epoch-encode")
+        _Background(_encode_stats, snap.gradients, stat_bits, name="bnn-epoch-encode")
         if snap.gradients is not None and schema_version >= 2
         else None
     )

@@ -7,14 +7,18 @@ written by this version: the rewrite adds them, posteriors stored as they were),
 at a time, oldest first; files already current are skipped. With ``compress_posteriors``
 it also rewrites current files whose posterior arrays are stored plain, compressing those
 too (``bnn runs compact --compress-posteriors``: for runs kept for the record; reads then
-decompress them, see ``BENCHMARKS.md``):
+decompress them, see ``BENCHMARKS.md``). With ``stat_bits`` below 7 (``--stat-bits N``,
+lossy, opt-in) it also rewrites files whose per-element gradient statistics keep more
+mantissa bits, rounding them to ``N`` (:func:`~trainer.store._codec.round_bf16`); a file
+already at fewer bits keeps them (the bits are gone). With both, a 784-1200-1200-10
+per-element epoch takes under 40% of its version 1 size (``BENCHMARKS.md``):
 
 1. the file must match its catalog row (size and sha256); one that does not is left alone
    and reported (``bnn runs fsck`` tells more);
 2. it is read (schema-checked) and written again with :func:`write_epoch_file` to a locked
    temp file beside it, fsynced, and read back: the parameters, metrics, evaluation and
    every other array must be identical, the per-element gradient statistics the bfloat16
-   rounding of the old ones;
+   rounding of the old ones (to the file's mantissa bits);
 3. under the run's lock (the one writers hold from rename to commit): the catalog row must
    still hold the old checksum; a journal ``epoch_NNNNNN.h5.compact`` (JSON: epoch, old and
    new size and sha256) is written and fsynced, the temp file renamed over the old one,
@@ -55,7 +59,7 @@ from trainer.errors import BnnError, ErrorCode
 from trainer.snapshot import EpochSnapshot
 
 from . import _paths as paths
-from ._codec import decode_bf16, encode_bf16
+from ._codec import BF16_MANTISSA, decode_bf16, encode_bf16, round_bf16, validate_stat_bits
 from ._write import ENCODED_STATS, SCHEMA_VERSION, write_epoch_file
 from .catalog import EpochRow
 from .hdf5 import EpochFile, read_epoch_file
@@ -184,14 +188,16 @@ def compact_run(
     run_id: str,
     *,
     compress_posteriors: bool = False,
+    stat_bits: int = BF16_MANTISSA,
     progress: Callable[[EpochCompaction], None] | None = None,
 ) -> CompactReport:
     """Rewrite the run's epoch files of older schema versions (see the module docstring).
 
     ``progress`` is called after each epoch. NOT_FOUND for an unknown run, CONFLICT for a
-    queued or running one; an epoch that cannot be compacted is reported ``failed`` and
-    the others go on.
+    queued or running one, INVALID_ARGUMENT for ``stat_bits`` not from 0 to 7; an epoch
+    that cannot be compacted is reported ``failed`` and the others go on.
     """
+    stat_bits = validate_stat_bits(stat_bits)
     t0 = time.monotonic()
     run = store.get_run(run_id)
     if run.status.active:
@@ -206,7 +212,7 @@ def compact_run(
     for info in store.list_epochs(run.id):
         try:
             result = _compact_epoch(
-                store, run.id, info.epoch, info.size, info.checksum, compress_posteriors
+                store, run.id, info.epoch, info.size, info.checksum, compress_posteriors, stat_bits
             )
         except (BnnError, OSError) as exc:  # the old file and its row stay as they were
             result = EpochCompaction(info.epoch, "failed", info.size, info.size, str(exc))
@@ -225,7 +231,13 @@ def _posteriors_packed(path: Path, layer: str) -> bool:
 
 
 def _compact_epoch(
-    store: RunStore, run_id: str, epoch: int, size: int, checksum: str, packed: bool
+    store: RunStore,
+    run_id: str,
+    epoch: int,
+    size: int,
+    checksum: str,
+    packed: bool,
+    stat_bits: int = BF16_MANTISSA,
 ) -> EpochCompaction:
     from .runstore import crash_point
 
@@ -238,13 +250,24 @@ def _compact_epoch(
     with EpochFile(path, name=name) as ef:
         version, layers = ef.header.schema_version, ef.header.layers
         summarised = ef.summary_version() == SUMMARY_VERSION
+        was_bits = ef.stat_bits()
     first = layers[0] if layers else ""
     was_packed = version >= SCHEMA_VERSION and _posteriors_packed(path, first)
-    if version >= SCHEMA_VERSION and summarised and (not packed or was_packed):
+    if (
+        version >= SCHEMA_VERSION
+        and summarised
+        and (not packed or was_packed)
+        and was_bits <= stat_bits
+    ):
         what = f"schema_version {version}" + (", posteriors compressed" if packed else "")
+        if stat_bits < BF16_MANTISSA:
+            what += f", statistics at {was_bits} mantissa bits"
         return EpochCompaction(epoch, "skipped", on_disk, on_disk, what)
     packed = packed or was_packed  # a current file rewritten for its summaries stays packed
+    stat_bits = min(stat_bits, was_bits)  # nor does a rewrite bring dropped bits back
     detail = "summaries added" if version >= SCHEMA_VERSION and not summarised else ""
+    if stat_bits < was_bits:
+        detail = ", ".join(filter(None, [detail, f"statistics at {stat_bits} mantissa bits"]))
     if on_disk != size or paths.sha256_file(path) != checksum:
         return EpochCompaction(
             epoch,
@@ -255,8 +278,8 @@ def _compact_epoch(
         )
     snap = read_epoch_file(path)
     with paths.locked_tmp(path) as tmp:
-        write_epoch_file(tmp, snap, run_id=run_id, compress_posteriors=packed)
-        problem = _difference(snap, read_epoch_file(tmp))
+        write_epoch_file(tmp, snap, run_id=run_id, compress_posteriors=packed, stat_bits=stat_bits)
+        problem = _difference(snap, read_epoch_file(tmp), stat_bits)
         if problem:
             raise BnnError(
                 ErrorCode.STORAGE,
@@ -294,9 +317,9 @@ def _compact_epoch(
 
 
 # ----------------------------------------------------------------------------- read-back check
-def _difference(want: EpochSnapshot, got: EpochSnapshot) -> str:
+def _difference(want: EpochSnapshot, got: EpochSnapshot, bits: int = BF16_MANTISSA) -> str:
     """Where ``got`` (the rewritten file) differs from ``want`` beyond bfloat16 rounding of
-    the gradient statistics; "" when it does not."""
+    the gradient statistics (to ``bits`` mantissa bits); "" when it does not."""
     if (got.epoch, got.grad_level, got.layer_types) != (
         want.epoch,
         want.grad_level,
@@ -308,9 +331,9 @@ def _difference(want: EpochSnapshot, got: EpochSnapshot) -> str:
     ):
         return "metrics"
     return (
-        _tree_difference(want.params, got.params, "params", False)
-        or _tree_difference(want.gradients, got.gradients, "gradients", True)
-        or _tree_difference(want.evaluation, got.evaluation, "evaluation", False)
+        _tree_difference(want.params, got.params, "params", None)
+        or _tree_difference(want.gradients, got.gradients, "gradients", bits)
+        or _tree_difference(want.evaluation, got.evaluation, "evaluation", None)
     )
 
 
@@ -318,7 +341,8 @@ def _same_number(a: float, b: float) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
 
 
-def _tree_difference(want: Any, got: Any, where: str, stats: bool) -> str:
+def _tree_difference(want: Any, got: Any, where: str, stats: int | None) -> str:
+    """``stats``: the mantissa bits of the encoded gradient statistics (None: no rounding)."""
     if want is None or got is None:
         return "" if want is None and got is None else where
     if isinstance(want, Mapping):
@@ -330,8 +354,8 @@ def _tree_difference(want: Any, got: Any, where: str, stats: bool) -> str:
                 return found
         return ""
     a, b = np.asarray(want), np.asarray(got)
-    if stats and where.rsplit("/", 1)[-1] in ENCODED_STATS and a.ndim >= 1:
-        a = decode_bf16(encode_bf16(a))
+    if stats is not None and where.rsplit("/", 1)[-1] in ENCODED_STATS and a.ndim >= 1:
+        a = decode_bf16(round_bf16(encode_bf16(a), stats))
     if a.shape != b.shape or a.dtype != b.dtype or a.tobytes() != b.tobytes():
         return where
     return ""

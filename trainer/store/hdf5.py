@@ -38,7 +38,13 @@ Layout (any HDF5 tool can read it; version 2 needs the Blosc filter, below)::
   becomes 3.39e38), and keeps Inf and NaN. So every count of zeros and non-finite values
   is exact, medians and maxima of |g| agree within 2^-8, and a flag can differ only for an
   element within that rounding of the threshold it is compared with (none under the
-  default thresholds: ``tests/trainer/test_compact_analysis.py``). Layer-level (0-d)
+  default thresholds: ``tests/trainer/test_compact_analysis.py``). Opt-in and lossy,
+  ``bnn runs compact --stat-bits N`` (``write_epoch_file(..., stat_bits=N)``) keeps only
+  ``N`` (0-7) of the 7 mantissa bits, rounded to nearest, ties to even, the same
+  guarantees kept (``_codec.round_bf16``), and marks the dataset ``mantissa_bits = N``
+  (int8; absent means 7): relative error at most 2^-(N+1) more (6.25% at 3 bits). Readers
+  decode such codes as any others; :meth:`EpochFile.stat_bits` tells the precision, and a
+  file from elsewhere whose codes hold more bits than it claims is refused. Layer-level (0-d)
   statistics, counts, step norms and prior gradients keep their dtype;
 * arrays of at least :data:`COMPRESS_MIN_SIZE` elements other than the posteriors --
   the statistics, the non-finite counts, long step-norm series, evaluation arrays --
@@ -110,11 +116,14 @@ from trainer.errors import BnnError, ErrorCode
 from trainer.snapshot import EpochSnapshot, GradLevel, LayerLog
 
 from ._codec import (
+    BF16_MANTISSA,
     BFLOAT16,
     BLOSC_FILTER,
     ENCODING_ATTR,
+    MANTISSA_ATTR,
     blosc_header_problem,
     decode_bf16,
+    first_unrounded,
     load_filters,
 )
 from ._schema import (
@@ -324,6 +333,51 @@ class EpochFile:
         if _text(value) != BFLOAT16:
             raise self._corrupt(f"{ds.name} has an unknown encoding {_text(value)!r}")
         return BFLOAT16
+
+    def _mantissa(self, ds: h5py.Dataset) -> int:
+        """An encoded dataset's ``mantissa_bits`` (7 when absent); CORRUPT unless an integer
+        from 0 to 7."""
+        value = _attr(ds.attrs, MANTISSA_ATTR, None)
+        if value is None:
+            return BF16_MANTISSA
+        arr = np.asarray(value)
+        if arr.shape != () or not np.issubdtype(arr.dtype, np.integer):
+            raise self._corrupt(f"{ds.name} has a {MANTISSA_ATTR} that is not an integer")
+        if not 0 <= int(arr) <= BF16_MANTISSA:
+            raise self._corrupt(
+                f"{ds.name} has {MANTISSA_ATTR}={int(arr)}, not from 0 to {BF16_MANTISSA}"
+            )
+        return int(arr)
+
+    def _encoded_stats(self) -> Iterator[tuple[str, h5py.Dataset]]:
+        """Every bfloat16-encoded gradient statistic of the file, by path."""
+        if not self.header.has_gradients:
+            return
+        for layer in self.header.layers:
+            for param in PARAMS:
+                for gp in GRAD_PARAMS:
+                    for stat in ENCODED_STATS:
+                        ds = self._node("gradients", layer, param, gp, stat)
+                        if (
+                            isinstance(ds, h5py.Dataset)
+                            and ds.dtype == np.uint16
+                            and self._encoding(ds) is not None
+                        ):
+                            yield f"{layer}/{param}/{gp}/{stat}", ds
+
+    def stat_bits(self) -> int:
+        """The mantissa bits the file keeps of its per-element gradient statistics: 7 (all
+        of bfloat16's) unless they were rounded to fewer (``bnn runs compact --stat-bits``;
+        the least of its datasets' ``mantissa_bits``); 7 for a file without encoded
+        statistics. Reads metadata only; CORRUPT for a malformed attribute."""
+
+        def read() -> int:
+            return min(
+                (self._mantissa(ds) for _, ds in self._encoded_stats()), default=BF16_MANTISSA
+            )
+
+        found: int = self._guard(read)
+        return found
 
     def _decode(self, ds: h5py.Dataset, alloc: Alloc | None = None) -> np.ndarray:
         """A bfloat16-encoded dataset as float32 (see :mod:`trainer.store._codec`)."""
@@ -662,6 +716,7 @@ class EpochFile:
                 f"{where} is bfloat16-encoded; only the gradient statistics "
                 f"{list(ENCODED_STATS)} may be"
             )
+        self._mantissa(ds)
         return _Decoded(tuple(ds.shape), where)
 
     def _check_storage(
@@ -804,8 +859,13 @@ class EpochFile:
 
     def check_values(self, block: int = VALUE_BLOCK) -> None:
         """CORRUPT naming the layer and array unless every ``mu`` of ``/params`` is finite
-        and every ``sigma`` finite and > 0 (posterior and prior). Reads ``block`` elements
-        at a time (validate first: this trusts the storage checks)."""
+        and every ``sigma`` finite and > 0 (posterior and prior), and every gradient
+        statistic that claims fewer mantissa bits (``mantissa_bits``) holds no more. Reads
+        ``block`` elements at a time (validate first: this trusts the storage checks)."""
+        for where, ds in self._guard(lambda: list(self._encoded_stats())):
+            bits = self._guard(functools.partial(self._mantissa, ds))
+            if bits < BF16_MANTISSA:
+                self._guard(functools.partial(self._check_rounded, ds, where, bits, block))
         for layer in self.header.layers:
             for dist in DISTS:
                 for param in PARAMS:
@@ -815,6 +875,32 @@ class EpochFile:
                             where = f"{layer}/{dist}/{param}/{stat}"
                             self._guard(functools.partial(self._check_finite, ds, where, block))
 
+    def _bad_value(self, array: str, layer: str, what: str, index: int, shape: Any) -> BnnError:
+        """CORRUPT for the value at flat ``index`` of ``array`` (of ``shape``)."""
+        at = tuple(int(i) for i in np.unravel_index(index, shape)) if shape else ()
+        return BnnError(
+            ErrorCode.CORRUPT,
+            f"epoch file {self.name} is corrupt: {array} {what} at index {at}",
+            file=self.name,
+            layer=layer,
+            array=array,
+        )
+
+    def _check_rounded(self, ds: h5py.Dataset, where: str, bits: int, block: int) -> None:
+        start = 0
+        for codes in self._blocks(ds, block):
+            first = first_unrounded(codes, bits)
+            if first is not None:
+                code = int(codes.reshape(-1)[first])
+                raise self._bad_value(
+                    f"gradients/{where}",
+                    where.split("/")[0],
+                    f"claims {MANTISSA_ATTR}={bits}, but holds code {code:#06x} of more bits",
+                    start + first,
+                    ds.shape,
+                )
+            start += codes.size
+
     def _check_finite(self, ds: h5py.Dataset, where: str, block: int) -> None:
         sigma = where.endswith("/sigma")
         start = 0
@@ -823,16 +909,13 @@ class EpochFile:
             ok = (flat > 0) & (flat < np.inf) if sigma else np.isfinite(flat)
             if not ok.all():
                 first = int(np.argmin(ok))
-                index = np.unravel_index(start + first, ds.shape) if ds.shape else ()
-                value = flat[first].item()
                 want = "finite and > 0" if sigma else "finite"
-                raise BnnError(
-                    ErrorCode.CORRUPT,
-                    f"epoch file {self.name} is corrupt: {where} must be {want} everywhere, "
-                    f"found {value} at index {tuple(int(i) for i in index)}",
-                    file=self.name,
-                    layer=where.split("/")[0],
-                    array=where,
+                raise self._bad_value(
+                    where,
+                    where.split("/")[0],
+                    f"must be {want} everywhere, found {flat[first].item()}",
+                    start + first,
+                    ds.shape,
                 )
             start += flat.size
 

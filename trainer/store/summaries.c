@@ -27,7 +27,7 @@ extern double log(double) __attribute__((__simd__("notinbranch")));
 #define SELECT_MAX 1024 /* ranks of one bnn_select call (its bookkeeping is on the stack) */
 #define SORT_MAX 64 /* fewer candidates in a bin: insertion sort instead of a histogram */
 
-int bnn_summaries_version(void) { return 1; }
+int bnn_summaries_version(void) { return 2; }
 
 static inline uint32_t bits_of(float f) {
     uint32_t u;
@@ -194,9 +194,15 @@ int bnn_select(const float *x, int64_t n, const uint32_t *hist, const int64_t *r
 /* bfloat16 codes of n float32 values, exactly as trainer.store._codec.encode_bf16: rounded to
  * nearest, ties away from zero; NaN stays NaN (0x7FC0 with its sign), a finite value never
  * becomes infinite (the largest bfloat16 instead) and a non-zero one never zero (the smallest).
+ * With bits < 7, each finite code then keeps only `bits` mantissa bits, exactly as
+ * trainer.store._codec.round_bf16: its magnitude rounded to nearest, ties to even, never to
+ * Inf (the largest code of `bits` bits instead) nor from non-zero to zero (the smallest).
  * With hist (or NULL), hist[code] counts the codes. */
-void bnn_bf16_encode(const float *x, int64_t n, uint16_t *codes, uint32_t *hist) {
+void bnn_bf16_encode(const float *x, int64_t n, int bits, uint16_t *codes, uint32_t *hist) {
     const uint32_t *src = (const uint32_t *)x;
+    const uint32_t drop = bits >= 0 && bits < 7 ? (uint32_t)(7 - bits) : 0u;
+    const uint32_t half = drop ? (1u << (drop - 1)) - 1u : 0u;
+    const uint32_t top = (0x7F7Fu >> drop) << drop, least = 1u << drop;
     if (hist) memset(hist, 0, BINS * sizeof *hist);
     for (int64_t b = 0; b < n; b += BLOCK) {
         const int64_t m = n - b < BLOCK ? n - b : BLOCK;
@@ -212,6 +218,17 @@ void bnn_bf16_encode(const float *x, int64_t n, uint16_t *codes, uint32_t *hist)
             code = (mag != 0 && mag < 0x8000u) ? (uint16_t)(sign | 0x0001u) : code;
             code = mag == 0 ? sign : code;
             out[j] = code;
+        }
+        if (drop) {
+#pragma omp simd
+            for (int64_t j = 0; j < m; j++) {
+                const uint32_t c = out[j], cmag = c & 0x7FFFu;
+                uint32_t r = ((cmag + half + ((cmag >> drop) & 1u)) >> drop) << drop;
+                r = r >= 0x7F80u ? top : r;
+                r = (cmag != 0 && r == 0) ? least : r;
+                r = cmag >= 0x7F80u ? cmag : r; /* Inf and NaN as they are */
+                out[j] = (uint16_t)((c & 0x8000u) | r);
+            }
         }
         if (hist)
             for (int64_t j = 0; j < m; j++) hist[out[j]]++;
