@@ -128,6 +128,9 @@ class TrackedRun:
             )
         if sink is not None and (tracking_url is not None or data_dir is not None):
             raise BnnError.invalid("give sink= or tracking_url/data_dir, not both")
+        from trainer.store._write import env_format
+
+        env_format()  # BNN_STAT_BITS / BNN_COMPRESS_POSTERIORS checked before any run exists
         user = check_tracked_config(config)
         if TRACKING_KEY in user:
             raise BnnError.invalid(

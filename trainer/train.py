@@ -699,6 +699,9 @@ class Trainer:
         c = self.config
         run_id: str | None = None
         if self.sink is not None:
+            from trainer.store._write import env_format
+
+            env_format()  # the epoch files' format from the environment, before the run exists
             run = self.sink.create_run(c.name, c.to_json_dict(), tags=c.tags)
             run_id = run.id
             if (recover := getattr(self.sink, "recover_run", None)) is not None:

@@ -36,9 +36,12 @@ from .summaries import Encoded, EpochSummaries, add_gradients, add_params, write
 __all__ = [
     "COMPRESSIONS",
     "COMPRESS_MIN_SIZE",
+    "COMPRESS_POSTERIORS_ENV",
     "ENCODED_STATS",
     "SCHEMA_VERSION",
     "SCHEMA_VERSIONS",
+    "STAT_BITS_ENV",
+    "env_format",
     "write_epoch_file",
 ]
 
@@ -49,6 +52,32 @@ COMPRESS_MIN_SIZE = 1024
 COMPRESSIONS = ("blosc", "none", "gzip", "lzf")
 #: per-element gradient statistics stored as bfloat16 from schema version 2 on
 ENCODED_STATS = ("mean_abs", "max_abs")
+#: the environment's defaults of ``write_epoch_file``'s ``stat_bits`` and
+#: ``compress_posteriors`` (so a trainer, local or remote, writes the lossy archive form)
+STAT_BITS_ENV = "BNN_STAT_BITS"
+COMPRESS_POSTERIORS_ENV = "BNN_COMPRESS_POSTERIORS"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def env_format() -> tuple[int, bool]:
+    """``(stat_bits, compress_posteriors)`` as ``BNN_STAT_BITS`` (0-7; unset: 7, lossless)
+    and ``BNN_COMPRESS_POSTERIORS`` (1/true/yes/on or 0/false/no/off; unset: off) set them
+    for the epoch files this process writes; INVALID_ARGUMENT naming the variable and its
+    value otherwise (trainers check it before they start)."""
+    raw = os.environ.get(STAT_BITS_ENV, "").strip()
+    try:
+        bits = validate_stat_bits(int(raw)) if raw else BF16_MANTISSA
+    except (ValueError, BnnError):
+        raise BnnError.invalid(
+            f"{STAT_BITS_ENV} must be an integer from 0 to {BF16_MANTISSA}, got {raw!r}"
+        ) from None
+    flag = os.environ.get(COMPRESS_POSTERIORS_ENV, "").strip().lower()
+    if flag not in _TRUE + _FALSE:
+        raise BnnError.invalid(
+            f"{COMPRESS_POSTERIORS_ENV} must be one of 1/true/yes/on or 0/false/no/off, "
+            f"got {os.environ.get(COMPRESS_POSTERIORS_ENV)!r}"
+        )
+    return bits, flag in _TRUE
 
 
 def _compression(version: int) -> str:
@@ -255,9 +284,9 @@ def write_epoch_file(
     *,
     run_id: str = "",
     schema_version: int = SCHEMA_VERSION,
-    compress_posteriors: bool = False,
+    compress_posteriors: bool | None = None,
     summaries: bool = True,
-    stat_bits: int = BF16_MANTISSA,
+    stat_bits: int | None = None,
 ) -> None:
     """Write ``snap`` as a complete epoch file at ``path`` (overwriting it) and fsync it.
 
@@ -272,18 +301,26 @@ def write_epoch_file(
     versions wrote them). ``stat_bits`` (version 2, lossy, opt-in): keep only that many
     (0-7) of the bfloat16 statistics' 7 mantissa bits, rounded to nearest, ties to even
     (:func:`~trainer.store._codec.round_bf16`; the datasets say so in ``mantissa_bits``):
-    at 3 bits, with ``compress_posteriors``, a 784-1200-1200-10 per-element file is under
-    40% of version 1's size, each statistic within 6.25% of its bfloat16 value
-    (``BENCHMARKS.md``). ``schema_version=1`` writes the previous format (float32
-    statistics, uncompressed unless ``BNN_HDF5_COMPRESSION`` says gzip or lzf, no
-    summaries), which older versions of this library read. Raises INVALID_ARGUMENT for a
-    bad snapshot or version and STORAGE when the file cannot be written.
+    at 3 bits, with ``compress_posteriors``, a 784-1200-1200-10 per-element file is 40%
+    of version 1's size, each statistic within 6.25% of its bfloat16 value
+    (``BENCHMARKS.md``). Either left None takes its value from the environment
+    (:func:`env_format`: ``BNN_STAT_BITS``, ``BNN_COMPRESS_POSTERIORS``; unset, 7 bits and
+    plain posteriors) for version 2; version 1 ignores them. ``schema_version=1`` writes
+    the previous format (float32 statistics, uncompressed unless ``BNN_HDF5_COMPRESSION``
+    says gzip or lzf, no summaries), which older versions of this library read. Raises
+    INVALID_ARGUMENT for a bad snapshot, version or option (or environment variable) and
+    STORAGE when the file cannot be written.
     """
     if schema_version not in SCHEMA_VERSIONS:
         raise BnnError.invalid(
             f"schema_version must be one of {list(SCHEMA_VERSIONS)}, got {schema_version!r}"
         )
-    stat_bits = validate_stat_bits(stat_bits)
+    if schema_version >= 2 and (stat_bits is None or compress_posteriors is None):
+        env_bits, env_packed = env_format()
+        stat_bits = env_bits if stat_bits is None else stat_bits
+        compress_posteriors = env_packed if compress_posteriors is None else compress_posteriors
+    stat_bits = BF16_MANTISSA if stat_bits is None else validate_stat_bits(stat_bits)
+    compress_posteriors = bool(compress_posteriors)
     if stat_bits < BF16_MANTISSA and schema_version < 2:
         raise BnnError.invalid(
             f"stat_bits={stat_bits} needs schema version 2 (version 1 stores float32 statistics)"

@@ -39,7 +39,8 @@ Layout (any HDF5 tool can read it; version 2 needs the Blosc filter, below)::
   is exact, medians and maxima of |g| agree within 2^-8, and a flag can differ only for an
   element within that rounding of the threshold it is compared with (none under the
   default thresholds: ``tests/trainer/test_compact_analysis.py``). Opt-in and lossy,
-  ``bnn runs compact --stat-bits N`` (``write_epoch_file(..., stat_bits=N)``) keeps only
+  ``bnn runs compact --stat-bits N`` (``write_epoch_file(..., stat_bits=N)``, or
+  ``BNN_STAT_BITS=N`` in the environment of a process that writes epochs) keeps only
   ``N`` (0-7) of the 7 mantissa bits, rounded to nearest, ties to even, the same
   guarantees kept (``_codec.round_bf16``), and marks the dataset ``mantissa_bits = N``
   (int8; absent means 7): relative error at most 2^-(N+1) more (6.25% at 3 bits). Readers
