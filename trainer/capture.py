@@ -317,13 +317,21 @@ class _Series(_Rows):
         super().__init__(1, device, capacity)
 
     def add(self, value: Tensor | None) -> None:
+        """Add the first element of ``value`` (0 for None: no gradient this step)."""
         self._grow()
-        if value is None:
+        if self.buf.is_cpu:  # a Python float into the numpy view: no torch operation but
+            # .item() (a learnable prior's parameters are 1-element tensors)
+            if value is None:
+                first = 0.0
+            elif value.numel() == 1:
+                first = value.item()
+            else:
+                first = value.reshape(-1)[0].item()
+            self._view()[self.n, 0] = first
+        elif value is None:
             self.buf[self.n, 0] = 0.0
-        elif self.buf.is_cpu:  # a Python float into the numpy view: no torch operations
-            self._view()[self.n, 0] = value.item()
         else:
-            self.buf[self.n, 0].copy_(value.reshape(()))
+            self.buf[self.n, 0].copy_(value.reshape(-1)[0])
         self.n += 1
 
     def array(self, copies: HostCopies | None = None) -> np.ndarray:
@@ -354,13 +362,14 @@ class GradientRecorder:
         self._prior: dict[str, dict[str, dict[str, _Series]]] = {}
         self._index: Tensor | None = None
         self._plan: dict[int, _ParamStats] | None = None
+        self._cpu: bool | None = None
         self._prior_params: list[tuple[nn.Parameter, _Series]] = []
         self.reset()
 
     def reset(self) -> None:
         """Start a new epoch."""
         self._stats, self._by_layer, self._prior, self._prior_params = [], {}, {}, []
-        self._norms, self._index, self._plan = None, None, None
+        self._norms, self._index, self._plan, self._cpu = None, None, None, None
         if self.level is GradLevel.NONE or not self.layers:
             return
         for j, (name, layer) in enumerate(self.layers):
@@ -396,11 +405,18 @@ class GradientRecorder:
         if self.level is GradLevel.NONE or self._norms is None:
             return
         present = [s for s in self._stats if s.param.grad is not None]
-        if all(s.param.device.type == "cpu" for s in present):
+        if self._cpu_only():
             self._record_cpu(present)
         else:
             self._record_foreach(present)
         self._record_priors()
+
+    def _cpu_only(self) -> bool:
+        """Whether every recorded parameter is on the CPU (known once per epoch: the
+        accumulators were made on the parameters' devices at :meth:`reset`)."""
+        if self._cpu is None:
+            self._cpu = all(s.param.device.type == "cpu" for s in self._stats)
+        return self._cpu
 
     def fused_plan(self) -> dict[int, _ParamStats]:
         """The parameters (by ``id``) whose statistics an optimiser that reads every gradient
@@ -424,9 +440,8 @@ class GradientRecorder:
         if self.level is GradLevel.NONE or self._norms is None:
             return
         present = [s for s in self._stats if s.param.grad is not None]
-        if all(s.param.device.type == "cpu" for s in present):
-            done = {id(s): results[id(s.param)] for s in present if id(s.param) in results}
-            self._finish_cpu(present, done)
+        if self._cpu_only():
+            self._finish_cpu(present, results)
         else:  # the optimiser's pass runs on the CPU only (RecordingAdam)
             assert not results, "statistics from an optimiser pass for a non-CPU model"
             self._record_foreach(present)
@@ -434,8 +449,7 @@ class GradientRecorder:
 
     def _record_priors(self) -> None:
         for param, series in self._prior_params:
-            g = param.grad  # None: no gradient flowed this step
-            series.add(None if g is None else g.detach().reshape(-1)[0])
+            series.add(param.grad)  # None: no gradient flowed this step
 
     def _record_cpu(self, present: list[_ParamStats]) -> None:
         """CPU: per gradient, through the kernels, its sum of squares and the statistics in one
@@ -453,18 +467,18 @@ class GradientRecorder:
         if fused:  # one pass per gradient, one call for all (trainer.kernels)
             accumulators = [(s.sum_abs, s.max_abs, s.nonfinite) for s in fused]
             computed = kernels.grad_stats_many(grads, accumulators if element else None)
-            results = {id(s): r for s, r in zip(fused, computed, strict=True)}
+            results = {id(s.param): r for s, r in zip(fused, computed, strict=True)}
         self._finish_cpu(present, results)
 
     def _finish_cpu(
         self, present: list[_ParamStats], results: dict[int, kernels.GradStats]
     ) -> None:
-        """Count the step of the statistics in ``results`` (by ``id`` of the _ParamStats,
+        """Count the step of the statistics in ``results`` (by ``id`` of the parameter,
         computed by the kernels), compute the others', and append the layers' step norms."""
         assert self._norms is not None
         totals = [0.0] * len(self.layers)
         for stats in present:
-            result = results.get(id(stats))
+            result = results.get(id(stats.param))
             if result is not None:
                 totals[stats.layer] += stats.add_fused(result)
                 continue

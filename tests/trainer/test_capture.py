@@ -129,3 +129,26 @@ def test_step_series_grow_past_their_initial_capacity() -> None:
     res = rec.result()["0"]
     np.testing.assert_allclose(res["step_norm"], norms, rtol=1e-6)
     assert res["prior"]["weight"]["mu"].shape == (1300,)
+
+
+def test_prior_gradient_series_are_the_gradients_step_by_step() -> None:
+    """Each learnable prior parameter's series holds its gradient at every recorded step, and
+    0 at a step where no gradient reached it (here: its ``.grad`` set to None)."""
+    torch.manual_seed(3)
+    model = mlp(3, [5], 2, PriorSpec(kind=PriorKind.LEARNABLE, sigma0=0.3))
+    rec = GradientRecorder(model, GradLevel.LAYER)
+    rho = model.layer1.weight_prior.rho
+    want = []
+    for step in range(5):
+        model.zero_grad()
+        (model(torch.randn(4, 3)).pow(2).sum() + model_kl(model)).backward()
+        if step == 2:
+            rho.grad = None
+        want.append(0.0 if rho.grad is None else float(rho.grad.reshape(-1)[0]))
+        rec.record_step()
+    res = rec.result()
+    assert res is not None
+    got = res["layer1"]["prior"]["weight"]["rho"]
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, np.array(want, np.float64))
+    assert got[2] == 0.0 and np.count_nonzero(got) == 4
