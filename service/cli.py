@@ -247,7 +247,7 @@ def _runs_options(p_runs: argparse.ArgumentParser) -> None:
         metavar="N",
         help="compact: keep only N (0-7) of the 7 mantissa bits of the per-element gradient "
         "statistics, of current files too (lossy: each within 2^-(N+1) of its stored value, "
-        "6.25%% at 3; with --compress-posteriors, N=3 takes a per-element epoch under 40%% "
+        "6.25%% at 3; with --compress-posteriors, N=3 takes a per-element epoch to 40%% "
         "of its version 1 size; default: 7, lossless)",
     )
     _store_options(p_runs)

@@ -11,7 +11,7 @@ decompress them, see ``BENCHMARKS.md``). With ``stat_bits`` below 7 (``--stat-bi
 lossy, opt-in) it also rewrites files whose per-element gradient statistics keep more
 mantissa bits, rounding them to ``N`` (:func:`~trainer.store._codec.round_bf16`); a file
 already at fewer bits keeps them (the bits are gone). With both, a 784-1200-1200-10
-per-element epoch takes under 40% of its version 1 size (``BENCHMARKS.md``):
+per-element epoch takes 40% of its version 1 size (39.9%, ``BENCHMARKS.md``):
 
 1. the file must match its catalog row (size and sha256); one that does not is left alone
    and reported (``bnn runs fsck`` tells more);
