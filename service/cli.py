@@ -510,6 +510,24 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _form_text(config: dict[str, Any]) -> str:
+    """How the run asked for its epoch files to be written (``stat_bits``,
+    ``compress_posteriors`` in its configuration), or "" where it left that to the
+    environment (``bnn runs compact`` may have rewritten them since)."""
+    parts = []
+    bits = config.get("stat_bits")
+    if bits is not None:
+        parts.append(
+            "statistics lossless (7 mantissa bits)"
+            if bits >= 7
+            else f"statistics at {bits} of 7 mantissa bits (lossy)"
+        )
+    packed = config.get("compress_posteriors")
+    if packed is not None:
+        parts.append("posteriors compressed" if packed else "posteriors plain")
+    return f" ({', '.join(parts)}, as configured)" if parts else ""
+
+
 def _cmd_runs(args: argparse.Namespace) -> int:
     if args.action == "fsck":
         return _cmd_runs_fsck(args)
@@ -535,6 +553,9 @@ def _cmd_runs(args: argparse.Namespace) -> int:
         if diverged := _divergence_text(run):
             print(f"{'diverged':>12}: {diverged}")
         print(f"{'epochs':>12}: {_epoch_ranges(info['epochs'])}")
+        if epochs:
+            size = _bytes(sum(e.size for e in epochs))
+            print(f"{'files':>12}: {size}{_form_text(run.config or {})}")
         if info["metrics"]:
             print(f"{'metrics':>12}: (epoch {info['epochs'][-1]})")
             for key, value in info["metrics"].items():

@@ -425,6 +425,19 @@ class TrainConfig(BaseModel):
         default=GradLevel.ELEMENT,
         description="gradient statistics captured: 'none', per 'layer', or per 'element'",
     )
+    stat_bits: int | None = Field(
+        default=None,
+        ge=0,
+        le=7,
+        description="epoch files: mantissa bits kept of the per-element gradient statistics' 7 "
+        "(bfloat16), rounded to nearest; fewer is smaller and lossy (3: each within 6.25%) "
+        "(default: $BNN_STAT_BITS, else 7, lossless)",
+    )
+    compress_posteriors: bool | None = Field(
+        default=None,
+        description="epoch files: compress the posterior mu/sigma too (about 13% smaller, "
+        "decompressed at every read) (default: $BNN_COMPRESS_POSTERIORS, else off)",
+    )
     # bookkeeping
     name: str | None = Field(default=None, description="a name for the run (default: none)")
     tags: list[str] = Field(default_factory=list, description="labels to filter runs by")

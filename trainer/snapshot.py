@@ -55,6 +55,10 @@ class EpochSnapshot:
     grad_level: GradLevel = GradLevel.NONE
     layer_types: dict[str, str] = field(default_factory=dict)
     evaluation: dict[str, np.ndarray] | None = None  # per-test-example arrays, (N,) each
+    # how the epoch file stores it (``trainer.store.write_epoch_file``); None: the writer's
+    # arguments, else the environment (``BNN_STAT_BITS``, ``BNN_COMPRESS_POSTERIORS``), decide
+    stat_bits: int | None = None  # mantissa bits (0-7) of the per-element statistics
+    compress_posteriors: bool | None = None
 
     @property
     def layers(self) -> list[str]:

@@ -81,6 +81,8 @@ class TrackedRun:
         heartbeat_interval: float | None,
         handle_sigterm: bool,
         background_writes: bool,
+        stat_bits: int | None = None,
+        compress_posteriors: bool | None = None,
     ) -> None:
         import torch
         from torch import nn
@@ -128,9 +130,16 @@ class TrackedRun:
             )
         if sink is not None and (tracking_url is not None or data_dir is not None):
             raise BnnError.invalid("give sink= or tracking_url/data_dir, not both")
+        from trainer.store._codec import validate_stat_bits
         from trainer.store._write import env_format
 
         env_format()  # BNN_STAT_BITS / BNN_COMPRESS_POSTERIORS checked before any run exists
+        self._stat_bits = None if stat_bits is None else validate_stat_bits(stat_bits)
+        if compress_posteriors is not None and not isinstance(compress_posteriors, bool):
+            raise BnnError.invalid(
+                f"compress_posteriors must be True, False or None, got {compress_posteriors!r}"
+            )
+        self._compress_posteriors = compress_posteriors
         user = check_tracked_config(config)
         if TRACKING_KEY in user:
             raise BnnError.invalid(
@@ -239,6 +248,10 @@ class TrackedRun:
             "parameters": int(sum(p.numel() for p in model.parameters())),
             "bayesian_layers": len(layers),
         }
+        if self._stat_bits is not None:
+            out[TRACKING_KEY]["stat_bits"] = self._stat_bits
+        if self._compress_posteriors is not None:
+            out[TRACKING_KEY]["compress_posteriors"] = self._compress_posteriors
         return out
 
     @staticmethod
@@ -402,6 +415,7 @@ class TrackedRun:
 
         recorder = self._recorder if recorded else None
         snap, ready = epoch_snapshot(self.model, epoch, dict(metrics), recorder, self._device)
+        snap.stat_bits, snap.compress_posteriors = self._stat_bits, self._compress_posteriors
         self._submitted.append(epoch)
         self._writer.submit(snap, ready)
         return True

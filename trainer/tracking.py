@@ -231,6 +231,8 @@ def track(
     heartbeat_interval: float | None = None,
     handle_sigterm: bool = True,
     background_writes: bool = True,
+    stat_bits: int | None = None,
+    compress_posteriors: bool | None = None,
 ) -> TrackedRun:
     """Start a tracked run of ``model`` (see the module docstring); use it as a context
     manager, or call :meth:`TrackedRun.finish` yourself.
@@ -251,6 +253,10 @@ def track(
             run ``interrupted`` and exits with status 143.
         background_writes: write captured epochs on a background thread while the next
             epoch trains, as ``bnn train`` does (False: in ``log_epoch``).
+        stat_bits, compress_posteriors: how the epoch files are written (lossy, opt-in:
+            the per-element statistics at ``stat_bits`` of their 7 mantissa bits, the
+            posteriors compressed; ``bnn train --stat-bits``); None: ``$BNN_STAT_BITS`` and
+            ``$BNN_COMPRESS_POSTERIORS``, else lossless and plain.
     """
     from trainer.tracked_run import TrackedRun
 
@@ -271,4 +277,6 @@ def track(
         heartbeat_interval=heartbeat_interval,
         handle_sigterm=handle_sigterm,
         background_writes=background_writes,
+        stat_bits=stat_bits,
+        compress_posteriors=compress_posteriors,
     )

@@ -687,6 +687,8 @@ class Trainer:
         valid once :meth:`_host_copy_ready`'s function has run (the epoch writer runs it)."""
         recorder = self.recorder if recorded else None
         snap, self._copies_ready = epoch_snapshot(self.model, epoch, metrics, recorder, self.device)
+        snap.stat_bits = self.config.stat_bits  # None: the environment's (BNN_STAT_BITS)
+        snap.compress_posteriors = self.config.compress_posteriors
         return snap
 
     def _host_copy_ready(self) -> Callable[[], None] | None:

@@ -401,3 +401,27 @@ def test_a_body_of_another_media_type_is_415_saying_which_header(
     assert "'Content-Type: application/json'" in error["message"] and media in error["message"]
     assert ("curl's default for -d" in error["message"]) is hint
     assert client.get("/runs").json()["total"] == 0
+
+
+def test_a_run_can_ask_for_the_archive_form_of_its_epoch_files(client: TestClient) -> None:
+    """``stat_bits`` / ``compress_posteriors`` are part of the run's configuration (the
+    job's trainer writes its epochs so); a bad value is a 422 naming it, and no job runs."""
+    response = client.post("/runs", json={**TINY, "stat_bits": 3, "compress_posteriors": True})
+    assert response.status_code == 202
+    config = response.json()["config"]
+    assert (config["stat_bits"], config["compress_posteriors"]) == (3, True)
+    default = client.post("/runs", json=TINY).json()["config"]
+    assert (default["stat_bits"], default["compress_posteriors"]) == (None, None)
+    submitted = list(client.jobs.submitted)
+    for bad, message in [
+        ({"stat_bits": 8}, "less than or equal to 7"),
+        ({"stat_bits": -1}, "greater than or equal to 0"),
+        ({"stat_bits": 2.5}, "integer"),
+        ({"compress_posteriors": "maybe"}, "must be true or false, got 'maybe'"),
+    ]:
+        err = client.post("/runs", json={**TINY, **bad})
+        assert err.status_code == 422, bad
+        fields = err.json()["error"]["details"]["fields"]
+        (name,) = bad
+        assert message in fields[name], (bad, fields)
+    assert client.jobs.submitted == submitted

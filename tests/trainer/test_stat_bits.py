@@ -371,3 +371,83 @@ def test_a_bad_environment_stops_a_trainer_before_its_run_exists(
         with pytest.raises(BnnError, match=name):
             trainer.track(model, sink=store, epochs=1)
         assert store.list_runs() == []  # nothing half-made
+
+
+# ----------------------------------------------------------------------- a run's own setting
+def test_a_runs_config_sets_its_files_form_over_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``TrainConfig.stat_bits`` / ``compress_posteriors`` (``bnn train --stat-bits N
+    --compress-posteriors``, ``POST /runs``) decide how the run's epochs are written, over
+    ``BNN_STAT_BITS`` / ``BNN_COMPRESS_POSTERIORS``; a run that sets nothing takes those."""
+    from trainer.config import parse_config
+    from trainer.train import Trainer
+
+    monkeypatch.setenv("BNN_STAT_BITS", "5")
+    monkeypatch.setenv("BNN_COMPRESS_POSTERIORS", "0")
+    base = {"dataset": "regression", "n_train": 64, "epochs": 2, "widths": [40, 40]}
+
+    def forms(config: dict[str, object]) -> set[tuple[int, bool]]:
+        with RunStore(tmp_path / "data") as store:
+            result = Trainer(parse_config({**base, **config}), sink=store, progress=False).fit()
+            assert result.run_id is not None
+            out = set()
+            for epoch in result.captured_epochs:
+                path = store.epoch_path(result.run_id, epoch)
+                with EpochFile(path) as ef:
+                    bits = ef.stat_bits()
+                with h5py.File(path, "r") as f:
+                    # layer2: 40x40, large enough to compress
+                    out.add((bits, f["params/layer2/posterior/weight/mu"].chunks is not None))
+            assert store.fsck().clean
+            assert store.get_run(result.run_id).config["stat_bits"] == config.get("stat_bits")
+            return out
+
+    assert forms({"stat_bits": 3, "compress_posteriors": True}) == {(3, True)}
+    assert forms({"stat_bits": 7}) == {(7, False)}  # 7 bits asked: lossless, env or not
+    assert forms({}) == {(5, False)}  # the environment's
+
+
+def test_a_snapshots_own_form_is_checked_and_arguments_win(
+    tmp_path: Path, make_snapshot: SnapshotFactory
+) -> None:
+    snap = _snapshot(make_snapshot)
+    snap.stat_bits, snap.compress_posteriors = 3, True
+    write_epoch_file(tmp_path / "own.h5", snap)
+    assert _form(tmp_path / "own.h5") == (3, True)
+    write_epoch_file(tmp_path / "arg.h5", snap, stat_bits=6, compress_posteriors=False)
+    assert _form(tmp_path / "arg.h5") == (6, False)
+    for field, value, message in [
+        ("stat_bits", 9, "stat_bits must be from 0 to 7, got 9"),
+        ("stat_bits", "3", "stat_bits must be an integer from 0 to 7, got '3'"),
+        ("compress_posteriors", "yes", "compress_posteriors must be True, False or None"),
+    ]:
+        bad = _snapshot(make_snapshot)
+        setattr(bad, field, value)
+        with pytest.raises(BnnError) as err:
+            write_epoch_file(tmp_path / "bad.h5", bad)
+        assert err.value.code is ErrorCode.INVALID_ARGUMENT and message in err.value.message
+        assert "bad snapshot for epoch 3" in err.value.message
+        assert not (tmp_path / "bad.h5").exists()
+
+
+def test_bnn_train_takes_the_form_as_options_and_checks_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    args = ["train", "--data-dir", str(data), "--dataset", "regression", "--epochs", "1"]
+    args += ["--n-train", "64", "--widths", "4", "--no-progress"]
+    assert main([*args, "--stat-bits", "2", "--compress-posteriors"]) == 0
+    run_id = capsys.readouterr().out.split()[-1]
+    with RunStore(data) as store:
+        config = store.get_run(run_id).config
+        assert (config["stat_bits"], config["compress_posteriors"]) == (2, True)
+        with EpochFile(store.epoch_path(run_id, 0)) as ef:
+            assert ef.stat_bits() == 2
+    assert main(["runs", "show", run_id, "--data-dir", str(data)]) == 0
+    shown = capsys.readouterr().out
+    assert "(statistics at 2 of 7 mantissa bits (lossy), posteriors compressed, as" in shown
+    assert main([*args, "--stat-bits", "8"]) == 2
+    assert "--stat-bits: Input should be less than or equal to 7 (got 8)" in capsys.readouterr().err
+    with RunStore(data) as store:
+        assert [r.id for r in store.list_runs()] == [run_id]  # none made for the bad one

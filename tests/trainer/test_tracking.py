@@ -531,3 +531,31 @@ def test_a_run_left_open_ends_with_the_interpreter(
     run, epochs = _only_run(tmp_path)
     assert run.status.value == status and epochs == [0, 1]
     assert (run.error is None) if error is None else (error in run.error)
+
+
+def test_a_tracked_loop_can_ask_for_the_archive_form(tmp_path: Path, data: Any) -> None:
+    """``track(stat_bits=..., compress_posteriors=...)`` as ``bnn train --stat-bits``: the
+    epoch files carry it and the stored configuration says so; bad values are refused before
+    the run exists."""
+    from trainer.store import EpochFile
+
+    model = small_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with trainer.track(model, data_dir=tmp_path, epochs=2, stat_bits=2) as run:
+        for epoch in range(2):
+            run.log_epoch(epoch, {"loss": train_epoch(model, data, opt, run)})
+    with RunStore(tmp_path) as store:
+        config = store.get_run(run.id).config
+        assert config["tracking"]["stat_bits"] == 2
+        assert "compress_posteriors" not in config["tracking"]
+        for epoch in (0, 1):
+            with EpochFile(store.epoch_path(run.id, epoch)) as ef:
+                assert ef.stat_bits() == 2
+        for bad, message in [
+            ({"stat_bits": 8}, "stat_bits must be from 0 to 7, got 8"),
+            ({"stat_bits": "3"}, "stat_bits must be an integer from 0 to 7, got '3'"),
+            ({"compress_posteriors": "yes"}, "compress_posteriors must be True, False or None"),
+        ]:
+            with pytest.raises(BnnError, match=message):
+                trainer.track(small_model(), sink=store, epochs=1, **bad)
+        assert [r.id for r in store.list_runs()] == [run.id]

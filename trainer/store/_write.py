@@ -305,7 +305,9 @@ def write_epoch_file(
     of version 1's size, each statistic within 6.25% of its bfloat16 value
     (``BENCHMARKS.md``). Either left None takes its value from the environment
     (:func:`env_format`: ``BNN_STAT_BITS``, ``BNN_COMPRESS_POSTERIORS``; unset, 7 bits and
-    plain posteriors) for version 2; version 1 ignores them. ``schema_version=1`` writes
+    plain posteriors) for version 2, unless the snapshot sets it (``snap.stat_bits``,
+    ``snap.compress_posteriors``: what a run's ``TrainConfig`` asks for); version 1 ignores
+    them. ``schema_version=1`` writes
     the previous format (float32 statistics, uncompressed unless ``BNN_HDF5_COMPRESSION``
     says gzip or lzf, no summaries), which older versions of this library read. Raises
     INVALID_ARGUMENT for a bad snapshot, version or option (or environment variable) and
@@ -315,17 +317,23 @@ def write_epoch_file(
         raise BnnError.invalid(
             f"schema_version must be one of {list(SCHEMA_VERSIONS)}, got {schema_version!r}"
         )
-    if schema_version >= 2 and (stat_bits is None or compress_posteriors is None):
-        env_bits, env_packed = env_format()
-        stat_bits = env_bits if stat_bits is None else stat_bits
-        compress_posteriors = env_packed if compress_posteriors is None else compress_posteriors
-    stat_bits = BF16_MANTISSA if stat_bits is None else validate_stat_bits(stat_bits)
-    compress_posteriors = bool(compress_posteriors)
-    if stat_bits < BF16_MANTISSA and schema_version < 2:
+    if stat_bits is not None:
+        stat_bits = validate_stat_bits(stat_bits)
+    if stat_bits is not None and stat_bits < BF16_MANTISSA and schema_version < 2:
         raise BnnError.invalid(
             f"stat_bits={stat_bits} needs schema version 2 (version 1 stores float32 statistics)"
         )
     snap = validate_snapshot(snap)
+    if schema_version >= 2:  # the arguments, else the snapshot's own, else the environment
+        stat_bits = snap.stat_bits if stat_bits is None else stat_bits
+        if compress_posteriors is None:
+            compress_posteriors = snap.compress_posteriors
+        if stat_bits is None or compress_posteriors is None:
+            env_bits, env_packed = env_format()
+            stat_bits = env_bits if stat_bits is None else stat_bits
+            compress_posteriors = env_packed if compress_posteriors is None else compress_posteriors
+    stat_bits = BF16_MANTISSA if stat_bits is None else validate_stat_bits(stat_bits)
+    compress_posteriors = bool(compress_posteriors)
     writer = _Writer(schema_version, stat_bits)
     path = Path(path)
     load_filters()
