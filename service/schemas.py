@@ -408,6 +408,17 @@ class RunPage(BaseModel):
     runs: list[RunOut]
 
 
+class EpochStorage(BaseModel):
+    schema_version: int = Field(description="the epoch file's format version")
+    stat_bits: int = Field(
+        description="mantissa bits kept of the per-element gradient statistics' 7 (bfloat16; "
+        "fewer: rounded, lossy)"
+    )
+    posteriors_compressed: bool = Field(
+        description="whether the posterior arrays are compressed in the file"
+    )
+
+
 class EpochOut(BaseModel):
     run_id: str
     epoch: int
@@ -415,6 +426,10 @@ class EpochOut(BaseModel):
     size: int = Field(description="bytes of the HDF5 file")
     checksum: str = Field(description="sha256 of the file")
     created_at: str
+    storage: EpochStorage | None = Field(
+        default=None,
+        description="how the file stores the epoch (read from it: GET of one epoch only)",
+    )
 
 
 class MetricsOut(BaseModel):

@@ -29,7 +29,7 @@ from service.routers import (
 )
 from service.schemas import EpochOut, MetricsOut
 from trainer.errors import BnnError, ErrorCode
-from trainer.store import EpochInfo
+from trainer.store import EpochFile, EpochInfo
 
 __all__ = ["epoch_out", "router"]
 
@@ -80,8 +80,12 @@ def list_epochs(run: RunDep, store: StoreDep, fmt: FormatQuery = Format.JSON) ->
     summary="One captured epoch",
 )
 def get_epoch(run: RunDep, epoch: EpochPath, store: StoreDep) -> Response:
-    """404 listing the captured epochs when ``epoch`` was not captured."""
-    return json_response(epoch_out(store.get_epoch(run.id, epoch)))
+    """The catalog's record of the epoch and ``storage``, how its file stores it (read from
+    the file's metadata). 404 listing the captured epochs when ``epoch`` was not captured."""
+    info = store.get_epoch(run.id, epoch)
+    with EpochFile(store.epoch_path(run.id, epoch), f"{run.id}/{info.file}") as ef:
+        storage = ef.storage()
+    return json_response(epoch_out(info) | {"storage": storage})
 
 
 @router.get(

@@ -196,3 +196,24 @@ def test_non_finite_metrics_survive_as_strings(client: TestClient, epoch_file: E
     series = client.get(f"/runs/{run_id}/metrics").json()["series"]
     assert series == {"loss": ["nan"], "kl": ["inf"]}
     assert "nan" in client.get(f"/runs/{run_id}/metrics?format=csv").text
+
+
+def test_one_epoch_says_how_its_file_stores_it(client: TestClient, tmp_path: Path) -> None:
+    """``GET /runs/{id}/epochs/{epoch}`` adds ``storage`` (read from the file): format
+    version, the statistics' mantissa bits and whether the posteriors are compressed; the
+    list of epochs stays the catalog's alone."""
+    run_id = external_run(client)
+    forms = {0: {"schema_version": 1}, 1: {}, 2: {"stat_bits": 3}}
+    for epoch, options in forms.items():
+        path = tmp_path / f"e{epoch}.h5"
+        snap = _snapshot(epoch, layers=TINY_LAYERS, no_bias=())
+        write_epoch_file(path, snap, run_id=run_id, **options)
+        assert put(client, run_id, epoch, path).status_code == 201
+    got = {e: client.get(f"/runs/{run_id}/epochs/{e}").json()["storage"] for e in forms}
+    assert got == {
+        0: {"schema_version": 1, "stat_bits": 7, "posteriors_compressed": False},
+        1: {"schema_version": 2, "stat_bits": 7, "posteriors_compressed": False},
+        2: {"schema_version": 2, "stat_bits": 3, "posteriors_compressed": False},
+    }
+    listed = client.get(f"/runs/{run_id}/epochs").json()
+    assert [e.get("storage") for e in listed] == [None, None, None]

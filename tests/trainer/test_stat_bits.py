@@ -307,11 +307,18 @@ def test_the_unrounded_code_is_named_by_its_index_in_the_array(
 
 # ----------------------------------------------------------------------------- the environment
 def _form(path: Path) -> tuple[int, bool]:
-    """(the file's statistics' mantissa bits, whether its posteriors are compressed)."""
+    """(the file's statistics' mantissa bits, whether its posteriors are compressed), as
+    ``EpochFile.storage()`` says and as the datasets are."""
     with EpochFile(path) as ef:
-        bits = ef.stat_bits()
+        storage = ef.storage()
     with h5py.File(path, "r") as f:
-        return bits, f["params/big/posterior/weight/mu"].chunks is not None
+        packed = f["params/big/posterior/weight/mu"].chunks is not None
+    assert storage == {
+        "schema_version": 2,
+        "stat_bits": storage["stat_bits"],
+        "posteriors_compressed": packed,
+    }
+    return storage["stat_bits"], packed
 
 
 def test_the_environment_sets_what_trainers_write(

@@ -380,6 +380,35 @@ class EpochFile:
         found: int = self._guard(read)
         return found
 
+    def posteriors_compressed(self) -> bool:
+        """Whether the file's posterior arrays pass through a compression filter (version 1
+        files written with ``BNN_HDF5_COMPRESSION``; version 2 with ``compress_posteriors``),
+        so that a read decompresses them instead of mapping the file. Metadata only."""
+
+        def read() -> bool:
+            for layer in self.header.layers:
+                for param in PARAMS:
+                    for stat in STATS:
+                        ds = self._node("params", layer, "posterior", param, stat)
+                        if (
+                            isinstance(ds, h5py.Dataset)
+                            and ds.id.get_create_plist().get_nfilters() > 0
+                        ):
+                            return True
+            return False
+
+        found: bool = self._guard(read)
+        return found
+
+    def storage(self) -> dict[str, Any]:
+        """How the file stores its epoch: ``schema_version``, ``stat_bits`` (see
+        :meth:`stat_bits`) and ``posteriors_compressed``. Metadata only."""
+        return {
+            "schema_version": self.header.schema_version,
+            "stat_bits": self.stat_bits(),
+            "posteriors_compressed": self.posteriors_compressed(),
+        }
+
     def _decode(self, ds: h5py.Dataset, alloc: Alloc | None = None) -> np.ndarray:
         """A bfloat16-encoded dataset as float32 (see :mod:`trainer.store._codec`)."""
         codes = np.empty(ds.shape, np.uint16)
