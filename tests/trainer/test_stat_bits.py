@@ -458,3 +458,24 @@ def test_bnn_train_takes_the_form_as_options_and_checks_it(
     assert "--stat-bits: Input should be less than or equal to 7 (got 8)" in capsys.readouterr().err
     with RunStore(data) as store:
         assert [r.id for r in store.list_runs()] == [run_id]  # none made for the bad one
+
+
+def test_a_snapshot_read_from_a_lossy_file_keeps_its_precision(
+    tmp_path: Path, make_snapshot: SnapshotFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read back and written again (no options), a 3-bit epoch stays a 3-bit file: its
+    values have no more bits to claim, whatever the environment asks; a lossless file's
+    snapshot leaves the choice to the writer."""
+    snap = _snapshot(make_snapshot)
+    write_epoch_file(tmp_path / "lossy.h5", snap, stat_bits=3)
+    write_epoch_file(tmp_path / "full.h5", snap)
+    monkeypatch.setenv("BNN_STAT_BITS", "6")
+    lossy, full = (read_epoch_file(tmp_path / f"{n}.h5") for n in ("lossy", "full"))
+    assert (lossy.stat_bits, full.stat_bits) == (3, None)
+    write_epoch_file(tmp_path / "again.h5", lossy)
+    assert _form(tmp_path / "again.h5") == (3, False)
+    assert_tree_equal(lossy.gradients, read_epoch_file(tmp_path / "again.h5").gradients)
+    write_epoch_file(tmp_path / "full_again.h5", full)
+    assert _form(tmp_path / "full_again.h5") == (6, False)  # the environment's
+    no_grads = read_epoch_file(tmp_path / "lossy.h5", gradients=False)
+    assert no_grads.stat_bits is None

@@ -985,13 +985,16 @@ class EpochFile:
     def snapshot(
         self, layers: Iterable[str] | None = None, gradients: bool = True
     ) -> EpochSnapshot:
-        """The whole epoch (or some layers) as an :class:`EpochSnapshot`."""
+        """The whole epoch (or some layers) as an :class:`EpochSnapshot`; from a file whose
+        statistics keep fewer than 7 mantissa bits, with that ``stat_bits`` (so that writing
+        the snapshot again does not claim bits its values lack)."""
         params = self.params(layers)
         grads: dict[str, Any] | None = None
         if gradients and self.header.has_gradients:
             node = self._node("gradients")
             grads = {layer: self.gradients(layer) for layer in params if layer in node}
         h = self.header
+        bits = self.stat_bits() if grads is not None else BF16_MANTISSA
         return EpochSnapshot(
             h.epoch,
             params,
@@ -1000,6 +1003,7 @@ class EpochFile:
             h.grad_level,
             {k: v for k, v in h.layer_types.items() if k in params},
             self.evaluation(),
+            stat_bits=bits if bits < BF16_MANTISSA else None,
         )
 
 
