@@ -21,7 +21,11 @@ for the cores), and divided by a 391-step MNIST epoch of unrecorded steps. The
 capture overhead of a level is the two added.
 
     OMP_NUM_THREADS=2 python benchmarks/capture_step.py [--pairs 100] [--block 4] [--threads 2]
-        [--writes 5] [--device cpu|cuda]
+        [--writes 5] [--device cpu|cuda] [--element-every N --block N+1]
+
+``--element-every N`` adds a third level, per-element statistics sampled every N-th step
+(``GradientRecorder(element_every=N)``, ``bnn train --element-every N``); its blocks of
+``m * N + 1`` steps time ``m * N`` steps of which exactly ``m`` are sampled.
 
 On CUDA every step ends with a device synchronisation (so a step's time is its own) and the
 epoch's copies to the host are asynchronous, as in the trainer.
@@ -54,7 +58,7 @@ from trainer.snapshot import GradLevel
 from trainer.store import RunStore
 from trainer.train import _adam
 
-LEVELS = (GradLevel.LAYER, GradLevel.ELEMENT)
+LEVELS = ("layer", "element")
 
 
 def main() -> None:
@@ -66,7 +70,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--writes", type=int, default=5, help="epoch writes per level")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument(
+        "--element-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure per-element statistics sampled every N-th step (element_every)",
+    )
     args = ap.parse_args()
+    if args.element_every < 0 or args.element_every == 1:
+        ap.error(f"--element-every must be >= 2 (0: not measured), got {args.element_every}")
+    if args.element_every and args.block % args.element_every != 1:
+        # a block of m*N + 1 steps: its m*N timed steps hold exactly m sampled ones
+        ap.error(
+            f"--block must be one more than a multiple of --element-every (e.g. "
+            f"{args.element_every + 1}), so that every block's timed steps hold the same share "
+            f"of sampled steps; got --block {args.block}"
+        )
+    levels = [*LEVELS, f"element/{args.element_every}"] if args.element_every else list(LEVELS)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
@@ -84,9 +105,16 @@ def main() -> None:
     model.to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     opt = _adam(torch.optim.Adam, list(model.parameters()), 1e-3)
-    recorders = {level: GradientRecorder(model, level) for level in LEVELS}
+    recorders = {
+        name: GradientRecorder(
+            model,
+            GradLevel.LAYER if name == "layer" else GradLevel.ELEMENT,
+            element_every=args.element_every if "/" in name else 1,
+        )
+        for name in levels
+    }
 
-    def step(i: int, level: GradLevel | None) -> float:
+    def step(i: int, level: str | None) -> float:
         x, y = data[i % len(data)]
         sync()
         t0 = time.perf_counter()
@@ -99,14 +127,14 @@ def main() -> None:
         sync()
         return time.perf_counter() - t0
 
-    cycle = [None, GradLevel.LAYER, None, GradLevel.ELEMENT]
+    cycle: list[str | None] = [x for name in levels for x in (None, name)]
     for i in range(2 * len(cycle)):  # warm-up: every path once, kernels compiled
         step(i, cycle[i % len(cycle)])
-    pairs: dict[GradLevel, list[tuple[float, float]]] = {level: [] for level in LEVELS}
+    pairs: dict[str, list[tuple[float, float]]] = {level: [] for level in levels}
     load = [os.getloadavg()[0]]
     i = 0
 
-    def block(level: GradLevel | None) -> float:
+    def block(level: str | None) -> float:
         """Mean time of the block's steps after its first."""
         nonlocal i
         times = [step(i + k, level) for k in range(args.block)]
@@ -114,20 +142,20 @@ def main() -> None:
         return statistics.fmean(times[1:])
 
     for p in range(args.pairs):
-        for level in LEVELS:
+        for level in levels:
             base = block(None)
             pairs[level].append((base, block(level)))
         if (p + 1) % 50 == 0:
             load.append(os.getloadavg()[0])
             print(f"{p + 1}/{args.pairs} pairs (load {load[-1]:.2f})", flush=True)
 
-    charges: dict[GradLevel, list[float]] = {level: [] for level in LEVELS}
+    charges: dict[str, list[float]] = {level: [] for level in levels}
     with tempfile.TemporaryDirectory() as tmp:
         store = RunStore(tmp)
         charge = EpochCharge(store, "capture_step", device)
         epoch = 0
         for _ in range(args.writes):
-            for level in LEVELS:
+            for level in levels:
                 for _ in range(3):  # a few steps into the recorder's new epoch
                     step(i, level)
                     i += 1
@@ -137,7 +165,7 @@ def main() -> None:
         store.close()
     load.append(os.getloadavg()[0])
 
-    base_step = statistics.median(b for level in LEVELS for b, _ in pairs[level])
+    base_step = statistics.median(b for level in levels for b, _ in pairs[level])
     epoch_s = EPOCH_STEPS * base_step
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{args.threads} threads"
     print(
@@ -151,17 +179,17 @@ def main() -> None:
         f"unrecorded step: {1e3 * base_step:.2f} ms (median); {EPOCH_STEPS} of them {epoch_s:.2f} s"
     )
     print(
-        f"{'level':<9} {'step +':>8} {'95% CI':>16} {'epoch write':>12} {'of an epoch':>12} "
+        f"{'level':<11} {'step +':>8} {'95% CI':>16} {'epoch write':>12} {'of an epoch':>12} "
         f"{'capture overhead':>17}"
     )
-    for level in LEVELS:
+    for level in levels:
         ratios = [r / b - 1 for b, r in pairs[level]]
         med = statistics.median(ratios)
         low, high = median_ci(ratios)
         charge = statistics.median(charges[level])
         share = charge / epoch_s
         print(
-            f"{level.value:<9} {100 * med:>7.1f}% {100 * low:>7.1f} to {100 * high:>4.1f}% "
+            f"{level:<11} {100 * med:>7.1f}% {100 * low:>7.1f} to {100 * high:>4.1f}% "
             f"{charge:>10.2f} s {100 * share:>11.1f}% {100 * (med + share):>16.1f}%"
         )
 

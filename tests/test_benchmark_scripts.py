@@ -21,22 +21,27 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def test_capture_step_prints_both_levels() -> None:
+def test_capture_step_prints_every_level() -> None:
     cmd = [
         sys.executable, "benchmarks/capture_step.py",
-        "--pairs", "2", "--block", "2", "--writes", "1", "--threads", "1",
+        "--pairs", "2", "--block", "3", "--writes", "1", "--threads", "1", "--element-every", "2",
     ]  # fmt: skip
     proc = subprocess.run(
         cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300, check=False
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {line.split()[0]: line for line in proc.stdout.splitlines() if line.strip()}
-    assert {"layer", "element", "unrecorded"} <= set(rows), proc.stdout
-    bad = subprocess.run(
-        [sys.executable, "benchmarks/capture_step.py", "--block", "1"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert bad.returncode == 2 and "--block must be >= 2" in bad.stderr
+    assert {"layer", "element", "element/2", "unrecorded"} <= set(rows), proc.stdout
+    for args, message in [
+        (["--block", "1"], "--block must be >= 2"),
+        (["--element-every", "2", "--block", "4"], "--block must be one more than a multiple"),
+        (["--element-every", "1"], "--element-every must be >= 2"),
+    ]:
+        bad = subprocess.run(
+            [sys.executable, "benchmarks/capture_step.py", *args],
+            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr[-500:])
 
 
 def test_summary_kernels_prints_both_rows() -> None:

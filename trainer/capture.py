@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer import kernels
+from trainer.errors import BnnError
 from trainer.layers import BayesianLayer, bayesian_layers
 from trainer.snapshot import EpochSnapshot, GradLevel, LayerLog
 
@@ -134,6 +135,11 @@ def epoch_snapshot(
     params = get_all_distribution_params(model, epoch, force=True, copies=copies)
     assert params is not None
     recorded = recorder is not None and recorder.level is not GradLevel.NONE
+    if recorder is not None and recorded and recorder.element_every > 1:
+        # what the sampled per-element statistics cover (element_every; the metric
+        # ``steps`` counts every step)
+        metrics["element_steps"] = float(recorder.element_steps)  # (the caller's dict: its
+        # later additions, such as the test metrics, reach the snapshot)
     snap = EpochSnapshot(
         epoch=epoch,
         params=params,
@@ -225,12 +231,16 @@ class _ParamStats:
         if a.numel():
             torch.maximum(self.max_abs, a.max(), out=self.max_abs)
 
-    def add_fused(self, result: kernels.GradStats) -> float:
+    def add_fused(self, result: kernels.GradStats, element: bool = True) -> float:
         """Count one step whose statistics the CPU kernels computed
         (:func:`trainer.kernels.grad_stats_many`: per element, already added to this
-        parameter's accumulators); returns the step's sum of squares."""
-        self.steps += 1
+        parameter's accumulators); returns the step's sum of squares. ``element`` False: a
+        step that the per-element statistics skip (``element_every``; its totals only, for
+        the step norm), not counted."""
         sq, sum_abs, max_abs, bad = result
+        if self.level is GradLevel.ELEMENT and not element:
+            return sq
+        self.steps += 1
         if bad:
             self.clean = False
         if self.level is not GradLevel.ELEMENT:
@@ -351,10 +361,28 @@ class GradientRecorder:
     synchronisation. The per-layer step norms come from the same pass (the squared norms of
     a layer's tensors, summed). (Numba kernels doing it all in one loop were tried: on two
     threads they were 2x slower than these bandwidth-bound torch kernels; BENCHMARKS.md.)
+
+    ``element_every`` N > 1 (level ``element``, opt-in, sampled): the per-element statistics
+    take only steps 0, N, 2N, ... of the epoch (their mean and max |g| and non-finite counts
+    are over those ``element_steps``), which divides their cost by about N; the step norms
+    and the prior gradients still take every step.
     """
 
-    def __init__(self, model: nn.Module, level: GradLevel | str = GradLevel.ELEMENT) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        level: GradLevel | str = GradLevel.ELEMENT,
+        *,
+        element_every: int = 1,
+    ) -> None:
         self.level = GradLevel(level)
+        if isinstance(element_every, bool) or not isinstance(element_every, int):
+            raise BnnError.invalid(f"element_every must be an integer >= 1, got {element_every!r}")
+        if element_every < 1:
+            raise BnnError.invalid(f"element_every must be an integer >= 1, got {element_every}")
+        self.element_every = element_every
+        self.element_steps = 0  # steps of this epoch that the per-element statistics cover
+        self._step = 0  # steps recorded this epoch
         self.layers = bayesian_layers(model)
         self._stats: list[_ParamStats] = []
         self._by_layer: dict[str, dict[str, dict[str, _ParamStats]]] = {}
@@ -368,6 +396,7 @@ class GradientRecorder:
 
     def reset(self) -> None:
         """Start a new epoch."""
+        self._step = self.element_steps = 0
         self._stats, self._by_layer, self._prior, self._prior_params = [], {}, {}, []
         self._norms, self._index, self._plan, self._cpu = None, None, None, None
         if self.level is GradLevel.NONE or not self.layers:
@@ -410,6 +439,16 @@ class GradientRecorder:
         else:
             self._record_foreach(present)
         self._record_priors()
+        self._next_step()
+
+    def records_elements(self) -> bool:
+        """Whether the step about to be recorded updates the per-element statistics (level
+        ``element``, and a step that ``element_every`` samples)."""
+        return self.level is GradLevel.ELEMENT and self._step % self.element_every == 0
+
+    def _next_step(self) -> None:
+        self.element_steps += self.records_elements()
+        self._step += 1
 
     def _cpu_only(self) -> bool:
         """Whether every recorded parameter is on the CPU (known once per epoch: the
@@ -446,6 +485,7 @@ class GradientRecorder:
             assert not results, "statistics from an optimiser pass for a non-CPU model"
             self._record_foreach(present)
         self._record_priors()
+        self._next_step()
 
     def _record_priors(self) -> None:
         for param, series in self._prior_params:
@@ -455,7 +495,7 @@ class GradientRecorder:
         """CPU: per gradient, through the kernels, its sum of squares and the statistics in one
         pass; else its norm (which tells whether it is finite) and the statistics through
         one reused |g| buffer (three passes; fewer than the masked path)."""
-        element = self.level is GradLevel.ELEMENT
+        element = self.records_elements()
         fused, grads = [], []
         for s in present:
             g = s.param.grad
@@ -476,16 +516,19 @@ class GradientRecorder:
         """Count the step of the statistics in ``results`` (by ``id`` of the parameter,
         computed by the kernels), compute the others', and append the layers' step norms."""
         assert self._norms is not None
+        element = self.records_elements()
+        skip = self.level is GradLevel.ELEMENT and not element  # a step element_every skips
         totals = [0.0] * len(self.layers)
         for stats in present:
             result = results.get(id(stats.param))
             if result is not None:
-                totals[stats.layer] += stats.add_fused(result)
+                totals[stats.layer] += stats.add_fused(result, element)
                 continue
             grad = stats.param.grad
             assert grad is not None
             norm_sq = float(torch.linalg.vector_norm(grad).to(torch.float64)) ** 2
-            stats.record(grad, math.isfinite(norm_sq))
+            if not skip:
+                stats.record(grad, math.isfinite(norm_sq))
             totals[stats.layer] += norm_sq
         self._norms.append_values([math.sqrt(t) for t in totals])
 
@@ -495,11 +538,14 @@ class GradientRecorder:
         if not present:
             self._norms.append_values([0.0] * len(self.layers))
             return
+        grads = [s.param.grad for s in present]
+        norms = torch._foreach_norm(grads)  # type: ignore[arg-type]
+        if self.level is GradLevel.ELEMENT and not self.records_elements():
+            self._append_norms(present, norms)  # a step that element_every skips
+            return
         for stats in present:
             stats.steps += 1
             stats.clean = False  # not known without a sync
-        grads = [s.param.grad for s in present]
-        norms = torch._foreach_norm(grads)  # type: ignore[arg-type]
         a = torch._foreach_abs(grads)  # type: ignore[arg-type]
         bad = [~torch.isfinite(x) for x in a]
         for x, b in zip(a, bad, strict=True):
@@ -521,6 +567,11 @@ class GradientRecorder:
             torch._foreach_add_(nonfinite, [b.sum(dtype=torch.int32) for b in bad])
             torch._foreach_add_(sums, [x.sum(dtype=torch.float32) for x in a])
             torch._foreach_maximum_([s.max_abs for s in present], [x.max().float() for x in a])
+        self._append_norms(present, norms)
+
+    def _append_norms(self, present: list[_ParamStats], norms: Sequence[Tensor]) -> None:
+        """The layers' step norms from their tensors' norms, on the device (no sync)."""
+        assert self._norms is not None
         device = self._norms.buf.device
         key = tuple(s.layer for s in present)
         index = _layer_index(key, len(self.layers), device)

@@ -425,6 +425,15 @@ class TrainConfig(BaseModel):
         default=GradLevel.ELEMENT,
         description="gradient statistics captured: 'none', per 'layer', or per 'element'",
     )
+    element_every: int = Field(
+        default=1,
+        ge=1,
+        le=1_000_000,
+        description="per-element gradient statistics from every N-th step of an epoch only "
+        "(sampled, opt-in: their mean and max |g| and non-finite counts over those steps, at "
+        "about 1/N of their cost; step norms and prior gradients still every step; 1: every "
+        "step, exact)",
+    )
     stat_bits: int | None = Field(
         default=None,
         ge=0,

@@ -33,7 +33,6 @@ from torch import Tensor
 
 from trainer import kernels
 from trainer.capture import GradientRecorder
-from trainer.snapshot import GradLevel
 
 __all__ = ["RecordingAdam", "record_with"]
 
@@ -137,7 +136,7 @@ class RecordingAdam(torch.optim.Adam):
             _unhooked(torch.optim.Adam.step)(self)
             return loss
         plan = recorder.fused_plan() if recorder is not None else {}
-        element = recorder is not None and recorder.level is GradLevel.ELEMENT
+        element = recorder is not None and recorder.records_elements()
         params: list[Tensor] = []
         grads: list[Tensor] = []
         exp_avgs: list[Tensor] = []

@@ -83,6 +83,7 @@ class TrackedRun:
         background_writes: bool,
         stat_bits: int | None = None,
         compress_posteriors: bool | None = None,
+        element_every: int = 1,
     ) -> None:
         import torch
         from torch import nn
@@ -140,6 +141,13 @@ class TrackedRun:
                 f"compress_posteriors must be True, False or None, got {compress_posteriors!r}"
             )
         self._compress_posteriors = compress_posteriors
+        if (
+            isinstance(element_every, bool)
+            or not isinstance(element_every, int)
+            or element_every < 1
+        ):
+            raise BnnError.invalid(f"element_every must be an integer >= 1, got {element_every!r}")
+        self._element_every = element_every
         user = check_tracked_config(config)
         if TRACKING_KEY in user:
             raise BnnError.invalid(
@@ -165,7 +173,7 @@ class TrackedRun:
         self._writer = _EpochWriter(
             self._write, self.captured_epochs.append, background=background_writes
         )
-        self._recorder = GradientRecorder(model, level)
+        self._recorder = GradientRecorder(model, level, element_every=element_every)
         self._watch: Any = None  # a trainer.train._DivergenceWatch, made at the first step
         self._zero: Any = None  # a 0-d tensor on the watch's device
         self._tensor = torch.Tensor
@@ -248,6 +256,8 @@ class TrackedRun:
             "parameters": int(sum(p.numel() for p in model.parameters())),
             "bayesian_layers": len(layers),
         }
+        if self._element_every > 1:
+            out[TRACKING_KEY]["element_every"] = self._element_every
         if self._stat_bits is not None:
             out[TRACKING_KEY]["stat_bits"] = self._stat_bits
         if self._compress_posteriors is not None:

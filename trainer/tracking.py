@@ -233,6 +233,7 @@ def track(
     background_writes: bool = True,
     stat_bits: int | None = None,
     compress_posteriors: bool | None = None,
+    element_every: int = 1,
 ) -> TrackedRun:
     """Start a tracked run of ``model`` (see the module docstring); use it as a context
     manager, or call :meth:`TrackedRun.finish` yourself.
@@ -257,6 +258,8 @@ def track(
             the per-element statistics at ``stat_bits`` of their 7 mantissa bits, the
             posteriors compressed; ``bnn train --stat-bits``); None: ``$BNN_STAT_BITS`` and
             ``$BNN_COMPRESS_POSTERIORS``, else lossless and plain.
+        element_every: per-element statistics from every N-th step only (sampled, opt-in;
+            ``bnn train --element-every``; the metric ``element_steps`` counts them).
     """
     from trainer.tracked_run import TrackedRun
 
@@ -279,4 +282,5 @@ def track(
         background_writes=background_writes,
         stat_bits=stat_bits,
         compress_posteriors=compress_posteriors,
+        element_every=element_every,
     )

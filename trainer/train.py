@@ -450,7 +450,9 @@ class Trainer:
             [p for p in params if id(p) in prior_ids and p.requires_grad]
         )
         self.scheduler = self._make_scheduler()
-        self.recorder = GradientRecorder(self.model, config.grad_capture)
+        self.recorder = GradientRecorder(
+            self.model, config.grad_capture, element_every=config.element_every
+        )
         learnable = config.prior is PriorKind.LEARNABLE
         self.eb_mode = learnable and config.prior_mode is LearnMode.EMPIRICAL_BAYES
         self.laplace_mode = learnable and config.prior_mode is LearnMode.LAPLACE
