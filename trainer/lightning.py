@@ -72,6 +72,9 @@ class BnnTracking(Callback):
         sink: Any = None,
         heartbeat_interval: float | None = None,
         hparams: bool = True,
+        element_every: int = 1,
+        stat_bits: int | None = None,
+        compress_posteriors: bool | None = None,
     ) -> None:
         super().__init__()
         self.options: dict[str, Any] = {
@@ -85,6 +88,9 @@ class BnnTracking(Callback):
             "grad_level": grad_level,
             "sink": sink,
             "heartbeat_interval": heartbeat_interval,
+            "element_every": element_every,
+            "stat_bits": stat_bits,
+            "compress_posteriors": compress_posteriors,
         }
         self.config = dict(check_tracked_config(config))
         self.hparams = hparams

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -132,3 +133,18 @@ def test_a_module_without_bayesian_layers_is_a_clear_error(tmp_path: Path) -> No
 
     with pytest.raises(BnnError, match="Plain has no Bayesian layer"):
         fit(Plain(), BnnTracking(data_dir=tmp_path))
+
+
+def test_the_callback_takes_the_sampling_and_the_file_form(tmp_path: Path) -> None:
+    from trainer.store import EpochFile
+
+    callback = BnnTracking(data_dir=tmp_path, element_every=2, stat_bits=4)
+    fit(Regressor(), callback)
+    run = callback.run
+    assert run is not None and run.status == "completed"
+    with RunStore(tmp_path) as store:
+        assert store.get_run(run.id).config["tracking"]["element_every"] == 2
+        metrics = store.list_epochs(run.id)[0].metrics
+        assert metrics["element_steps"] == math.ceil(metrics["steps"] / 2)
+        with EpochFile(store.epoch_path(run.id, 0)) as ef:
+            assert ef.stat_bits() == 4
