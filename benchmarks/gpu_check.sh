@@ -11,7 +11,8 @@
 #   cuda_tests.txt              tests/trainer/test_cuda.py (skipped everywhere else)
 #   train_throughput_cuda.txt   samples/s and ratios to torchbnn on the GPU, capture included
 #                               (target: learnable prior with per-element capture >= 1.0x)
-#   capture_step_cuda.txt       capture's cost per step and per epoch on the GPU
+#   capture_step_cuda.txt       capture's cost per step and per epoch on the GPU (per layer,
+#                               per element, and per element sampled every 4th step)
 set -u -o pipefail
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
@@ -41,4 +42,5 @@ step() {  # step NAME LIMIT_S COMMAND...: run it, its output to $OUT/NAME.txt an
 }
 step cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/trainer/test_cuda.py
 step train_throughput_cuda 200 "$PY" benchmarks/train_throughput.py --device cuda --rounds 10
-step capture_step_cuda 150 "$PY" benchmarks/capture_step.py --device cuda --pairs 100 --writes 3
+step capture_step_cuda 150 "$PY" benchmarks/capture_step.py --device cuda --pairs 100 --writes 3 \
+    --element-every 4 --block 5
