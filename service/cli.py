@@ -556,6 +556,9 @@ def _cmd_runs(args: argparse.Namespace) -> int:
         if epochs:
             size = _bytes(sum(e.size for e in epochs))
             print(f"{'files':>12}: {size}{_form_text(run.config or {})}")
+        every = (run.config or {}).get("element_every")
+        if isinstance(every, int) and every > 1:
+            print(f"{'gradients':>12}: per element, sampled every {every} steps (element_every)")
         if info["metrics"]:
             print(f"{'metrics':>12}: (epoch {info['epochs'][-1]})")
             for key, value in info["metrics"].items():

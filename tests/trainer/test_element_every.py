@@ -112,7 +112,7 @@ def test_bad_element_every_is_refused_naming_it() -> None:
             GradientRecorder(model, GradLevel.ELEMENT, element_every=bad)  # type: ignore[arg-type]
 
 
-def test_a_run_with_sampled_statistics(tmp_path: Path) -> None:
+def test_a_run_with_sampled_statistics(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``bnn train --element-every N``: the epoch's metric ``element_steps`` says how many
     steps its per-element statistics cover (``steps`` still counts them all), and the
     configuration keeps N; a track()ed loop takes it too."""
@@ -133,6 +133,8 @@ def test_a_run_with_sampled_statistics(tmp_path: Path) -> None:
             assert snap.grad_level is GradLevel.ELEMENT
             assert snap.gradients is not None
             assert len(snap.gradients["layer1"]["step_norm"]) == 6
+    assert main(["runs", "show", run.id, "--data-dir", str(data)]) == 0
+    assert "gradients: per element, sampled every 4 steps" in capsys.readouterr().out
     assert main([*args, "--element-every", "0"]) == 2
 
     torch.manual_seed(0)
