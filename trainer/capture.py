@@ -138,8 +138,8 @@ def epoch_snapshot(
     if recorder is not None and recorded and recorder.element_every > 1:
         # what the sampled per-element statistics cover (element_every; the metric
         # ``steps`` counts every step)
-        metrics["element_steps"] = float(recorder.element_steps)  # (the caller's dict: its
-        # later additions, such as the test metrics, reach the snapshot)
+        # into the caller's dict, which the snapshot shares (later test metrics reach it too)
+        metrics["element_steps"] = float(recorder.element_steps)
     snap = EpochSnapshot(
         epoch=epoch,
         params=params,
@@ -348,6 +348,14 @@ class _Series(_Rows):
         return self.column(0, copies)
 
 
+def validate_element_every(value: object) -> int:
+    """``value`` as :class:`GradientRecorder`'s ``element_every`` (an integer >= 1);
+    INVALID_ARGUMENT naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BnnError.invalid(f"element_every must be an integer >= 1, got {value!r}")
+    return value
+
+
 class GradientRecorder:
     """Accumulates gradient statistics over one epoch; call :meth:`record_step` after backward.
 
@@ -376,11 +384,7 @@ class GradientRecorder:
         element_every: int = 1,
     ) -> None:
         self.level = GradLevel(level)
-        if isinstance(element_every, bool) or not isinstance(element_every, int):
-            raise BnnError.invalid(f"element_every must be an integer >= 1, got {element_every!r}")
-        if element_every < 1:
-            raise BnnError.invalid(f"element_every must be an integer >= 1, got {element_every}")
-        self.element_every = element_every
+        self.element_every = validate_element_every(element_every)
         self.element_steps = 0  # steps of this epoch that the per-element statistics cover
         self._step = 0  # steps recorded this epoch
         self.layers = bayesian_layers(model)

@@ -88,7 +88,7 @@ class TrackedRun:
         import torch
         from torch import nn
 
-        from trainer.capture import GradientRecorder
+        from trainer.capture import GradientRecorder, validate_element_every
         from trainer.layers import bayesian_layers
         from trainer.snapshot import GradLevel
         from trainer.train import _EpochWriter, _Heartbeat
@@ -131,23 +131,13 @@ class TrackedRun:
             )
         if sink is not None and (tracking_url is not None or data_dir is not None):
             raise BnnError.invalid("give sink= or tracking_url/data_dir, not both")
-        from trainer.store._codec import validate_stat_bits
+        from trainer.store._codec import validate_compress_posteriors, validate_stat_bits
         from trainer.store._write import env_format
 
         env_format()  # BNN_STAT_BITS / BNN_COMPRESS_POSTERIORS checked before any run exists
         self._stat_bits = None if stat_bits is None else validate_stat_bits(stat_bits)
-        if compress_posteriors is not None and not isinstance(compress_posteriors, bool):
-            raise BnnError.invalid(
-                f"compress_posteriors must be True, False or None, got {compress_posteriors!r}"
-            )
-        self._compress_posteriors = compress_posteriors
-        if (
-            isinstance(element_every, bool)
-            or not isinstance(element_every, int)
-            or element_every < 1
-        ):
-            raise BnnError.invalid(f"element_every must be an integer >= 1, got {element_every!r}")
-        self._element_every = element_every
+        self._compress_posteriors = validate_compress_posteriors(compress_posteriors)
+        self._element_every = validate_element_every(element_every)
         user = check_tracked_config(config)
         if TRACKING_KEY in user:
             raise BnnError.invalid(
@@ -173,7 +163,7 @@ class TrackedRun:
         self._writer = _EpochWriter(
             self._write, self.captured_epochs.append, background=background_writes
         )
-        self._recorder = GradientRecorder(model, level, element_every=element_every)
+        self._recorder = GradientRecorder(model, level, element_every=self._element_every)
         self._watch: Any = None  # a trainer.train._DivergenceWatch, made at the first step
         self._zero: Any = None  # a 0-d tensor on the watch's device
         self._tensor = torch.Tensor

@@ -52,6 +52,7 @@ __all__ = [
     "first_unrounded",
     "load_filters",
     "round_bf16",
+    "validate_compress_posteriors",
     "validate_stat_bits",
 ]
 
@@ -169,6 +170,14 @@ def encode_bf16(values: np.ndarray) -> np.ndarray:
         if m.min() == 0 or m.max() >= 0x7F80:
             _fix_specials(block, out)
     return codes.reshape(src.shape)
+
+
+def validate_compress_posteriors(value: object) -> bool | None:
+    """``value`` as a ``compress_posteriors`` option (True, False or None: the writer's
+    default); INVALID_ARGUMENT naming the value otherwise."""
+    if value is not None and not isinstance(value, bool | np.bool_):
+        raise BnnError.invalid(f"compress_posteriors must be True, False or None, got {value!r}")
+    return None if value is None else bool(value)
 
 
 def validate_stat_bits(bits: object) -> int:

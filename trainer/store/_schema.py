@@ -15,7 +15,7 @@ import numpy as np
 from trainer.errors import BnnError
 from trainer.snapshot import EpochSnapshot, GradLevel
 
-from ._codec import validate_stat_bits
+from ._codec import validate_compress_posteriors, validate_stat_bits
 from ._paths import validate_epoch
 
 __all__ = [
@@ -267,15 +267,11 @@ def validate_snapshot(snap: EpochSnapshot) -> EpochSnapshot:
         raise fail(f"layer_types {types!r} must map known layers {list(shapes)} to strings")
     evaluation = None if snap.evaluation is None else check_evaluation(snap.evaluation, fail)
     metrics = clean_metrics(snap.metrics, fail)
-    stat_bits = snap.stat_bits
-    if stat_bits is not None:
-        try:
-            stat_bits = validate_stat_bits(stat_bits)
-        except BnnError as exc:
-            raise fail(exc.message) from None
-    packed = snap.compress_posteriors
-    if packed is not None and not isinstance(packed, bool | np.bool_):
-        raise fail(f"compress_posteriors must be True, False or None, got {packed!r}")
+    try:
+        stat_bits = None if snap.stat_bits is None else validate_stat_bits(snap.stat_bits)
+        packed = validate_compress_posteriors(snap.compress_posteriors)
+    except BnnError as exc:
+        raise fail(exc.message) from None
     return EpochSnapshot(
         snap.epoch,
         params,
@@ -285,5 +281,5 @@ def validate_snapshot(snap: EpochSnapshot) -> EpochSnapshot:
         types,
         evaluation,
         stat_bits=stat_bits,
-        compress_posteriors=None if packed is None else bool(packed),
+        compress_posteriors=packed,
     )

@@ -332,7 +332,7 @@ def write_epoch_file(
             env_bits, env_packed = env_format()
             stat_bits = env_bits if stat_bits is None else stat_bits
             compress_posteriors = env_packed if compress_posteriors is None else compress_posteriors
-    stat_bits = BF16_MANTISSA if stat_bits is None else validate_stat_bits(stat_bits)
+    stat_bits = BF16_MANTISSA if stat_bits is None else stat_bits  # each source checked above
     compress_posteriors = bool(compress_posteriors)
     writer = _Writer(schema_version, stat_bits)
     path = Path(path)
