@@ -23,9 +23,10 @@ capture overhead of a level is the two added.
     OMP_NUM_THREADS=2 python benchmarks/capture_step.py [--pairs 100] [--block 4] [--threads 2]
         [--writes 5] [--device cpu|cuda] [--element-every N --block N+1]
 
-``--element-every N`` adds a third level, per-element statistics sampled every N-th step
-(``GradientRecorder(element_every=N)``, ``bnn train --element-every N``); its blocks of
-``m * N + 1`` steps time ``m * N`` steps of which exactly ``m`` are sampled.
+``--element-every N`` adds a third level, per-element statistics whose mean |g| samples every
+N-th step (``GradientRecorder(element_every=N)``, ``bnn train --element-every N``; the max
+|g| and counts still take every step); its blocks of ``m * N + 1`` steps time ``m * N``
+steps of which exactly ``m`` are sampled.
 
 On CUDA every step ends with a device synchronisation (so a step's time is its own) and the
 epoch's copies to the host are asynchronous, as in the trainer.
@@ -75,7 +76,8 @@ def main() -> None:
         type=int,
         default=0,
         metavar="N",
-        help="also measure per-element statistics sampled every N-th step (element_every)",
+        help="also measure per-element statistics whose mean samples every N-th step "
+        "(element_every)",
     )
     args = ap.parse_args()
     if args.element_every < 0 or args.element_every == 1:

@@ -558,7 +558,10 @@ def _cmd_runs(args: argparse.Namespace) -> int:
             print(f"{'files':>12}: {size}{_form_text(run.config or {})}")
         every = (run.config or {}).get("element_every")
         if isinstance(every, int) and every > 1:
-            print(f"{'gradients':>12}: per element, sampled every {every} steps (element_every)")
+            print(
+                f"{'gradients':>12}: per element; each weight's mean |g| sampled every "
+                f"{every} steps, its max |g| and non-finite count every step (element_every)"
+            )
         if info["metrics"]:
             print(f"{'metrics':>12}: (epoch {info['epochs'][-1]})")
             for key, value in info["metrics"].items():

@@ -136,8 +136,8 @@ def epoch_snapshot(
     assert params is not None
     recorded = recorder is not None and recorder.level is not GradLevel.NONE
     if recorder is not None and recorded and recorder.element_every > 1:
-        # what the sampled per-element statistics cover (element_every; the metric
-        # ``steps`` counts every step)
+        # the steps the sampled per-element mean covers (element_every; the metric
+        # ``steps`` counts every step, which the max and the counts cover)
         # into the caller's dict, which the snapshot shares (later test metrics reach it too)
         metrics["element_steps"] = float(recorder.element_steps)
     snap = EpochSnapshot(
@@ -179,9 +179,13 @@ class _ParamStats:
     memory traffic of a float32 max, which every captured step reads and writes), elsewhere
     in float32, rounded when the epoch's result is taken. Rounding is monotonic, so both
     give the stored value exactly: the rounded largest |g|.
+
+    ``sampled`` (level ``element``, the recorder's ``element_every`` > 1): the per-element
+    mean takes fewer steps than the max and the counts (``mean_steps`` of ``steps``), so its
+    non-finite gradients are counted apart (``nonfinite_mean``; else it is ``nonfinite``).
     """
 
-    def __init__(self, param: nn.Parameter, level: GradLevel) -> None:
+    def __init__(self, param: nn.Parameter, level: GradLevel, *, sampled: bool = False) -> None:
         self.param = param
         self.level = level
         element = level is GradLevel.ELEMENT
@@ -192,7 +196,13 @@ class _ParamStats:
             shape, device=param.device, dtype=torch.int16 if self.codes else torch.float32
         )
         self.nonfinite = torch.zeros(shape, device=param.device, dtype=torch.int32)
-        self.steps = 0
+        self.nonfinite_mean = (
+            torch.zeros(shape, device=param.device, dtype=torch.int32)
+            if element and sampled
+            else self.nonfinite
+        )
+        self.steps = 0  # steps recorded (the max and the non-finite counts)
+        self.mean_steps = 0  # of which the per-element mean took (all but when sampled)
         # per layer, the kernels' totals of the steps since the last result(), in Python
         # (float64; no torch operation per parameter and step), folded in by result()
         self._fused_sum, self._fused_max, self._fused_bad = 0.0, 0.0, 0
@@ -201,9 +211,25 @@ class _ParamStats:
         self.layer = 0  # the recorder's index of the layer this parameter belongs to
         self._buf: Tensor | None = None
 
-    def record(self, grad: Tensor, finite: bool | None) -> None:
-        """Add one step's gradient; ``finite`` None: unknown (check per element, no sync)."""
+    @property
+    def sampled(self) -> bool:
+        return self.nonfinite_mean is not self.nonfinite
+
+    def accumulators(self, mean: bool) -> kernels.Accumulators:
+        """The per-element accumulators for the CPU kernels (``mean``: this step adds to the
+        mean too)."""
+        return kernels.Accumulators(
+            self.sum_abs if mean else None,
+            self.max_abs,
+            self.nonfinite,
+            self.nonfinite_mean if mean and self.sampled else None,
+        )
+
+    def record(self, grad: Tensor, finite: bool | None, mean: bool = True) -> None:
+        """Add one step's gradient; ``finite`` None: unknown (check per element, no sync);
+        ``mean`` False: a step that the per-element mean skips (``element_every``)."""
         self.steps += 1
+        self.mean_steps += mean
         if self.level is GradLevel.ELEMENT:
             if self._buf is None:
                 self._buf = torch.empty_like(grad, dtype=torch.float32)
@@ -212,8 +238,11 @@ class _ParamStats:
                 self.clean = False
                 ok = torch.isfinite(grad)
                 self.nonfinite += ~ok
+                if mean and self.sampled:
+                    self.nonfinite_mean += ~ok
                 a = a.masked_fill_(~ok, 0.0)
-            self.sum_abs += a
+            if mean:
+                self.sum_abs += a
             torch.maximum(self.max_abs, _bf16_codes(a) if self.codes else a, out=self.max_abs)
             return
         if finite is True:  # |g| into a reused buffer, then two plain reductions
@@ -231,16 +260,14 @@ class _ParamStats:
         if a.numel():
             torch.maximum(self.max_abs, a.max(), out=self.max_abs)
 
-    def add_fused(self, result: kernels.GradStats, element: bool = True) -> float:
+    def add_fused(self, result: kernels.GradStats, mean: bool = True) -> float:
         """Count one step whose statistics the CPU kernels computed
         (:func:`trainer.kernels.grad_stats_many`: per element, already added to this
-        parameter's accumulators); returns the step's sum of squares. ``element`` False: a
-        step that the per-element statistics skip (``element_every``; its totals only, for
-        the step norm), not counted."""
+        parameter's accumulators); returns the step's sum of squares. ``mean`` False: a
+        step that the per-element mean skips (``element_every``)."""
         sq, sum_abs, max_abs, bad = result
-        if self.level is GradLevel.ELEMENT and not element:
-            return sq
         self.steps += 1
+        self.mean_steps += mean
         if bad:
             self.clean = False
         if self.level is not GradLevel.ELEMENT:
@@ -268,11 +295,11 @@ class _ParamStats:
         if self.clean and self.sum_abs.is_cpu:  # every count is the step count: one pass
             # (x / n equals x / a tensor of n's, bit for bit: both are IEEE divisions)
             return {
-                "mean_abs": to_host(self.sum_abs / float(max(self.steps, 1)), fresh=True),
+                "mean_abs": to_host(self.sum_abs / float(max(self.mean_steps, 1)), fresh=True),
                 "max_abs": to_host(max_abs, fresh=True),
                 "nonfinite": np.zeros(tuple(self.nonfinite.shape), np.int32),
             }
-        finite = (self.steps - self.nonfinite).clamp_min(1).to(torch.float32)
+        finite = (self.mean_steps - self.nonfinite_mean).clamp_min(1).to(torch.float32)
         return {
             "mean_abs": to_host(self.sum_abs / finite, fresh=True),
             "max_abs": to_host(max_abs, fresh=True),
@@ -370,10 +397,12 @@ class GradientRecorder:
     a layer's tensors, summed). (Numba kernels doing it all in one loop were tried: on two
     threads they were 2x slower than these bandwidth-bound torch kernels; BENCHMARKS.md.)
 
-    ``element_every`` N > 1 (level ``element``, opt-in, sampled): the per-element statistics
-    take only steps 0, N, 2N, ... of the epoch (their mean and max |g| and non-finite counts
-    are over those ``element_steps``), which divides their cost by about N; the step norms
-    and the prior gradients still take every step.
+    ``element_every`` N > 1 (level ``element``, sampled): each element's mean |g| takes only
+    steps 0, N, 2N, ... of the epoch (``element_steps`` of them; an unbiased estimate of the
+    mean over every step), which divides the cost of its float32 sum (two thirds of the
+    per-element accumulators' bytes) by about N. Everything else still takes every step,
+    exactly: each element's max |g| and non-finite count, the step norms, the per-layer
+    statistics and the prior gradients, so a spike on any step is in that weight's max.
     """
 
     def __init__(
@@ -385,7 +414,7 @@ class GradientRecorder:
     ) -> None:
         self.level = GradLevel(level)
         self.element_every = validate_element_every(element_every)
-        self.element_steps = 0  # steps of this epoch that the per-element statistics cover
+        self.element_steps = 0  # steps of this epoch that the per-element mean covers
         self._step = 0  # steps recorded this epoch
         self.layers = bayesian_layers(model)
         self._stats: list[_ParamStats] = []
@@ -410,9 +439,10 @@ class GradientRecorder:
             for kind in _KINDS:
                 mu, rho = getattr(layer, f"{kind}_mu"), getattr(layer, f"{kind}_rho")
                 if mu is not None and rho is not None:
+                    sampled = self.element_every > 1
                     per_kind[kind] = {
-                        "mu": _ParamStats(mu, self.level),
-                        "rho": _ParamStats(rho, self.level),
+                        "mu": _ParamStats(mu, self.level, sampled=sampled),
+                        "rho": _ParamStats(rho, self.level, sampled=sampled),
                     }
                     for stats in per_kind[kind].values():
                         stats.layer = j
@@ -445,13 +475,14 @@ class GradientRecorder:
         self._record_priors()
         self._next_step()
 
-    def records_elements(self) -> bool:
-        """Whether the step about to be recorded updates the per-element statistics (level
-        ``element``, and a step that ``element_every`` samples)."""
+    def samples_mean(self) -> bool:
+        """Whether the step about to be recorded adds to the per-element mean |g| (level
+        ``element``, and a step that ``element_every`` samples; the per-element max and
+        counts take every step)."""
         return self.level is GradLevel.ELEMENT and self._step % self.element_every == 0
 
     def _next_step(self) -> None:
-        self.element_steps += self.records_elements()
+        self.element_steps += self.samples_mean()
         self._step += 1
 
     def _cpu_only(self) -> bool:
@@ -466,9 +497,9 @@ class GradientRecorder:
         anyway may take in its own pass (:class:`trainer.optim.RecordingAdam`), then handed
         to :meth:`record_fused_step`: every recorded CPU parameter; ``{}`` at level none.
         Their ``level`` says what to compute: the totals (``layer``) or, at ``element``, the
-        totals and the per-element ``sum_abs``, ``max_abs`` (bfloat16 codes) and
-        ``nonfinite`` accumulators updated as :func:`trainer.kernels.grad_stats_many`
-        updates them."""
+        totals and the per-element accumulators (``_ParamStats.accumulators``, given
+        :meth:`samples_mean`) updated as :func:`trainer.kernels.grad_stats_many` updates
+        them."""
         if self.level is GradLevel.NONE or self._norms is None:
             return {}
         if self._plan is None:  # once per epoch (reset), not per step
@@ -499,7 +530,8 @@ class GradientRecorder:
         """CPU: per gradient, through the kernels, its sum of squares and the statistics in one
         pass; else its norm (which tells whether it is finite) and the statistics through
         one reused |g| buffer (three passes; fewer than the masked path)."""
-        element = self.records_elements()
+        element = self.level is GradLevel.ELEMENT
+        mean = self.samples_mean()
         fused, grads = [], []
         for s in present:
             g = s.param.grad
@@ -509,8 +541,8 @@ class GradientRecorder:
                 grads.append(g)
         results: dict[int, kernels.GradStats] = {}
         if fused:  # one pass per gradient, one call for all (trainer.kernels)
-            accumulators = [(s.sum_abs, s.max_abs, s.nonfinite) for s in fused]
-            computed = kernels.grad_stats_many(grads, accumulators if element else None)
+            accumulators = [s.accumulators(mean) for s in fused] if element else None
+            computed = kernels.grad_stats_many(grads, accumulators)
             results = {id(s.param): r for s, r in zip(fused, computed, strict=True)}
         self._finish_cpu(present, results)
 
@@ -520,19 +552,17 @@ class GradientRecorder:
         """Count the step of the statistics in ``results`` (by ``id`` of the parameter,
         computed by the kernels), compute the others', and append the layers' step norms."""
         assert self._norms is not None
-        element = self.records_elements()
-        skip = self.level is GradLevel.ELEMENT and not element  # a step element_every skips
+        mean = self.level is not GradLevel.ELEMENT or self.samples_mean()
         totals = [0.0] * len(self.layers)
         for stats in present:
             result = results.get(id(stats.param))
             if result is not None:
-                totals[stats.layer] += stats.add_fused(result, element)
+                totals[stats.layer] += stats.add_fused(result, mean)
                 continue
             grad = stats.param.grad
             assert grad is not None
             norm_sq = float(torch.linalg.vector_norm(grad).to(torch.float64)) ** 2
-            if not skip:
-                stats.record(grad, math.isfinite(norm_sq))
+            stats.record(grad, math.isfinite(norm_sq), mean)
             totals[stats.layer] += norm_sq
         self._norms.append_values([math.sqrt(t) for t in totals])
 
@@ -544,11 +574,10 @@ class GradientRecorder:
             return
         grads = [s.param.grad for s in present]
         norms = torch._foreach_norm(grads)  # type: ignore[arg-type]
-        if self.level is GradLevel.ELEMENT and not self.records_elements():
-            self._append_norms(present, norms)  # a step that element_every skips
-            return
+        mean = self.level is not GradLevel.ELEMENT or self.samples_mean()
         for stats in present:
             stats.steps += 1
+            stats.mean_steps += mean
             stats.clean = False  # not known without a sync
         a = torch._foreach_abs(grads)  # type: ignore[arg-type]
         bad = [~torch.isfinite(x) for x in a]
@@ -557,8 +586,14 @@ class GradientRecorder:
         sums = [s.sum_abs for s in present]
         nonfinite = [s.nonfinite for s in present]
         if self.level is GradLevel.ELEMENT:
-            torch._foreach_add_(nonfinite, [b.to(torch.int32) for b in bad])
-            torch._foreach_add_(sums, [x.float() for x in a])
+            counts = [b.to(torch.int32) for b in bad]
+            torch._foreach_add_(nonfinite, counts)
+            if mean:  # a step that the per-element mean takes (element_every)
+                torch._foreach_add_(sums, [x.float() for x in a])
+                sampled = [(s.nonfinite_mean, c) for s, c in zip(present, counts, strict=True)
+                           if s.sampled]  # fmt: skip
+                if sampled:
+                    torch._foreach_add_([n for n, _ in sampled], [c for _, c in sampled])
             floats = [
                 (s.max_abs, x.float()) for s, x in zip(present, a, strict=True) if not s.codes
             ]

@@ -429,10 +429,10 @@ class TrainConfig(BaseModel):
         default=1,
         ge=1,
         le=1_000_000,
-        description="per-element gradient statistics from every N-th step of an epoch only "
-        "(sampled, opt-in: their mean and max |g| and non-finite counts over those steps, at "
-        "about 1/N of their cost; step norms and prior gradients still every step; 1: every "
-        "step, exact)",
+        description="each weight's mean |g| from every N-th step of an epoch only (sampled: "
+        "an unbiased estimate, its float32 sum at about 1/N of its cost; each weight's max |g| "
+        "and non-finite count, the step norms and the prior gradients still every step, "
+        "exactly; 1: the mean over every step too)",
     )
     stat_bits: int | None = Field(
         default=None,

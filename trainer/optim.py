@@ -33,6 +33,7 @@ from torch import Tensor
 
 from trainer import kernels
 from trainer.capture import GradientRecorder
+from trainer.snapshot import GradLevel
 
 __all__ = ["RecordingAdam", "record_with"]
 
@@ -136,14 +137,15 @@ class RecordingAdam(torch.optim.Adam):
             _unhooked(torch.optim.Adam.step)(self)
             return loss
         plan = recorder.fused_plan() if recorder is not None else {}
-        element = recorder is not None and recorder.records_elements()
+        element = recorder is not None and recorder.level is GradLevel.ELEMENT
+        mean = recorder is not None and recorder.samples_mean()
         params: list[Tensor] = []
         grads: list[Tensor] = []
         exp_avgs: list[Tensor] = []
         exp_avg_sqs: list[Tensor] = []
         hypers: list[kernels.AdamHyper] = []
         record: list[int] = []
-        accumulators: list[tuple[Tensor, Tensor, Tensor] | None] = []
+        accumulators: list[kernels.Accumulators | None] = []
         for group, (g_params, g_grads, g_avgs, g_sqs, g_steps) in gathered:
             if not g_params:
                 continue
@@ -167,9 +169,8 @@ class RecordingAdam(torch.optim.Adam):
                 stats = plan.get(id(p))
                 record.append(0 if stats is None else 2 if element else 1)
                 accumulators.append(
-                    None if stats is None or not element
-                    else (stats.sum_abs, stats.max_abs, stats.nonfinite)
-                )  # fmt: skip
+                    stats.accumulators(mean) if stats is not None and element else None
+                )
             params += g_params
             grads += g_grads
             exp_avgs += g_avgs

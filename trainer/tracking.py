@@ -258,8 +258,9 @@ def track(
             the per-element statistics at ``stat_bits`` of their 7 mantissa bits, the
             posteriors compressed; ``bnn train --stat-bits``); None: ``$BNN_STAT_BITS`` and
             ``$BNN_COMPRESS_POSTERIORS``, else lossless and plain.
-        element_every: per-element statistics from every N-th step only (sampled, opt-in;
-            ``bnn train --element-every``; the metric ``element_steps`` counts them).
+        element_every: each weight's mean |g| from every N-th step only (sampled; its max
+            |g| and non-finite count still take every step; ``bnn train --element-every``;
+            the metric ``element_steps`` counts the mean's steps).
     """
     from trainer.tracked_run import TrackedRun
 

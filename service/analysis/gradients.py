@@ -128,19 +128,30 @@ class LayerScores:
     median: float  # of log10 |g| over finite |g| > 0 (NaN at layer level)
     scale: float  # robust scale of log10 |g|, at least MIN_LOG_SCALE (NaN: no z-score)
     z_vanishing: float = math.inf  # vanishing threshold (inf: no z-score flags)
+    # bool: |g| exactly 0 at every step of the epoch (from the max |g|, which takes every
+    # step even where the mean samples them, and which no division rounds to 0); None: g == 0
+    zero: np.ndarray | None = None
 
     @property
     def _z_ok(self) -> bool:
         return bool(np.isfinite(self.median) and self.scale > 0)
 
     def z(self, idx: np.ndarray | None = None) -> np.ndarray:
-        """Robust z of the elements ``idx`` (all when None): +inf non-finite, -inf for 0."""
+        """Robust z of the elements ``idx`` (all when None): +inf non-finite, -inf for an
+        element whose |g| was 0 at every step; a zero statistic whose max says otherwise (a
+        sampled mean) takes the z of the smallest float32, 1.4e-45, after those."""
         g = self.g if idx is None else self.g[idx]
         nf = self.nonfinite if idx is None else self.nonfinite[idx]
+        zero = self._zero() if idx is None else self._zero()[idx]
+        tiny = float(np.finfo(np.float32).smallest_subnormal)
         with np.errstate(divide="ignore", invalid="ignore"):
-            z = (np.log10(g.astype(np.float64)) - self.median) / self.scale
-        z = np.where(g == 0, -np.inf, z if self._z_ok else 0.0)
+            z = (np.log10(np.where(g == 0, tiny, g.astype(np.float64))) - self.median) / self.scale
+        z = np.where(zero, -np.inf, z if self._z_ok else 0.0)
         return np.where(nf, np.inf, z)
+
+    def _zero(self) -> np.ndarray:
+        """Whether each element's |g| was 0 at every step (see ``zero``)."""
+        return (self.g == 0) if self.zero is None else self.zero
 
     def log_bound(self, kind: GradKind) -> float:
         """log10 of the |g| beyond which the z-score flags ``kind``: median +- z * scale
@@ -160,7 +171,7 @@ class LayerScores:
         return hit
 
     def vanishing(self, th: GradThresholds) -> np.ndarray:
-        hit = self.g == 0
+        hit = self._zero().copy()
         if self._z_ok:
             hit |= less_than(self.g, pow10(self.log_bound(GradKind.VANISHING)))
         if th.vanish_abs is not None:
@@ -173,7 +184,7 @@ class LayerScores:
         g = self.g.astype(np.float64)
         if kind is GradKind.EXPLODING:
             return np.where(self.nonfinite, np.inf, g)
-        return np.where(self.nonfinite, -np.inf, -g)
+        return np.where(self.nonfinite, -np.inf, np.where(self._zero(), np.inf, -g))
 
 
 def stat_arrays(
@@ -193,13 +204,18 @@ def layer_scores(tree: dict[str, Any], th: GradThresholds, where: str = "layer")
     g_arr, nf_arr = stat_arrays(tree, th, where)
     g = np.abs(g_arr.astype(np.float32, copy=False).ravel())
     nonfinite = np.greater(nf_arr, 0).ravel() | ~np.isfinite(g)
+    zero = None
+    if th.stat != "max_abs":  # exactly 0 at every step: the max says it (mean: sampled?)
+        peak = tree[th.param][th.grad_param].get("max_abs")
+        if peak is not None and np.shape(peak) == g_arr.shape:
+            zero = np.asarray(peak).ravel() == 0
     if g_arr.ndim == 0:
-        return LayerScores(g, nonfinite, np.inf, float("nan"), float("nan"))
+        return LayerScores(g, nonfinite, np.inf, float("nan"), float("nan"), zero=zero)
     med, scale, n_pos = robust_log_scale(g)
     if math.isfinite(scale):
         scale = max(scale, MIN_LOG_SCALE)
     z_explode, z_vanish = th.z_for(n_pos)
-    return LayerScores(g, nonfinite, z_explode, med, scale, z_vanish)
+    return LayerScores(g, nonfinite, z_explode, med, scale, z_vanish, zero=zero)
 
 
 def grad_tree(
@@ -356,6 +372,13 @@ def _grad_summary(
     def flag_counts() -> tuple[int, int, float, float]:
         t = tree(False)  # the flags read the examined statistic and the counts
         assert t is not None
+        stats = t[th.param][th.grad_param]
+        if "max_abs" not in stats and th.stat != "max_abs" and np.any(stats[th.stat] == 0):
+            # whether a zero was 0 at every step is the max's to say (a sampled mean's
+            # zero may not be; element_every), read only for a layer with zeros
+            peak = view.gradient_array(layer, th.param, th.grad_param, "max_abs")
+            if peak is not None:
+                t = {**t, th.param: {th.grad_param: {**stats, "max_abs": peak}}}
         sc = layer_scores(t, th, where)
         explode, vanish = sc.exploding(th), sc.vanishing(th)
         e, v = int(np.count_nonzero(explode)), int(np.count_nonzero(vanish))

@@ -41,8 +41,9 @@ def _planted(seed: int = 0, learnable: bool = True) -> list[EpochSnapshot]:
     for rc in EXPLODING:
         stats["mean_abs"][rc] *= 1e4
     stats["nonfinite"][NAN_STEP] = 2
-    for rc in ZERO:
+    for rc in ZERO:  # 0 at every step: its max too
         stats["mean_abs"][rc] = 0.0
+        stats["max_abs"][rc] = 0.0
     return snaps
 
 
@@ -212,6 +213,36 @@ def test_healthy_runs_raise_no_default_flags(tmp_path: Path) -> None:
             # an explicit threshold is used as given, in layers of any size
             loose = gradient_diagnostics(reader, z_threshold=1.0)
             assert (loose["vanishing"] > 0).any() and (loose["z threshold"] == 1.0).all()
+
+
+def test_a_zero_mean_is_vanishing_only_where_the_max_is_zero_too(tmp_path: Path) -> None:
+    """A zero mean |g| whose max |g| is not zero (a mean sampled on steps where that weight
+    had no gradient, element_every; or a sum of tiny |g| that the division rounded to 0) is
+    not "exactly 0 over the epoch": the max, taken at every step, decides, in the outlier
+    ranking and in the stored run's diagnostics alike."""
+    snaps = _planted()
+    stats = snaps[1].gradients["layer2"]["weight"]["mu"]  # type: ignore[index]
+    not_zero = [(2, 2), (6, 60)]  # a zero mean, a non-zero max
+    for rc in not_zero:
+        stats["mean_abs"][rc] = 0.0
+    stats["max_abs"][not_zero[1]] = 1e-45  # the smallest float32: n steps of it mean 0
+    th = GradThresholds()
+    tree = snaps[1].gradients["layer2"]  # type: ignore[index]
+    flagged = layer_scores(tree, th).vanishing(th).reshape(10, 200)
+    assert sorted(zip(*np.nonzero(flagged), strict=True)) == sorted(ZERO)
+    without_max = {"weight": {"mu": {k: v for k, v in stats.items() if k != "max_abs"}}}
+    assert layer_scores(without_max, th).vanishing(th).sum() == 4  # no max: the mean's zeros
+    top = gradient_outliers(snaps, 1, 4, kind="vanishing", layer="layer2")
+    assert top["flagged"].tolist() == [True, True, False, False]
+    assert set(top["index"].iloc[:2]) == set(ZERO)
+    store = RunStore(tmp_path)
+    run = store.create_run("sampled", {}).id
+    for snap in snaps:
+        store.write_epoch(run, snap)
+    store.close()
+    with RunReader(run, tmp_path) as reader:
+        diag = gradient_diagnostics(reader)
+    assert diag.loc[(1, "layer2"), "vanishing"] == len(ZERO)
 
 
 def test_small_layers_get_no_default_z_flags() -> None:

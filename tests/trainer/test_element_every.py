@@ -1,6 +1,7 @@
-"""Sampled per-element gradient statistics (``element_every`` N, opt-in): every path gives
-exactly what an every-step recorder gives on steps 0, N, 2N, ... alone, the step norms and
-prior gradients still take every step, and the epoch says how many steps it sampled."""
+"""Sampled per-element mean |g| (``element_every`` N): every path gives each element's mean
+exactly as an every-step recorder gives it on steps 0, N, 2N, ... alone, and its max |g|,
+non-finite counts, the step norms and the prior gradients exactly as an every-step
+recorder gives them over every step; the epoch says how many steps the mean took."""
 
 from __future__ import annotations
 
@@ -29,6 +30,17 @@ def _assert_same(got: object, want: object, where: str = "") -> None:
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=where)
 
 
+def _pick(stats: dict, keys: tuple[str, ...]) -> dict:
+    """Only ``keys`` (of mean_abs, max_abs, nonfinite) of each parameter's statistics."""
+    return {
+        layer: {
+            kind: {p: {k: v for k, v in s.items() if k in keys} for p, s in per_param.items()}
+            for kind, per_param in per_kind.items()
+        }
+        for layer, per_kind in stats.items()
+    }
+
+
 def _split(out: dict) -> tuple[dict, dict, dict]:
     """(per-element statistics, step norms, prior gradients) of a recorder's result."""
     stats = {
@@ -42,12 +54,15 @@ def _split(out: dict) -> tuple[dict, dict, dict]:
 
 @pytest.mark.parametrize("path", ["cpu", "cpu-torch", "foreach"])
 @pytest.mark.parametrize("every", [1, 3])
-def test_sampled_statistics_are_those_of_the_sampled_steps(
-    path: str, every: int, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("poisoned_first", [False, True])
+def test_the_mean_samples_steps_and_the_rest_takes_every_step(
+    path: str, every: int, poisoned_first: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _take(path, monkeypatch)
     model = _model()
-    steps = _steps(model, 7, poison=True)  # step 1 non-finite: skipped at every=3
+    steps = _steps(model, 7, poison=True)  # step 1 non-finite: not sampled at every=3
+    if poisoned_first:  # ... unless it comes first: its non-finite values out of the mean
+        steps = [steps[1], steps[0], *steps[2:]]
     named = dict(model.named_parameters())
 
     def feed(rec: GradientRecorder, which: range | list[int]) -> dict:
@@ -63,21 +78,31 @@ def test_sampled_statistics_are_those_of_the_sampled_steps(
     got = feed(sampled, range(len(steps)))
     assert sampled.element_steps == len(range(0, len(steps), every))
     only = feed(GradientRecorder(model, GradLevel.ELEMENT), list(range(0, len(steps), every)))
-    every_step = feed(GradientRecorder(model, GradLevel.LAYER), range(len(steps)))
+    every_step = feed(GradientRecorder(model, GradLevel.ELEMENT), range(len(steps)))
     got_stats, got_norms, got_priors = _split(got)
-    _assert_same(got_stats, _split(only)[0])  # bit for bit, non-finite counts included
+    # bit for bit: the mean over the sampled steps (the poisoned step's non-finite values
+    # left out of its count where it is sampled), the max and counts over every step
+    _assert_same(_pick(got_stats, ("mean_abs",)), _pick(_split(only)[0], ("mean_abs",)))
+    keys = ("max_abs", "nonfinite")
+    _assert_same(_pick(got_stats, keys), _pick(_split(every_step)[0], keys))
     _assert_same(got_norms, _split(every_step)[1])  # every step's norm
     _assert_same(got_priors, _split(every_step)[2])
     assert all(len(n) == len(steps) for n in got_norms.values())
     counts = got_stats["0"]["weight"]["mu"]["nonfinite"].reshape(-1)
-    assert int(counts[3]) == (0 if every == 3 else 1)  # the poisoned step 1 skipped at 3
+    assert int(counts[3]) == 1  # the poisoned step 1 counted, sampled for the mean or not
+    if every == 3:  # that element's mean over the finite of steps 0, 3, 6
+        mean = got_stats["0"]["weight"]["mu"]["mean_abs"].reshape(-1)[3]
+        taken = [float(steps[i]["0.weight_mu"].reshape(-1)[3]) for i in (0, 3, 6)]
+        want = [abs(g) for g in taken if math.isfinite(g)]
+        assert len(want) == (2 if poisoned_first else 3)
+        assert math.isclose(float(mean), sum(want) / len(want), rel_tol=1e-6)
     sampled.reset()
-    assert (sampled.element_steps, sampled.records_elements()) == (0, True)
+    assert (sampled.element_steps, sampled.samples_mean()) == (0, True)
 
 
 def test_the_optimisers_pass_samples_the_same_steps(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``RecordingAdam`` takes the per-element statistics in its pass only on sampled steps
-    (its other recorded steps give the step norms), equal to the recorder's own pass."""
+    """``RecordingAdam`` adds to the per-element mean in its pass only on sampled steps (the
+    max and counts on every step), equal to the recorder's own pass."""
     _take("cpu", monkeypatch)
     model = _model()
     steps = _steps(model, 5, poison=False)
@@ -134,7 +159,8 @@ def test_a_run_with_sampled_statistics(tmp_path: Path, capsys: pytest.CaptureFix
             assert snap.gradients is not None
             assert len(snap.gradients["layer1"]["step_norm"]) == 6
     assert main(["runs", "show", run.id, "--data-dir", str(data)]) == 0
-    assert "gradients: per element, sampled every 4 steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "mean |g| sampled every 4 steps, its max |g| and non-finite count every step" in out
     assert main([*args, "--element-every", "0"]) == 2
 
     torch.manual_seed(0)

@@ -38,8 +38,10 @@ def _float_max(monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the per-element max in float32 (as on a GPU) on CPU tensors too."""
     init = capture._ParamStats.__init__
 
-    def float_init(self: capture._ParamStats, param: nn.Parameter, level: GradLevel) -> None:
-        init(self, param, level)
+    def float_init(
+        self: capture._ParamStats, param: nn.Parameter, level: GradLevel, **kw: bool
+    ) -> None:
+        init(self, param, level, **kw)
         self.codes = False
         self.max_abs = torch.zeros_like(self.sum_abs)
 

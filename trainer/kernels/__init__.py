@@ -50,7 +50,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -58,6 +58,7 @@ from torch import Tensor
 from trainer import _cbuild
 
 __all__ = [
+    "Accumulators",
     "AdamHyper",
     "adam_step",
     "addressable",
@@ -79,7 +80,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fused.c")
 BLOCK = 512  # fused.c's BLOCK: a thread's share starts at a multiple of it
-VERSION = 10  # fused.c's bnn_kernels_version()
+VERSION = 11  # fused.c's bnn_kernels_version()
 FLAGS = _cbuild.FLAGS
 
 _P, _I64, _U64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64
@@ -136,8 +137,8 @@ def _library() -> ctypes.CDLL | None:
     lib.bnn_kl_backward.argtypes = [_P, _P, f32, f32, f32, _P, _P, _I64, i32]
     lib.bnn_count_nonfinite.argtypes = [_P, _I64, i32]
     lib.bnn_count_nonfinite.restype = _I64
-    lib.bnn_grad_stats.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _P, i32, _P]
-    lib.bnn_adam.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, i32, _P]
+    lib.bnn_grad_stats.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _P, _P, i32, _P]
+    lib.bnn_adam.argtypes = [_I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, i32, _P]
     for fn in (
         lib.bnn_normal,
         lib.bnn_sample,
@@ -386,31 +387,55 @@ def _totals(out: Any, t: int) -> GradStats:
     return (out[4 * t], out[4 * t + 1], out[4 * t + 2], int(out[4 * t + 3]))
 
 
+class Accumulators(NamedTuple):
+    """One gradient's per-element accumulators (of its shape, contiguous, CPU): int16
+    ``max_code`` and int32 ``nonfinite``, updated every recorded step; float32 ``sum_abs``
+    (None: this step adds nothing to the mean, which samples fewer steps) and int32
+    ``nonfinite_mean`` (None: ``nonfinite`` counts the mean's steps too) where the step adds
+    to the mean."""
+
+    sum_abs: Tensor | None
+    max_code: Tensor
+    nonfinite: Tensor
+    nonfinite_mean: Tensor | None = None
+
+    def check(self, like: Tensor) -> None:
+        dtypes = (torch.float32, torch.int16, torch.int32, torch.int32)
+        for a, dtype in zip(self, dtypes, strict=True):
+            if a is not None:
+                assert a.dtype == dtype and a.shape == like.shape and a.is_contiguous()
+
+
+def _accumulator_arrays(accumulators: Sequence[Accumulators | None] | None) -> list[Any]:
+    """The four C arrays of ``fused.c``'s calls (NULL entries for None), or four NULLs."""
+    if accumulators is None:
+        return [None] * 4
+    return [_pointers([None if a is None else a[i] for a in accumulators]) for i in range(4)]
+
+
 def grad_stats_many(
     grads: Sequence[Tensor],
-    accumulators: Sequence[tuple[Tensor, Tensor, Tensor]] | None = None,
+    accumulators: Sequence[Accumulators] | None = None,
 ) -> list[GradStats]:
     """One step's statistics of each gradient, one pass over each and one call for all:
     ``(sum of g^2, sum |g|, max |g|, non-finite count)``, the sums in float64, ``|g|`` over
     the finite values only, the sum of squares NaN or Inf as a norm would be. With
-    ``accumulators`` (each gradient's float32 ``sum_abs``, int16 ``max_code`` and int32
-    ``nonfinite``, of its shape, contiguous), also, per element, ``sum_abs += |g|`` and
-    ``max_code = max(max_code, bf16_code(|g|))`` where g is finite and ``nonfinite += 1``
-    where it is not. ``bf16_code`` is :func:`trainer.store.encode_bf16`'s code (0 to
-    0x7F7F, so int16 holds it); it is monotonic, so the largest code is the code of the
-    largest |g|, what a version-2 epoch file stores."""
+    ``accumulators`` (:class:`Accumulators`), also, per element, ``max_code =
+    max(max_code, bf16_code(|g|))`` where g is finite and ``nonfinite += 1`` where it is
+    not, and, where ``sum_abs`` is given, ``sum_abs += |g|`` where g is finite (and
+    ``nonfinite_mean += 1``, where given, where it is not). ``bf16_code`` is
+    :func:`trainer.store.encode_bf16`'s code (0 to 0x7F7F, so int16 holds it); it is
+    monotonic, so the largest code is the code of the largest |g|, what a version-2 epoch
+    file stores."""
     k = len(grads)
     if k == 0:
         return []
     sizes = [g.numel() for g in grads]
     first, partials = _block_partials(sizes, [True] * k)
-    acc: list[Any] = [None, None, None]
     if accumulators is not None:
-        for (s, m, c), g in zip(accumulators, grads, strict=True):
-            assert s.dtype == torch.float32 and m.dtype == torch.int16 and c.dtype == torch.int32
-            assert s.shape == m.shape == c.shape == g.shape
-            assert s.is_contiguous() and m.is_contiguous() and c.is_contiguous()
-        acc = [_pointers([a[i] for a in accumulators]) for i in range(3)]
+        for a, g in zip(accumulators, grads, strict=True):
+            a.check(g)
+    acc = _accumulator_arrays(accumulators)
     out = (ctypes.c_double * (4 * k))()
     _lib().bnn_grad_stats(
         k,
@@ -443,12 +468,13 @@ def adam_step(
     exp_avg_sqs: Sequence[Tensor],
     hypers: Sequence[AdamHyper],
     record: Sequence[int] | None = None,
-    accumulators: Sequence[tuple[Tensor, Tensor, Tensor] | None] | None = None,
+    accumulators: Sequence[Accumulators | None] | None = None,
 ) -> list[GradStats | None]:
     """One Adam/AdamW update of every parameter in one pass over its memory (see
     ``fused.c``'s ``adam_range``; ``trainer.optim.RecordingAdam`` builds the arguments),
     with, where ``record[t]`` is 1, the raw gradient's statistics of :func:`grad_stats_many`
-    taken in the same pass (2: and its per-element ``accumulators[t]`` updated too).
+    taken in the same pass (2: and its per-element ``accumulators[t]`` updated too, as
+    :func:`grad_stats_many` updates them).
     Returns each tensor's statistics, None where not recorded. Every tensor: plain float32,
     contiguous, CPU (the caller checks, e.g. with :func:`usable`)."""
     k = len(params)
@@ -457,9 +483,7 @@ def adam_step(
     record = list(record) if record is not None else [0] * k
     sizes = [p.numel() for p in params]
     first, partials = _block_partials(sizes, [bool(r) for r in record])
-    acc: list[Any] = [None, None, None]
-    if accumulators is not None:
-        acc = [_pointers([None if a is None else a[i] for a in accumulators]) for i in range(3)]
+    acc = _accumulator_arrays(accumulators)
     out = (ctypes.c_double * (4 * k))()
     _lib().bnn_adam(
         k,

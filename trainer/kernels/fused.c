@@ -41,7 +41,7 @@ extern float cosf(float) __attribute__((__simd__("notinbranch")));
 #define SOFTPLUS_THRESHOLD 20.0f /* F.softplus: x itself above it */
 #define PARALLEL_MIN (1 << 16) /* fewer elements: one thread (a team costs ~10 us) */
 
-int bnn_kernels_version(void) { return 10; }
+int bnn_kernels_version(void) { return 11; }
 
 /* Whether this build runs OpenMP teams (compiled with -fopenmp). */
 int bnn_kernels_openmp(void) {
@@ -236,15 +236,27 @@ static inline uint32_t bf16_code(uint32_t u) {
     return c | (uint32_t)(c == 0u && u != 0u);
 }
 
+/* The bits of |x| where x is finite, 0 where it is not. */
+static inline uint32_t finite_abs_bits(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, 4);
+    const uint32_t mag = bits & 0x7fffffffu;
+    return mag < 0x7f800000u ? mag : 0u;
+}
+
 /* One step's gradient statistics (trainer.capture.GradientRecorder) in one pass over g.
    Per block, partials[4 * block ...] = {sum of g^2 (float64; NaN and Inf propagate, as in
    a norm), sum of |g| over the finite g, max of |g| over the finite g, count of non-finite
-   g}. With sum_abs/max_code/nonfinite (per-element level; else NULL), also per element:
-   sum_abs += |g| and max_code = max(max_code, bf16_code(|g|)) where g is finite,
-   nonfinite += 1 where it is not. */
+   g}. With max_code/nonfinite (per-element level; else NULL), also per element:
+   max_code = max(max_code, bf16_code(|g|)) where g is finite, nonfinite += 1 where it is
+   not; with sum_abs too (a step that the per-element mean samples; NULL on the others),
+   sum_abs += |g| where g is finite, and nonfinite_mean += 1 where it is not (when not NULL:
+   the mean's own count, kept apart when the mean samples fewer steps than the rest).
+   (Storing a max code only in the 128-byte runs of codes where one grows, to keep the
+   other cache lines clean, was tried: no faster than the plain store.) */
 static void grad_stats_range(const float *g, float *sum_abs, uint16_t *max_code,
-                             int32_t *nonfinite, int64_t start, int64_t end,
-                             double *partials) {
+                             int32_t *nonfinite, int32_t *nonfinite_mean, int64_t start,
+                             int64_t end, double *partials) {
     for (int64_t b = start; b < end; b += BLOCK) {
         const int64_t m = end - b < BLOCK ? end - b : BLOCK;
         const float *x = g + b;
@@ -273,27 +285,35 @@ static void grad_stats_range(const float *g, float *sum_abs, uint16_t *max_code,
                 sabs += fabs((double)x[j]);
             }
         }
-        if (sum_abs) {
+        if (max_code && sum_abs) {
             float *s = sum_abs + b;
             uint16_t *mx = max_code + b;
 #pragma omp simd
             for (int64_t j = 0; j < m; j++) {
-                uint32_t bits;
-                memcpy(&bits, &x[j], 4);
-                const uint32_t mag = bits & 0x7fffffffu;
-                const uint32_t u = mag < 0x7f800000u ? mag : 0u; /* |g|, 0 where not finite */
+                const uint32_t u = finite_abs_bits(x[j]);
                 float a;
                 memcpy(&a, &u, 4);
                 s[j] += a;
                 const uint32_t c = bf16_code(u);
                 mx[j] = c > mx[j] ? (uint16_t)c : mx[j];
             }
-            if (bad) {
-                for (int64_t j = 0; j < m; j++) {
-                    uint32_t bits;
-                    memcpy(&bits, &x[j], 4);
-                    nonfinite[b + j] += (bits & 0x7f800000u) == 0x7f800000u;
-                }
+        } else if (max_code) {
+            uint16_t *mx = max_code + b;
+#pragma omp simd
+            for (int64_t j = 0; j < m; j++) {
+                const uint32_t c = bf16_code(finite_abs_bits(x[j]));
+                mx[j] = c > mx[j] ? (uint16_t)c : mx[j];
+            }
+        }
+        if (max_code && bad) {
+            int32_t *nm = sum_abs ? nonfinite_mean : 0;
+            for (int64_t j = 0; j < m; j++) {
+                uint32_t bits;
+                memcpy(&bits, &x[j], 4);
+                const int32_t nf = (bits & 0x7f800000u) == 0x7f800000u;
+                nonfinite[b + j] += nf;
+                if (nm)
+                    nm[b + j] += nf;
             }
         }
         double *out = partials + 4 * (b / BLOCK);
@@ -340,15 +360,17 @@ typedef struct {
    the same pass (each block's statistics while its gradients are in the L1 cache): the
    separate pass over every gradient that capture costs otherwise. */
 static void adam_range(float *p, const float *g, float *m, float *v, const adam_hyper *h,
-                       float *sum_abs, uint16_t *max_code, int32_t *nonfinite, int64_t start,
-                       int64_t end, double *partials) {
+                       float *sum_abs, uint16_t *max_code, int32_t *nonfinite,
+                       int32_t *nonfinite_mean, int64_t start, int64_t end,
+                       double *partials) {
     const float b2 = h->beta2, c1 = 1.0f - h->beta1, c2 = 1.0f - h->beta2;
     const float eps = h->eps, wd = h->weight_decay, decay = h->decay;
     const float step = h->step_size, bias2 = h->bias2_sqrt;
     for (int64_t b = start; b < end; b += BLOCK) {
         const int64_t n = end - b < BLOCK ? end - b : BLOCK;
         if (partials)
-            grad_stats_range(g, sum_abs, max_code, nonfinite, b, b + n, partials);
+            grad_stats_range(g, sum_abs, max_code, nonfinite, nonfinite_mean, b, b + n,
+                             partials);
         float *pb = p + b, *mb = m + b, *vb = v + b;
         const float *gb = g + b;
 #pragma omp simd
@@ -460,10 +482,12 @@ static inline int tensor_share(int64_t n, int64_t *s, int64_t *e) {
 /* grad_stats_range over k gradients (each thread its share of each; a gradient below
    PARALLEL_MIN elements wholly on the first thread), then each gradient's totals into
    out[4 * t ...] = {sum g^2, sum |g|, max |g|, non-finite count}. Gradient t's block
-   partials start at partials + 4 * first_block[t]; sum_abs/max_code/nonfinite: NULL, or
-   one accumulator per gradient. */
+   partials start at partials + 4 * first_block[t]; max_code/nonfinite: NULL (totals only),
+   or one accumulator per gradient; sum_abs/nonfinite_mean: NULL (no sum this step), or one
+   per gradient (an entry of nonfinite_mean may be NULL). */
 void bnn_grad_stats(int64_t k, const float *const *g, float *const *sum_abs,
-                    uint16_t *const *max_code, int32_t *const *nonfinite, const int64_t *sizes,
+                    uint16_t *const *max_code, int32_t *const *nonfinite,
+                    int32_t *const *nonfinite_mean, const int64_t *sizes,
                     const int64_t *first_block, double *partials, int threads, double *out) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
@@ -471,7 +495,8 @@ void bnn_grad_stats(int64_t k, const float *const *g, float *const *sum_abs,
             int64_t s, e;
             if (tensor_share(sizes[t], &s, &e))
                 grad_stats_range(g[t], sum_abs ? sum_abs[t] : 0, max_code ? max_code[t] : 0,
-                                 nonfinite ? nonfinite[t] : 0, s, e,
+                                 nonfinite ? nonfinite[t] : 0,
+                                 nonfinite_mean ? nonfinite_mean[t] : 0, s, e,
                                  partials + 4 * first_block[t]);
         }
     }
@@ -482,12 +507,13 @@ void bnn_grad_stats(int64_t k, const float *const *g, float *const *sum_abs,
 /* One Adam step of k tensors (adam_range; each thread its share of each, a tensor below
    PARALLEL_MIN elements wholly on the first thread). record[t]: 0 no statistics of tensor t,
    1 its totals into out[4 * t ...] (as bnn_grad_stats), 2 the totals and its per-element
-   accumulators sum_abs[t], max_code[t], nonfinite[t]. */
+   accumulators max_code[t], nonfinite[t], and, where not NULL, sum_abs[t] and
+   nonfinite_mean[t] (as bnn_grad_stats). */
 void bnn_adam(int64_t k, float *const *p, const float *const *g, float *const *m,
               float *const *v, const adam_hyper *hyper, const int32_t *record,
               float *const *sum_abs, uint16_t *const *max_code, int32_t *const *nonfinite,
-              const int64_t *sizes, const int64_t *first_block, double *partials,
-              int threads, double *out) {
+              int32_t *const *nonfinite_mean, const int64_t *sizes,
+              const int64_t *first_block, double *partials, int threads, double *out) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         for (int64_t t = 0; t < k; t++) {
@@ -495,8 +521,10 @@ void bnn_adam(int64_t k, float *const *p, const float *const *g, float *const *m
             if (!tensor_share(sizes[t], &s, &e))
                 continue;
             const int element = record[t] == 2;
-            adam_range(p[t], g[t], m[t], v[t], hyper + t, element ? sum_abs[t] : 0,
-                       element ? max_code[t] : 0, element ? nonfinite[t] : 0, s, e,
+            adam_range(p[t], g[t], m[t], v[t], hyper + t,
+                       element && sum_abs ? sum_abs[t] : 0, element ? max_code[t] : 0,
+                       element ? nonfinite[t] : 0,
+                       element && nonfinite_mean ? nonfinite_mean[t] : 0, s, e,
                        record[t] ? partials + 4 * first_block[t] : 0);
         }
     }
