@@ -12,7 +12,7 @@
 #   train_throughput_cuda.txt   samples/s and ratios to torchbnn on the GPU, capture included
 #                               (target: learnable prior with per-element capture >= 1.0x)
 #   capture_step_cuda.txt       capture's cost per step and per epoch on the GPU (per layer,
-#                               per element, and per element sampled every 4th step)
+#                               per element, and per element with its mean sampled every 4th step)
 set -u -o pipefail
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
