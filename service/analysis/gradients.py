@@ -469,7 +469,8 @@ def gradient_diagnostics(
     """Exploding/vanishing flags, non-finite counts and step norms per (epoch, layer).
 
     Columns: ``level``, ``elements``, ``non-finite elements`` (non-finite at some step),
-    ``non-finite steps``, ``zero``, ``median |g|`` and ``max |g|`` (of the examined ``stat``),
+    ``non-finite steps``, ``zero`` (elements whose examined ``stat`` is 0; ``vanishing``
+    counts those 0 at every step, by the max), ``median |g|`` and ``max |g|`` (of ``stat``),
     ``peak |g|`` (largest single-step |g|, from ``max_abs``),
     ``exploding``/``vanishing`` (element counts), ``exploding flag``/``vanishing flag``,
     ``z threshold`` (exploding) and ``vanishing z threshold`` (inf: no z-score flags; the
