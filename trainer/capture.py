@@ -590,10 +590,8 @@ class GradientRecorder:
             torch._foreach_add_(nonfinite, counts)
             if mean:  # a step that the per-element mean takes (element_every)
                 torch._foreach_add_(sums, [x.float() for x in a])
-                sampled = [(s.nonfinite_mean, c) for s, c in zip(present, counts, strict=True)
-                           if s.sampled]  # fmt: skip
-                if sampled:
-                    torch._foreach_add_([n for n, _ in sampled], [c for _, c in sampled])
+                if self.element_every > 1:  # the mean's own counts (_ParamStats.sampled)
+                    torch._foreach_add_([s.nonfinite_mean for s in present], counts)
             floats = [
                 (s.max_abs, x.float()) for s, x in zip(present, a, strict=True) if not s.codes
             ]

@@ -142,7 +142,7 @@ class LayerScores:
         sampled mean) takes the z of the smallest float32, 1.4e-45, after those."""
         g = self.g if idx is None else self.g[idx]
         nf = self.nonfinite if idx is None else self.nonfinite[idx]
-        zero = self._zero() if idx is None else self._zero()[idx]
+        zero = (g == 0) if self.zero is None else self.zero if idx is None else self.zero[idx]
         tiny = float(np.finfo(np.float32).smallest_subnormal)
         with np.errstate(divide="ignore", invalid="ignore"):
             z = (np.log10(np.where(g == 0, tiny, g.astype(np.float64))) - self.median) / self.scale
